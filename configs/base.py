@@ -1,0 +1,122 @@
+"""Base config: Mask R-CNN R50-FPN with detectron2's `Base-RCNN-FPN` hyper-parameters on COCO.
+
+Every default lives here, once. Variants (`shapes.py`, `tiny.py`, `coco_r50_fpn_1x.py`, ...) import
+`get_config()` and override a few fields. Modules never read the config: `mrcnn_jax` builders turn
+these fields into typed constructor arguments.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    # ---------------------------------------------------------------- data
+    d = c.data = ml_collections.ConfigDict()
+    d.dataset = "coco_folder"  # "shapes" | "coco_folder"
+    d.root = ""  # coco_folder: ROOT/annotations/instances_{split}.json, ROOT/{split}/*.jpg
+    d.data_dir = ""  # where TFDS writes prepared datasets ("" = TFDS default, ~/tensorflow_datasets)
+    d.train_split = "train2017"
+    d.eval_split = "val2017"
+    d.num_classes = 80
+    d.image_size = (1344, 1344)  # (H, W) every image is padded to; a multiple of 64 (P6 stride)
+    d.train_min_sizes = (640, 672, 704, 736, 768, 800)  # shortest-side jitter (detectron2)
+    d.train_max_size = 1333
+    d.test_min_size = 800
+    d.test_max_size = 1333
+    d.flip_prob = 0.5
+    d.pixel_mean = (123.675, 116.28, 103.53)  # RGB, 0-255 (torchvision ImageNet weights)
+    d.pixel_std = (58.395, 57.12, 57.375)
+    d.channel_order = "RGB"  # "BGR" for detectron2's MSRA weights
+    d.max_instances = 100
+    d.mask_crop_size = 112  # gt masks cropped to their boxes at this size (TF Model Garden)
+    d.skip_empty_train = True  # drop images without annotations from training
+    d.shuffle_buffer = 1024
+    # `shapes` synthetic dataset only.
+    d.shapes_image_size = 128
+    d.shapes_num_train = 2000
+    d.shapes_num_val = 200
+
+    # ---------------------------------------------------------------- model
+    m = c.model = ml_collections.ConfigDict()
+    m.num_classes = d.get_ref("num_classes")
+    m.depth = 50  # ResNet 18 / 34 / 50 / 101
+    m.norm = "frozen_bn"  # "frozen_bn" | "group_norm" | "batch_norm" | "sync_bn"
+    m.stride_in_1x1 = False  # True for detectron2's MSRA weights, False for torchvision
+    m.freeze_at = 2  # detectron2 FREEZE_AT: 0 none, 1 stem, 2 stem + res2, ...
+    m.width_per_group = 64
+    m.fpn_channels = 256
+    m.dtype = "float32"  # compute dtype; "bfloat16" for mixed precision (params stay float32)
+
+    m.anchor_sizes = (32, 64, 128, 256, 512)  # one per level P2..P6
+    m.anchor_strides = (4, 8, 16, 32, 64)
+    m.anchor_ratios = (0.5, 1.0, 2.0)
+    m.anchor_round = False  # torchvision rounds its base anchors; detectron2 does not
+
+    r = m.rpn = ml_collections.ConfigDict()
+    r.fg_iou = 0.7
+    r.bg_iou = 0.3
+    r.batch_size_per_image = 256
+    r.positive_fraction = 0.5
+    r.pre_nms_topk_train = 2000  # per level
+    r.pre_nms_topk_test = 1000  # per level
+    r.post_nms_topk_train = 1000  # per image (detectron2 FPN); torchvision: 2000
+    r.post_nms_topk_test = 1000
+    r.nms_iou = 0.7
+    r.min_size = 0.0
+    r.smooth_l1_beta = 0.0  # 0 = L1
+    r.loss_weight = 1.0
+    r.box_weights = (1.0, 1.0, 1.0, 1.0)
+
+    h = m.roi = ml_collections.ConfigDict()
+    h.fg_iou = 0.5
+    h.batch_size_per_image = 512
+    h.positive_fraction = 0.25
+    h.box_weights = (10.0, 10.0, 5.0, 5.0)
+    h.smooth_l1_beta = 0.0
+    h.box_pool_size = 7
+    h.mask_pool_size = 14
+    h.mask_size = 28
+    h.sampling_ratio = 2  # fixed; detectron2 uses an adaptive ratio (0), impossible at fixed shape
+    h.aligned = True  # detectron2 half-pixel RoIAlign; False for torchvision
+    h.fc_dim = 1024
+    h.mask_conv_dim = 256
+    h.num_mask_convs = 4
+    h.max_mask_rois = 128  # positives per image that get a mask target (512 x 25%)
+    h.canonical_size = 224
+    h.canonical_level = 4
+
+    t = m.test = ml_collections.ConfigDict()
+    t.score_threshold = 0.05
+    t.nms_iou = 0.5
+    t.detections_per_image = 100
+    t.mask_threshold = 0.5
+
+    # ---------------------------------------------------------------- training
+    tr = c.train = ml_collections.ConfigDict()
+    tr.global_batch_size = 16
+    tr.base_lr = 0.02  # at `lr_reference_batch`; scaled linearly to global_batch_size
+    tr.lr_reference_batch = 16
+    tr.num_steps = 90_000
+    tr.decay_steps = (60_000, 80_000)
+    tr.decay_factor = 0.1
+    tr.warmup_steps = 1000
+    tr.warmup_factor = 0.001
+    tr.momentum = 0.9
+    tr.weight_decay = 1e-4
+    tr.weight_decay_norm = 0.0  # detectron2 WEIGHT_DECAY_NORM
+    tr.grad_clip_norm = 0.0  # 0 = off
+    tr.parallelism = "pmap"  # "pmap" | "mesh"
+    tr.distributed = False  # call jax.distributed.initialize() (multi-host)
+    tr.init_checkpoint = ""  # weights to start from (fine-tuning); resuming a workdir is separate
+    tr.checkpoint_every = 5000
+    tr.keep_checkpoints = 3
+    tr.log_every = 20
+    tr.eval_every = 10_000  # 0 = only at the end
+
+    # ---------------------------------------------------------------- evaluation
+    e = c.eval = ml_collections.ConfigDict()
+    e.batch_size = 8
+    e.max_examples = 0  # 0 = the whole split
+    return c
