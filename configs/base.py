@@ -91,6 +91,7 @@ def get_config() -> ml_collections.ConfigDict:
     t.score_threshold = 0.05
     t.nms_iou = 0.5
     t.detections_per_image = 100
+    t.pre_nms_topk = 5000  # (RoI, class) candidates entering the final NMS; bounds its cost
     t.mask_threshold = 0.5
 
     # ---------------------------------------------------------------- training
