@@ -1,0 +1,87 @@
+"""FPN anchors as one fixed numpy array, computed once on the host and passed into jit.
+
+Anchor ORDER (what every consumer relies on): level-major (P2 first), then feature row y, then
+feature column x, then aspect ratio. That is exactly an RPN head output of shape `[H, W, A]` per
+level, flattened and concatenated over levels; it is also the order of torchvision's
+`AnchorGenerator` and detectron2's `DefaultAnchorGenerator` (location-major, anchor-minor).
+
+Boxes are xyxy in absolute pixels of the padded input image (see `ops/boxes.py`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def feature_shapes(image_size: tuple[int, int], strides: Sequence[int]) -> list[tuple[int, int]]:
+    """(ceil(H / s), ceil(W / s)) for each stride s.
+
+    A chain of stride-2 convs / pools (padding "SAME") on an input padded to a multiple of 32 gives
+    exactly H / s for s <= 32; P6 = max-pool (k=1, s=2) of P5 gives ceil(n / 2), which is the
+    ceil for s = 64 too.
+    """
+    h, w = image_size
+    return [(math.ceil(h / s), math.ceil(w / s)) for s in strides]
+
+
+def num_anchors_per_level(
+    image_size: tuple[int, int], strides: Sequence[int], num_ratios: int
+) -> list[int]:
+    """Static anchor count of each level: H_l * W_l * num_ratios, in anchor order."""
+    return [fh * fw * num_ratios for fh, fw in feature_shapes(image_size, strides)]
+
+
+def base_anchors(size: float, aspect_ratios: Sequence[float], round_base: bool) -> np.ndarray:
+    """Cell anchors centred at 0 for one size: [R, 4] float32 xyxy, one row per aspect ratio.
+
+    Aspect ratio = h / w and area = size**2.
+    round_base=False (detectron2 `generate_cell_anchors`, float64 then float32):
+        w = sqrt(size**2 / ratio), h = ratio * w, box = [-w/2, -h/2, w/2, h/2].
+    round_base=True (torchvision `AnchorGenerator.generate_anchors`, in float32):
+        hr = sqrt(ratio), wr = 1 / hr, ws = wr * size, hs = hr * size,
+        box = round([-ws, -hs, ws, hs] / 2)  (round half to even, as torch.round).
+    """
+    if round_base:
+        ratios = np.asarray(aspect_ratios, np.float32)
+        h_ratios = np.sqrt(ratios)
+        w_ratios = np.float32(1.0) / h_ratios
+        ws = w_ratios * np.float32(size)
+        hs = h_ratios * np.float32(size)
+        box = np.stack([-ws, -hs, ws, hs], axis=1) / np.float32(2.0)
+        return np.round(box).astype(np.float32)
+    rows = []
+    for ratio in aspect_ratios:
+        w = math.sqrt(size**2.0 / ratio)
+        h = ratio * w
+        rows.append([-w / 2.0, -h / 2.0, w / 2.0, h / 2.0])
+    return np.asarray(rows, np.float64).astype(np.float32)
+
+
+def generate_anchors(
+    image_size: tuple[int, int],
+    strides: Sequence[int] = (4, 8, 16, 32, 64),
+    sizes: Sequence[float] = (32, 64, 128, 256, 512),
+    aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
+    round_base: bool = False,
+) -> np.ndarray:
+    """All anchors of the padded image: [A_total, 4] float32 xyxy, absolute pixels.
+
+    One size per level (len(sizes) == len(strides)). The anchor of feature cell (y, x) at stride s
+    is centred at (x * s, y * s): offset 0, the default of detectron2 and torchvision. Order:
+    level, y, x, ratio (see the module docstring); A_total = sum(num_anchors_per_level(...)).
+    """
+    if len(sizes) != len(strides):
+        raise ValueError(f"one anchor size per level: {len(sizes)} sizes, {len(strides)} strides")
+    levels = []
+    shapes = feature_shapes(image_size, strides)
+    for (fh, fw), stride, size in zip(shapes, strides, sizes, strict=True):
+        cell = base_anchors(size, aspect_ratios, round_base)  # [R, 4]
+        xs = np.arange(fw, dtype=np.float32) * np.float32(stride)
+        ys = np.arange(fh, dtype=np.float32) * np.float32(stride)
+        sy, sx = np.meshgrid(ys, xs, indexing="ij")  # [fh, fw], y-major
+        shifts = np.stack([sx, sy, sx, sy], axis=-1).reshape(-1, 1, 4)  # [fh * fw, 1, 4]
+        levels.append((shifts + cell[None]).reshape(-1, 4))
+    return np.concatenate(levels, axis=0).astype(np.float32)

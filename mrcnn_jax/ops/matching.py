@@ -1,0 +1,122 @@
+"""IoU matching and balanced fixed-size sampling, per image, jittable (detectron2 semantics).
+
+`match` is detectron2's `Matcher(thresholds=[bg, fg], labels=[0, -1, 1])`; `subsample` is its
+`subsample_labels`. Both work on padded inputs: invalid ground truth is never matched and every
+output has a static shape, so `jax.vmap` over images and `jax.jit` compile once.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import jax
+import jax.numpy as jnp
+
+
+class MatchLabel(enum.IntEnum):
+    """Label of a prediction (anchor / proposal) after matching or sampling."""
+
+    IGNORE = -1
+    NEGATIVE = 0
+    POSITIVE = 1
+
+
+def match(
+    iou: jnp.ndarray,
+    gt_valid: jnp.ndarray,
+    fg_threshold: float,
+    bg_threshold: float,
+    allow_low_quality: bool,
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """iou: [G, N] gt x prediction; gt_valid: [G] bool -> (matched_gt [N] int32, labels [N] int32).
+
+    Per prediction, best = max IoU over the valid gt (first index on ties, as argmax):
+      best <  bg_threshold                 -> NEGATIVE
+      bg_threshold <= best < fg_threshold  -> IGNORE   (empty band when bg == fg, RoI heads at 0.5)
+      best >= fg_threshold                 -> POSITIVE
+    With no valid gt every prediction is NEGATIVE with matched_gt 0.
+
+    allow_low_quality (Faster R-CNN sec. 3.1.2 (i), RPN): for each valid gt, every prediction whose
+    IoU equals that gt's highest IoU (ties included) becomes POSITIVE. Like detectron2 the
+    matched_gt of such a prediction stays its argmax gt. Unlike detectron2 it needs that highest IoU
+    to be > 0: a valid gt that overlaps no prediction at all (degenerate, or outside the anchors'
+    reach) would otherwise turn every prediction with IoU 0 into a positive.
+    """
+    num_gt, num_pred = iou.shape
+    if num_gt == 0:  # static shape: nothing to match
+        zeros = jnp.zeros((num_pred,), jnp.int32)
+        return zeros, jnp.full((num_pred,), int(MatchLabel.NEGATIVE), jnp.int32)
+    iou = iou.astype(jnp.float32)
+    # IoU is in [0, 1], so -1 keeps padded gt out of every max / argmax.
+    masked = jnp.where(gt_valid[:, None], iou, -1.0)
+    matched = jnp.argmax(masked, axis=0).astype(jnp.int32)
+    best = jnp.max(masked, axis=0)
+    labels = jnp.where(
+        best >= fg_threshold,
+        int(MatchLabel.POSITIVE),
+        jnp.where(best >= bg_threshold, int(MatchLabel.IGNORE), int(MatchLabel.NEGATIVE)),
+    ).astype(jnp.int32)
+    if allow_low_quality:
+        highest = jnp.max(masked, axis=1, keepdims=True)  # [G, 1]; -1 for padded gt
+        is_best = (masked == highest) & (highest > 0.0)
+        labels = jnp.where(jnp.any(is_best, axis=0), int(MatchLabel.POSITIVE), labels)
+    any_gt = jnp.any(gt_valid)
+    matched = jnp.where(any_gt, matched, 0)
+    labels = jnp.where(any_gt, labels, int(MatchLabel.NEGATIVE))
+    return matched, labels
+
+
+def _first_k(priority: jnp.ndarray, eligible: jnp.ndarray, k: int, limit: jnp.ndarray):
+    """Indices [k] of the `k` eligible entries with the highest priority; entry j is real when
+    j < min(#eligible, limit). Uniform priorities make this a uniform random subset."""
+    k = min(k, priority.shape[0])
+    _, idx = jax.lax.top_k(jnp.where(eligible, priority, -1.0), k)
+    count = jnp.minimum(jnp.sum(eligible), limit)
+    return idx.astype(jnp.int32), jnp.arange(k) < count, count
+
+
+def sample_indices(
+    key: jax.Array, labels: jnp.ndarray, num_samples: int, positive_fraction: float
+) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """labels: [N] MatchLabel -> (indices [K], is_positive [K], valid [K]), K = num_samples.
+
+    detectron2 `subsample_labels`: num_pos = min(#POSITIVE, int(K * positive_fraction)),
+    num_neg = min(#NEGATIVE, K - num_pos), each drawn uniformly without replacement; IGNORE is
+    never drawn. Output: the num_pos positives, then the num_neg negatives, then padding
+    (index 0, valid False; index 0 is safe to gather with).
+
+        u ~ U[0, 1)^N, P = int(K * positive_fraction)
+        pos = top_k(where(POSITIVE, u, -1), P); neg = top_k(where(NEGATIVE, u, -1), K)
+        out[j] = pos[j] if j < num_pos else neg[j - num_pos] if j - num_pos < num_neg else pad
+    """
+    max_pos = int(num_samples * positive_fraction)
+    priority = jax.random.uniform(key, labels.shape)
+    pos_idx, _, num_pos = _first_k(
+        priority, labels == int(MatchLabel.POSITIVE), max(max_pos, 1), jnp.int32(max_pos)
+    )
+    neg_idx, _, num_neg = _first_k(
+        priority, labels == int(MatchLabel.NEGATIVE), num_samples, num_samples - num_pos
+    )
+    j = jnp.arange(num_samples)
+    take_pos = j < num_pos
+    valid = j < num_pos + num_neg
+    from_pos = pos_idx[jnp.clip(j, 0, pos_idx.shape[0] - 1)]
+    from_neg = neg_idx[jnp.clip(j - num_pos, 0, neg_idx.shape[0] - 1)]
+    indices = jnp.where(take_pos, from_pos, jnp.where(valid, from_neg, 0))
+    return indices.astype(jnp.int32), take_pos & valid, valid
+
+
+def subsample(
+    key: jax.Array, labels: jnp.ndarray, num_samples: int, positive_fraction: float
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """labels: [N] MatchLabel -> (pos_selected [N] bool, neg_selected [N] bool).
+
+    The same draw as `sample_indices` (same key -> same selection), scattered back to a mask.
+    """
+    indices, is_pos, valid = sample_indices(key, labels, num_samples, positive_fraction)
+    n = labels.shape[0]
+    # Padding rows scatter to index n, which mode="drop" discards (index 0 may be a real sample).
+    pos_at = jnp.where(is_pos, indices, n)
+    neg_at = jnp.where(valid & ~is_pos, indices, n)
+    empty = jnp.zeros((n,), bool)
+    return empty.at[pos_at].set(True, mode="drop"), empty.at[neg_at].set(True, mode="drop")
