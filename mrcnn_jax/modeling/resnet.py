@@ -1,0 +1,212 @@
+"""ResNet-18/34/50/101 trunk (He et al., 2016) returning the C2..C5 feature maps, NHWC.
+
+Layout as torchvision's `resnet*` (v1.5: stride in the 3x3 conv of a bottleneck) by default;
+`stride_in_1x1=True` puts the stride in the first 1x1 conv, as the original MSRA / detectron2
+`R-50.pkl` weights. Every conv has no bias and is followed by a norm (see norm.py). Padding is
+explicit and symmetric, as PyTorch's, so the same weights give the same outputs (flax "SAME"
+pads stride-2 convs asymmetrically).
+
+Weight names, one-to-one. torch conv weights are OIHW, ours HWIO:
+`kernel = w.transpose(2, 3, 1, 0)`.
+Norms: FROZEN_BN takes `weight, bias, running_mean, running_var` into `batch_stats` as
+`scale, bias, mean, var`; BATCH_NORM / SYNC_BN take `weight, bias` into `params` as `scale, bias`
+and the running statistics into `batch_stats` as `mean, var`.
+
+    ours                        torchvision `resnet50()`          detectron2 `backbone.bottom_up.`
+    conv1/kernel                conv1.weight                      stem.conv1.weight
+    bn1/*                       bn1.*                             stem.conv1.norm.*
+    layer1_0/conv1/kernel       layer1.0.conv1.weight             res2.0.conv1.weight
+    layer1_0/bn1/*              layer1.0.bn1.*                    res2.0.conv1.norm.*
+    layer{i}_{j}/conv{k}        layer{i}.{j}.conv{k}              res{i+1}.{j}.conv{k}
+    layer{i}_{j}/bn{k}          layer{i}.{j}.bn{k}                res{i+1}.{j}.conv{k}.norm
+    layer{i}_0/downsample_conv  layer{i}.0.downsample.0           res{i+1}.0.shortcut
+    layer{i}_0/downsample_bn    layer{i}.0.downsample.1           res{i+1}.0.shortcut.norm
+
+Freezing (detectron2 FREEZE_AT) is done in the optimizer with `backbone_trainable_mask`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mrcnn_jax.modeling.norm import NormKind, make_norm
+
+# (block type, blocks per stage) for torchvision / detectron2 depths.
+STAGE_BLOCKS = {
+    18: ("basic", (2, 2, 2, 2)),
+    34: ("basic", (3, 4, 6, 3)),
+    50: ("bottleneck", (3, 4, 6, 3)),
+    101: ("bottleneck", (3, 4, 23, 3)),
+}
+# Output channels of a bottleneck are 4x its inner width (256 at res2 for width 64).
+BOTTLENECK_EXPANSION = 4
+
+# torchvision resnet / detectron2 c2_msra_fill: kaiming normal, fan_out, relu gain.
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def _pad(k: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """PyTorch's symmetric padding k // 2 for an odd k x k kernel."""
+    return ((k // 2, k // 2), (k // 2, k // 2))
+
+
+def _conv(features: int, k: int, stride: int, dtype: Any, name: str) -> nn.Conv:
+    return nn.Conv(
+        features,
+        (k, k),
+        strides=(stride, stride),
+        padding=_pad(k),
+        use_bias=False,
+        kernel_init=conv_init,
+        dtype=dtype,
+        name=name,
+    )
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs (ResNet-18/34). x [B, H, W, Cin] -> [B, H/s, W/s, features].
+
+    y = relu(bn2(conv2(relu(bn1(conv1_s(x))))) + shortcut(x)), shortcut = bn(conv1x1_s(x)) when the
+    shape changes, else x.
+    """
+
+    features: int
+    strides: int
+    norm: NormKind
+    axis_name: str | None = None
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+        norm = lambda name: make_norm(
+            self.norm, train=train, axis_name=self.axis_name, dtype=self.dtype, name=name
+        )
+        y = nn.relu(norm("bn1")(_conv(self.features, 3, self.strides, self.dtype, "conv1")(x)))
+        y = norm("bn2")(_conv(self.features, 3, 1, self.dtype, "conv2")(y))
+        return nn.relu(y + _shortcut(self, x, self.features, norm))
+
+
+class Bottleneck(nn.Module):
+    """1x1 -> 3x3 -> 1x1 (ResNet-50/101). x [B, H, W, Cin] -> [B, H/s, W/s, out_features].
+
+    y = relu(bn3(conv3(relu(bn2(conv2(relu(bn1(conv1(x)))))))) + shortcut(x)); conv1 / conv2 have
+    `features` (inner width) channels. The stride sits in the 3x3 conv (v1.5,
+    torchvision) or, with `stride_in_1x1`, in the first 1x1 conv (MSRA / detectron2 weights).
+    """
+
+    features: int
+    out_features: int
+    strides: int
+    norm: NormKind
+    stride_in_1x1: bool = False
+    axis_name: str | None = None
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+        norm = lambda name: make_norm(
+            self.norm, train=train, axis_name=self.axis_name, dtype=self.dtype, name=name
+        )
+        s1, s3 = (self.strides, 1) if self.stride_in_1x1 else (1, self.strides)
+        y = nn.relu(norm("bn1")(_conv(self.features, 1, s1, self.dtype, "conv1")(x)))
+        y = nn.relu(norm("bn2")(_conv(self.features, 3, s3, self.dtype, "conv2")(y)))
+        y = norm("bn3")(_conv(self.out_features, 1, 1, self.dtype, "conv3")(y))
+        return nn.relu(y + _shortcut(self, x, self.out_features, norm))
+
+
+def _shortcut(block: nn.Module, x: jnp.ndarray, out_features: int, norm) -> jnp.ndarray:
+    """Identity, or a strided 1x1 projection + norm when stride or channels change."""
+    if block.strides == 1 and x.shape[-1] == out_features:
+        return x.astype(block.dtype)
+    proj = _conv(out_features, 1, block.strides, block.dtype, "downsample_conv")
+    # Called inside the block's compact __call__, so the submodules are named under the block.
+    return norm("downsample_bn")(proj(x))
+
+
+class ResNet(nn.Module):
+    """ResNet trunk. x [B, H, W, 3] (H, W multiples of 32) -> {"c2": [B, H/4, W/4, C2], "c3": H/8,
+    "c4": H/16, "c5": H/32}; C2..C5 = 64..512 (18/34) or 256..2048 (50/101).
+
+    depth:           18, 34, 50 or 101.
+    norm:            NormKind (or its string) after every conv.
+    stride_in_1x1:   bottlenecks only: stride in the first 1x1 conv (MSRA weights), not the 3x3.
+    width_per_group: bottleneck inner width at res2 (64 = standard; doubles each stage).
+    axis_name:       device axis for NormKind.SYNC_BN.
+    dtype:           compute dtype (params stay float32).
+
+    The stem output (after the max-pool) is sown as intermediates["stem"].
+    """
+
+    depth: int
+    norm: NormKind
+    stride_in_1x1: bool = False
+    width_per_group: int = 64
+    axis_name: str | None = None
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool) -> dict[str, jnp.ndarray]:
+        if self.depth not in STAGE_BLOCKS:
+            raise ValueError(f"ResNet depth must be in {sorted(STAGE_BLOCKS)}, got {self.depth}")
+        kind, blocks = STAGE_BLOCKS[self.depth]
+        if kind == "basic" and self.width_per_group != 64:
+            raise ValueError("BasicBlock (ResNet-18/34) only supports width_per_group=64")
+        norm_kind = NormKind(self.norm)
+        stem_norm = make_norm(
+            norm_kind, train=train, axis_name=self.axis_name, dtype=self.dtype, name="bn1"
+        )
+        x = stem_norm(_conv(64, 7, 2, self.dtype, "conv1")(x))
+        # torchvision MaxPool2d(3, 2, padding=1): flax pads with -inf (reduce_window init value).
+        x = nn.max_pool(nn.relu(x), (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        self.sow("intermediates", "stem", x)
+        feats = {}
+        for stage, num_blocks in enumerate(blocks):
+            planes = 64 * 2**stage
+            for j in range(num_blocks):
+                strides = 2 if (j == 0 and stage > 0) else 1
+                name = f"layer{stage + 1}_{j}"
+                x = self._block(kind, planes, strides, norm_kind, name)(x, train)
+            feats[f"c{stage + 2}"] = x
+        return feats
+
+    def _block(self, kind: str, planes: int, strides: int, norm: NormKind, name: str) -> nn.Module:
+        common = dict(strides=strides, norm=norm, axis_name=self.axis_name, dtype=self.dtype)
+        if kind == "basic":
+            return BasicBlock(features=planes, name=name, **common)
+        return Bottleneck(
+            features=planes * self.width_per_group // 64,
+            out_features=planes * BOTTLENECK_EXPANSION,
+            stride_in_1x1=self.stride_in_1x1,
+            name=name,
+            **common,
+        )
+
+
+def _stage_of(key: str) -> int:
+    """Top-level ResNet param name -> detectron2 stage index (stem 1, layer1 = res2 -> 2, ...)."""
+    if key in ("conv1", "bn1"):
+        return 1
+    if key.startswith("layer") and "_" in key:
+        return int(key[len("layer") : key.index("_")]) + 1
+    raise ValueError(f"not a ResNet parameter name: {key!r}")
+
+
+def backbone_trainable_mask(params: Mapping[str, Any], freeze_at: int) -> dict[str, Any]:
+    """ResNet `params` pytree -> same-structure pytree of bools, True = trainable.
+
+    detectron2 FREEZE_AT: 0 nothing frozen, 1 the stem, 2 stem + layer1 (res2), ..., 5 everything.
+    Use with optax.masked / multi_transform. Frozen-BN vectors are batch_stats, not params, so they
+    never appear here.
+    """
+    if not 0 <= freeze_at <= 5:
+        raise ValueError(f"freeze_at must be in [0, 5], got {freeze_at}")
+    mask = {}
+    for key, sub in params.items():
+        trainable = _stage_of(key) > freeze_at
+        mask[key] = jax.tree.map(lambda _, t=trainable: t, sub)
+    return mask
