@@ -33,7 +33,8 @@ def _loop_reference(image_size, strides, sizes, ratios, round_base):
 
 
 def test_feature_shapes_ceil():
-    assert anchor_ops.feature_shapes((64, 96), STRIDES) == [(16, 24), (8, 12), (4, 6), (2, 3), (1, 2)]
+    want = [(16, 24), (8, 12), (4, 6), (2, 3), (1, 2)]
+    assert anchor_ops.feature_shapes((64, 96), STRIDES) == want
     assert anchor_ops.feature_shapes((1344, 1344), (32, 64)) == [(42, 42), (21, 21)]
     assert anchor_ops.feature_shapes((100, 30), (8,)) == [(13, 4)]
 
@@ -83,7 +84,8 @@ def test_detectron2_areas_and_ratios():
 
 
 def test_torchvision_rounded_values():
-    # torchvision AnchorGenerator: hr = sqrt(r), ws = size / hr, hs = size * hr, round(+-ws/2, +-hs/2).
+    # torchvision AnchorGenerator: hr = sqrt(r), ws = size / hr, hs = size * hr,
+    # box = round([-ws, -hs, ws, hs] / 2).
     # size 32: ws = 45.25, hs = 22.63 for r = 0.5 -> [-23, -11, 23, 11].
     np.testing.assert_array_equal(
         anchor_ops.base_anchors(32, RATIOS, round_base=True),

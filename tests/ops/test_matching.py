@@ -1,4 +1,4 @@
-"""Matcher against a numpy loop reference; sampling properties (hypothesis); one compile per shape."""
+"""Matcher vs a numpy loop reference; sampling properties (hypothesis); one compile per shape."""
 
 import functools
 
@@ -71,7 +71,11 @@ def test_match_random_boxes(seed, low_quality):
     _check_match(iou, gt_valid, 0.5, 0.5, low_quality)
 
 
-@given(seed=st.integers(0, 2**31 - 1), low_quality=st.booleans(), p_valid=st.sampled_from([0, .5, 1]))
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    low_quality=st.booleans(),
+    p_valid=st.sampled_from([0.0, 0.5, 1.0]),
+)
 @settings(max_examples=40, deadline=None)
 def test_match_quantised_iou_ties(seed, low_quality, p_valid):
     """IoU from {0, .1, ..., 1}: many ties, exact threshold hits, zero rows, all / no padded gt."""
