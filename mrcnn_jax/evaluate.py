@@ -1,0 +1,343 @@
+"""COCO evaluation on the host: padded detections -> COCO results -> pycocotools metrics.
+
+    for batch in eval batches:                       (fixed shapes, one compile)
+        dets = predict_fn(batch)                     Detections, boxes in RESIZED pixels
+        for each real example b, each valid detection:
+            box = clip(box / scale_b, original image)        drop it if empty (detectron2)
+            mask = paste(28x28 probabilities, box, orig H, W) >= threshold     (16 at a time)
+            result = {image_id, category_id, score, bbox [x, y, w, h], segmentation RLE}
+        keep only the results (RLE strings), never the full-size masks -> memory stays flat
+    COCOeval(gt, results) for "bbox" (results without segmentation) and "segm" (without bbox)
+
+Metric values are fractions in [0, 1]; a size bucket without ground truth (pycocotools' -1) is
+reported as NaN in Python and as `null` in the JSON files. An empty result list scores 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+import jax
+import numpy as np
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from mrcnn_jax.ops.masks import paste_masks
+
+log = logging.getLogger(__name__)
+
+# COCOeval.stats[0:6] in pycocotools' summarize() order (maxDets 100, area "all" unless named).
+METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+IOU_TYPES = ("bbox", "segm")
+# Masks pasted per chunk: 16 x 800 x 1333 float32 is 68 MB, whatever the detection count (100).
+_PASTE_CHUNK = 16
+_BATCH_KEYS = ("image_ids", "scales", "orig_sizes", "example_valid")
+_PICTURE_KEYS = ("images", "image_sizes")  # handed to `on_batch` (pictures) when present
+
+
+def _field(dets, name: str):
+    """Reads `name` from a Detections struct or a mapping; None when absent."""
+    if isinstance(dets, Mapping):
+        return dets.get(name)
+    return getattr(dets, name, None)
+
+
+def _unpad(dets, batch, index: int) -> dict:
+    """The valid detections of example `index`, boxes mapped to its original image.
+
+    -> boxes [n, 4] xyxy original pixels (clipped, non-empty), scores [n], classes [n],
+    probs [n, M, M] mask probabilities in the box frame or None.
+    """
+    valid = np.asarray(_field(dets, "valid")[index], bool)
+    boxes = np.asarray(_field(dets, "boxes")[index], np.float32)[valid]
+    scale = float(np.asarray(batch["scales"])[index])
+    height, width = (int(v) for v in np.asarray(batch["orig_sizes"])[index])
+    boxes = boxes / scale
+    boxes = np.stack(
+        [
+            np.clip(boxes[:, 0], 0, width),
+            np.clip(boxes[:, 1], 0, height),
+            np.clip(boxes[:, 2], 0, width),
+            np.clip(boxes[:, 3], 0, height),
+        ],
+        axis=-1,
+    )
+    # detectron2's detector_postprocess drops boxes left empty by the clip (Boxes.nonempty).
+    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    masks = _field(dets, "masks")
+    return {
+        "boxes": boxes[keep],
+        "scores": np.asarray(_field(dets, "scores")[index], np.float32)[valid][keep],
+        "classes": np.asarray(_field(dets, "classes")[index]).astype(np.int64)[valid][keep],
+        "probs": None if masks is None else np.asarray(masks[index], np.float32)[valid][keep],
+        "height": height,
+        "width": width,
+    }
+
+
+def _paste_chunks(probs: np.ndarray, boxes: np.ndarray, height: int, width: int, threshold: float):
+    """Yields [k, height, width] bool masks, `_PASTE_CHUNK` detections at a time."""
+    for start in range(0, len(boxes), _PASTE_CHUNK):
+        end = start + _PASTE_CHUNK
+        yield paste_masks(probs[start:end], boxes[start:end], height, width, threshold, xp=np)
+
+
+def image_detections(dets, batch, index: int, mask_threshold: float = 0.5) -> dict:
+    """One example's detections at original resolution, e.g. for `visualize.overlay`.
+
+    -> {"boxes": [n, 4] xyxy original pixels, "scores": [n], "classes": [n] contiguous labels,
+    "masks": [n, H, W] bool at the original size (None when `dets` has no masks)}.
+    """
+    u = _unpad(dets, batch, index)
+    masks = None
+    if u["probs"] is not None:
+        chunks = list(
+            _paste_chunks(u["probs"], u["boxes"], u["height"], u["width"], mask_threshold)
+        )
+        masks = np.concatenate(chunks) if chunks else np.zeros((0, u["height"], u["width"]), bool)
+    return {"boxes": u["boxes"], "scores": u["scores"], "classes": u["classes"], "masks": masks}
+
+
+def encode_masks(masks: np.ndarray) -> list[dict]:
+    """[n, H, W] bool -> n compressed COCO RLEs {"size": [H, W], "counts": str} (JSON-ready)."""
+    if len(masks) == 0:
+        return []
+    rles = mask_utils.encode(np.asfortranarray(np.transpose(masks, (1, 2, 0)).astype(np.uint8)))
+    for rle in rles:
+        rle["counts"] = rle["counts"].decode("ascii")
+    return rles
+
+
+def detections_to_coco(
+    dets, batch: Mapping, label_to_category_id: Mapping[int, int], mask_threshold: float = 0.5
+) -> list[dict]:
+    """Padded detections of one batch -> COCO results, one dict per real detection.
+
+    dets: boxes [B, D, 4] xyxy resized pixels, scores [B, D], classes [B, D] contiguous labels,
+    valid [B, D], masks [B, D, M, M] probabilities or None (a Detections struct or a mapping of
+    numpy arrays); batch: image_ids [B], scales [B], orig_sizes [B, 2] (h, w), example_valid [B].
+    Dummy examples and invalid detections are skipped; boxes are divided by the scale, clipped to
+    the original image and dropped when empty. Each result has image_id, category_id, score,
+    bbox [x, y, w, h] original pixels and, with masks, segmentation (compressed RLE, str counts).
+    """
+    example_valid = np.asarray(batch["example_valid"], bool)
+    image_ids = np.asarray(batch["image_ids"])
+    results = []
+    for b in np.nonzero(example_valid)[0]:
+        u = _unpad(dets, batch, int(b))
+        image_id = int(image_ids[b])
+        image_results = [
+            {
+                "image_id": image_id,
+                "category_id": int(label_to_category_id[int(label)]),
+                "score": float(score),
+                "bbox": [
+                    float(box[0]),
+                    float(box[1]),
+                    float(box[2] - box[0]),
+                    float(box[3] - box[1]),
+                ],
+            }
+            for box, score, label in zip(u["boxes"], u["scores"], u["classes"], strict=True)
+        ]
+        if u["probs"] is not None:
+            chunks = _paste_chunks(u["probs"], u["boxes"], u["height"], u["width"], mask_threshold)
+            rles = [rle for chunk in chunks for rle in encode_masks(chunk)]
+            for result, rle in zip(image_results, rles, strict=True):
+                result["segmentation"] = rle
+        results.extend(image_results)
+    return results
+
+
+@contextlib.contextmanager
+def _prints_to_log():
+    """pycocotools prints its progress and summary; route those lines into the log instead."""
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            yield
+    finally:
+        for line in buffer.getvalue().splitlines():
+            if line.strip():
+                log.info("pycocotools: %s", line)
+
+
+def _coco(dataset: dict) -> COCO:
+    coco = COCO()
+    coco.dataset = dataset
+    with _prints_to_log():
+        coco.createIndex()
+    return coco
+
+
+def _results_for(results: Sequence[dict], iou_type: str) -> list[dict] | None:
+    """The results of one iou type (fresh dicts: loadRes writes into them); None if there are none.
+
+    bbox results drop the segmentation and segm results drop the bbox, as detectron2 does, so
+    pycocotools measures the size buckets with the box area and the mask area respectively.
+    """
+    if iou_type == "bbox":
+        return [{k: v for k, v in r.items() if k != "segmentation"} for r in results]
+    if iou_type == "segm":
+        subset = [
+            {k: v for k, v in r.items() if k != "bbox"} for r in results if "segmentation" in r
+        ]
+        return subset if subset or not results else None
+    raise ValueError(f"unsupported iou type {iou_type!r}; expected one of {IOU_TYPES}")
+
+
+def _load_results(coco_gt: COCO, results: list[dict]) -> COCO:
+    if results:
+        with _prints_to_log():
+            return coco_gt.loadRes(results)
+    # loadRes fails on [] (it reads anns[0]); no detections is a valid outcome that scores 0.
+    dataset = coco_gt.dataset
+    return _coco(
+        {"images": dataset["images"], "categories": dataset["categories"], "annotations": []}
+    )
+
+
+def coco_evaluate(
+    gt: dict, results: Sequence[dict], iou_types: Sequence[str] = IOU_TYPES
+) -> dict[str, float]:
+    """COCOeval metrics -> {"bbox/AP", "bbox/AP50", ..AP75, APs, APm, APl, "segm/AP", ...: float}.
+
+    gt: COCO-format dict (images with height / width, annotations with iscrowd, categories);
+    results: `detections_to_coco` output. Crowd regions are handled by COCOeval (detections
+    matched to them are ignored). Values are fractions in [0, 1], NaN for a size bucket without
+    ground truth; empty results give 0. "segm" is skipped (with a warning) when non-empty results
+    carry no segmentation. The caller's dicts are not modified.
+    """
+    # COCOeval replaces gt segmentations by RLEs in place: evaluate a shallow copy.
+    coco_gt = _coco({**gt, "annotations": [dict(a) for a in gt.get("annotations", [])]})
+    metrics = {}
+    for iou_type in iou_types:
+        subset = _results_for(results, iou_type)
+        if subset is None:
+            log.warning(
+                "no segmentation in %d results: skipping %s evaluation", len(results), iou_type
+            )
+            continue
+        coco_dt = _load_results(coco_gt, subset)
+        evaluator = COCOeval(coco_gt, coco_dt, iou_type)
+        with _prints_to_log():
+            evaluator.evaluate()
+            evaluator.accumulate()
+            evaluator.summarize()
+        for name, value in zip(METRIC_NAMES, evaluator.stats[: len(METRIC_NAMES)], strict=True):
+            metrics[f"{iou_type}/{name}"] = float(value) if value >= 0 else math.nan
+    return metrics
+
+
+def _merge_devices(tree):
+    """[devices, B, ...] -> [devices * B, ...] for every array of a pmapped output."""
+    return jax.tree_util.tree_map(lambda x: np.asarray(x).reshape(-1, *np.shape(x)[2:]), tree)
+
+
+def _host_batch(batch: Mapping, devices: bool) -> dict:
+    keys = _BATCH_KEYS + tuple(k for k in _PICTURE_KEYS if k in batch)
+    host = {k: np.asarray(batch[k]) for k in keys}
+    if devices:  # scales / image_ids are [devices, B] under pmap
+        host = {k: v.reshape(-1, *v.shape[2:]) for k, v in host.items()}
+    return host
+
+
+def run_evaluation(
+    predict_fn: Callable,
+    batches: Iterable[Mapping],
+    gt: dict,
+    label_to_category_id: Mapping[int, int],
+    mask_threshold: float = 0.5,
+    results_path: str | None = None,
+    on_batch: Callable[[object, dict], None] | None = None,
+) -> tuple[dict[str, float], list[dict]]:
+    """Streams `batches` through `predict_fn(batch) -> Detections` and scores them with COCOeval.
+
+    Each batch is converted to COCO results right away (only the RLE strings are kept, never the
+    full-size masks, so memory does not grow with the number of images). Outputs with a leading
+    device axis ([devices, B, D, ...], pmap) are merged with the batch's [devices, B]. Writes the
+    results JSON to `results_path` when given. `on_batch(dets, host_batch)`, when given, sees each
+    batch's numpy detections and batch (e.g. `visualize.save_batch_overlays` for pictures).
+    -> (metrics as `coco_evaluate`, results).
+    """
+    results: list[dict] = []
+    has_masks = False
+    start, num_images = time.time(), 0
+    for step, batch in enumerate(batches):
+        dets = jax.device_get(predict_fn(batch))
+        pmapped = np.ndim(_field(dets, "scores")) == 3
+        if pmapped:
+            dets = _merge_devices(dets)
+        host = _host_batch(batch, pmapped)
+        has_masks = has_masks or _field(dets, "masks") is not None
+        results.extend(detections_to_coco(dets, host, label_to_category_id, mask_threshold))
+        if on_batch is not None:
+            on_batch(dets, host)
+        num_images += int(host["example_valid"].sum())
+        if (step + 1) % 50 == 0:
+            rate = num_images / max(time.time() - start, 1e-9)
+            log.info(
+                "evaluated %d images (%.1f images/s), %d results", num_images, rate, len(results)
+            )
+    if results_path:
+        parent = os.path.dirname(results_path)
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        with open(results_path, "w") as f:
+            json.dump(results, f)
+    iou_types = IOU_TYPES if has_masks else ("bbox",)
+    metrics = coco_evaluate(gt, results, iou_types)
+    log.info("COCO metrics over %d images:\n%s", num_images, format_metrics_table(metrics))
+    return metrics, results
+
+
+def _json_value(value: float) -> float | None:
+    # JSON has no NaN: empty size buckets are written as null.
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def write_metrics(
+    workdir: str, step: int, metrics: Mapping[str, float], summary_writer=None
+) -> None:
+    """Appends {"step", **metrics} to WORKDIR/eval_metrics.jsonl; writes WORKDIR/eval_step_N.json.
+
+    With a tensorboardX `SummaryWriter`, also adds one scalar per metric, tagged "eval/<key>".
+    Call it from one process only (process 0) in multi-host runs.
+    """
+    os.makedirs(workdir, exist_ok=True)
+    record = {"step": int(step), **{k: _json_value(float(v)) for k, v in metrics.items()}}
+    with open(os.path.join(workdir, "eval_metrics.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+    with open(os.path.join(workdir, f"eval_step_{int(step)}.json"), "w") as f:
+        json.dump(record, f, indent=2)
+    if summary_writer is not None:
+        for key, value in metrics.items():
+            summary_writer.add_scalar(f"eval/{key}", float(value), int(step))
+        summary_writer.flush()
+
+
+def format_metrics_table(metrics: Mapping[str, float]) -> str:
+    """A text table in percent with one decimal (as detectron2 prints), one row per iou type:
+
+    type |   AP  | AP50 | ...
+    bbox |  38.6 | 59.4 | ...
+    """
+    kinds = [t for t in IOU_TYPES if any(k.startswith(f"{t}/") for k in metrics)]
+    kinds += sorted({k.split("/")[0] for k in metrics if "/" in k} - set(kinds))
+    header = "type | " + " | ".join(f"{n:>5}" for n in METRIC_NAMES)
+    lines = [header, "-" * len(header)]
+    for kind in kinds:
+        cells = []
+        for name in METRIC_NAMES:
+            value = metrics.get(f"{kind}/{name}", math.nan)
+            cells.append(f"{100.0 * value:5.1f}" if not math.isnan(value) else f"{'nan':>5}")
+        lines.append(f"{kind:<4} | " + " | ".join(cells))
+    return "\n".join(lines)
