@@ -1,7 +1,9 @@
 """Overlay pictures of detections: masks blended in distinct colours, boxes, "name score" labels.
 
-Host-side numpy + PIL only (no fonts are downloaded: PIL's built-in default font). Inputs are in
-ORIGINAL-image pixels, as `mrcnn_jax.evaluate.image_detections` returns them.
+Host-side numpy + PIL only (no fonts are downloaded: PIL's built-in default font). `overlay` takes
+ORIGINAL-image pixels, as `mrcnn_jax.evaluate.image_detections` returns them; `example_overlay` /
+`save_batch_overlays` rebuild the picture of an evaluation batch example (un-normalise, un-pad,
+resize back to the original size) and draw its detections on it.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from mrcnn_jax.evaluate import image_detections
 
 # A fixed palette of 20 well separated, saturated RGB colours; instance i gets PALETTE[i % 20],
 # so the same detections always get the same colours.
@@ -145,3 +149,66 @@ def grid(
         y, x = pad + r * (ch + pad), pad + c * (cw + pad)
         out[y : y + im.shape[0], x : x + im.shape[1]] = im
     return out
+
+
+def denormalize(
+    image: np.ndarray,
+    pixel_mean: Sequence[float],
+    pixel_std: Sequence[float],
+    channel_order: str = "RGB",
+) -> np.ndarray:
+    """Undoes the input normalisation: [H, W, 3] float -> [H, W, 3] uint8 RGB.
+
+    pixel_mean / pixel_std are in the image's own channel order (as detectron2's PIXEL_MEAN);
+    channel_order "BGR" flips the channels back to RGB.
+    """
+    if channel_order not in ("RGB", "BGR"):
+        raise ValueError(f"channel_order must be RGB or BGR, got {channel_order!r}")
+    pixels = np.asarray(image, np.float32) * np.asarray(pixel_std, np.float32)
+    pixels = np.clip(np.round(pixels + np.asarray(pixel_mean, np.float32)), 0, 255).astype(np.uint8)
+    return pixels[..., ::-1].copy() if channel_order == "BGR" else pixels
+
+
+def example_overlay(
+    dets,
+    batch,
+    index: int,
+    class_names: Sequence[str],
+    pixel_mean: Sequence[float],
+    pixel_std: Sequence[float],
+    channel_order: str = "RGB",
+    score_threshold: float = 0.5,
+    mask_threshold: float = 0.5,
+) -> np.ndarray:
+    """The overlay of batch example `index` at its original size -> [orig H, orig W, 3] uint8.
+
+    dets: Detections-like of the batch (numpy); batch: images [B, H, W, 3] normalised and padded,
+    image_sizes [B, 2], orig_sizes [B, 2], scales [B]. The resized image is cut out of its padding
+    and resized back (bilinear) to the original size, where the detections are drawn.
+    """
+    h, w = (int(v) for v in np.asarray(batch["image_sizes"])[index])
+    oh, ow = (int(v) for v in np.asarray(batch["orig_sizes"])[index])
+    resized = np.asarray(batch["images"][index])[:h, :w]
+    picture = Image.fromarray(denormalize(resized, pixel_mean, pixel_std, channel_order))
+    picture = np.asarray(picture.resize((ow, oh), Image.Resampling.BILINEAR), np.uint8)
+    d = image_detections(dets, batch, index, mask_threshold)
+    return overlay(
+        picture, d["boxes"], d["masks"], d["classes"], d["scores"], class_names, score_threshold
+    )
+
+
+def save_batch_overlays(
+    dets, batch, out_dir: str, class_names: Sequence[str], **kwargs
+) -> list[str]:
+    """Writes OUT_DIR/<image_id>.png for every real example of the batch -> the paths written.
+
+    kwargs go to `example_overlay` (pixel_mean, pixel_std, channel_order, thresholds). Suits
+    `run_evaluation(on_batch=...)`; pasting at full size costs time, so limit it to a few batches.
+    """
+    paths = []
+    image_ids = np.asarray(batch["image_ids"])
+    for b in np.nonzero(np.asarray(batch["example_valid"], bool))[0]:
+        path = os.path.join(out_dir, f"{int(image_ids[b])}.png")
+        save_png(path, example_overlay(dets, batch, int(b), class_names, **kwargs))
+        paths.append(path)
+    return paths

@@ -148,3 +148,67 @@ def test_overlay_changes_only_mask_box_and_label(x1, y1, bw, bh, score):
     interior = mask[0] & ~band & (yy > y1 + 20)
     expected = np.round(0.5 * image[interior] + 0.5 * visualize.PALETTE[0].astype(np.float64))
     np.testing.assert_array_equal(out[interior], expected)
+
+
+MEAN = (123.675, 116.28, 103.53)
+STD = (58.395, 57.12, 57.375)
+LEFT, RIGHT = np.array([30, 60, 90]), np.array([200, 150, 100])
+
+
+def _eval_batch(channel_order):
+    """One real example (id 5): a 40 x 60 original of two colour blocks at scale 0.5, padded to
+    32 x 32, with one detection at resized [2, 8, 14, 18] (original [4, 16, 28, 36]); a dummy."""
+    resized = np.zeros((20, 30, 3), np.float32)
+    resized[:, :15], resized[:, 15:] = LEFT, RIGHT
+    mean, std = np.array(MEAN, np.float32), np.array(STD, np.float32)
+    if channel_order == "BGR":
+        resized, mean, std = resized[..., ::-1], mean[::-1], std[::-1]
+    images = np.zeros((2, 32, 32, 3), np.float32)
+    images[0, :20, :30] = (resized - mean) / std
+    batch = {
+        "images": images,
+        "image_sizes": np.array([[20, 30], [32, 32]], np.int32),
+        "orig_sizes": np.array([[40, 60], [8, 8]], np.int32),
+        "scales": np.array([0.5, 1.0], np.float32),
+        "image_ids": np.array([5, 0], np.int64),
+        "example_valid": np.array([True, False]),
+    }
+    dets = {
+        "boxes": np.array([[[2, 8, 14, 18]], [[0, 0, 4, 4]]], np.float32),
+        "scores": np.array([[0.9], [0.9]], np.float32),
+        "classes": np.array([[1], [2]], np.int32),
+        "valid": np.array([[True], [True]]),
+        "masks": np.ones((2, 1, 28, 28), np.float32),
+    }
+    return dets, batch, tuple(mean.tolist()), tuple(std.tolist())
+
+
+@pytest.mark.parametrize("channel_order", ["RGB", "BGR"])
+def test_example_overlay_at_the_original_size(channel_order):
+    dets, batch, mean, std = _eval_batch(channel_order)
+    out = visualize.example_overlay(dets, batch, 0, NAMES, mean, std, channel_order)
+    assert out.shape == (40, 60, 3) and out.dtype == np.uint8
+    # Far from the detection: the un-normalised, resized-back picture.
+    np.testing.assert_array_equal(out[30, 40], RIGHT)
+    np.testing.assert_array_equal(out[38, 10], LEFT)
+    # Inside the pasted mask (original box [4, 16, 28, 36]), clear of the outline and label.
+    np.testing.assert_array_equal(out[30, 14], np.round(0.5 * LEFT + 0.5 * visualize.PALETTE[0]))
+    assert tuple(out[26, 4]) == visualize.colour(0)  # the left box edge at x = 4
+
+
+def test_save_batch_overlays_skips_dummies(tmp_path):
+    dets, batch, mean, std = _eval_batch("RGB")
+    paths = visualize.save_batch_overlays(
+        dets, batch, str(tmp_path), NAMES, pixel_mean=mean, pixel_std=std
+    )
+    assert paths == [str(tmp_path / "5.png")]
+    with Image.open(paths[0]) as im:
+        saved = np.asarray(im.convert("RGB"))
+    np.testing.assert_array_equal(
+        saved, visualize.example_overlay(dets, batch, 0, NAMES, mean, std)
+    )
+
+
+def test_denormalize_rejects_unknown_channel_order():
+    with pytest.raises(ValueError):
+        visualize.denormalize(np.zeros((2, 2, 3)), MEAN, STD, "GBR")
