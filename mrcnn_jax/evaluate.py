@@ -60,16 +60,7 @@ def _unpad(dets, batch, index: int) -> dict:
     boxes = np.asarray(_field(dets, "boxes")[index], np.float32)[valid]
     scale = float(np.asarray(batch["scales"])[index])
     height, width = (int(v) for v in np.asarray(batch["orig_sizes"])[index])
-    boxes = boxes / scale
-    boxes = np.stack(
-        [
-            np.clip(boxes[:, 0], 0, width),
-            np.clip(boxes[:, 1], 0, height),
-            np.clip(boxes[:, 2], 0, width),
-            np.clip(boxes[:, 3], 0, height),
-        ],
-        axis=-1,
-    )
+    boxes = np.clip(boxes / scale, 0.0, np.array([width, height, width, height], np.float32))
     # detectron2's detector_postprocess drops boxes left empty by the clip (Boxes.nonempty).
     keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
     masks = _field(dets, "masks")
