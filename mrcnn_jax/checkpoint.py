@@ -1,0 +1,220 @@
+"""Checkpoints with orbax: save / resume a train state, and import weights for fine-tuning.
+
+Layout: `DIR/<step>/state` (the state pytree as a dict: params, model_state, opt_state, step, rng)
+and `DIR/<step>/meta` (JSON: step and data position). Orbax writes each step into a temporary
+directory (`<step>.orbax-checkpoint-tmp-*`) and renames it when complete, so a crash in the middle
+of a save leaves only a temporary directory behind: it is never listed as a step and is removed
+when the next manager opens the directory; the previous checkpoint stays usable.
+
+The state is any flax struct / pytree; `flax.serialization.to_state_dict` turns it (optax states
+included) into nested dicts, and `from_state_dict(target, ...)` rebuilds it on restore.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+from flax import serialization, traverse_util
+
+CHECKPOINT_DIR = "checkpoints"  # under the workdir
+_STATE, _META = "state", "meta"
+
+
+def _handlers() -> dict[str, ocp.CheckpointHandler]:
+    return {_STATE: ocp.PyTreeCheckpointHandler(), _META: ocp.JsonCheckpointHandler()}
+
+
+def _manager(directory, **options) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
+        epath.Path(directory).absolute(),
+        options=ocp.CheckpointManagerOptions(**options),
+        item_handlers=_handlers(),
+    )
+
+
+class CheckpointManager:
+    """Saves and restores a train state in `directory`, keeping the last `keep` steps.
+
+    Saves are asynchronous (the arrays are copied to host before `save` returns, the files are
+    written in a background thread); `wait()` blocks until the last one is committed.
+    """
+
+    def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+        self.directory = str(directory)
+        self._manager = _manager(
+            directory,
+            max_to_keep=keep,
+            create=True,
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,  # leftovers of an interrupted save
+        )
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def save(self, step: int, state: Any) -> None:
+        """Saves `state` (host pytree) as checkpoint `step`; a step already saved is kept as is."""
+        if step in self._manager.all_steps():
+            return
+        meta = {"step": int(step), "data_position": int(step)}  # batches are a function of step
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                **{
+                    _STATE: ocp.args.PyTreeSave(serialization.to_state_dict(state)),
+                    _META: ocp.args.JsonSave(meta),
+                }
+            ),
+        )
+
+    def restore(self, target: Any, step: int | None = None) -> Any:
+        """The state of checkpoint `step` (default latest), with the structure, dtypes and
+        devices of `target` (a host state, e.g. a freshly created one)."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        target_dict = serialization.to_state_dict(target)
+        restore_args = ocp.checkpoint_utils.construct_restore_args(target_dict)
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                **{_STATE: ocp.args.PyTreeRestore(item=target_dict, restore_args=restore_args)}
+            ),
+        )
+        return serialization.from_state_dict(target, restored[_STATE])
+
+    def restore_latest(self, target: Any) -> Any:
+        """Resumes from the latest checkpoint when there is one, else returns `target`."""
+        step = self.latest_step()
+        if step is None:
+            return target
+        logging.info("resuming from %s/%d", self.directory, step)
+        return self.restore(target, step)
+
+    def metadata(self, step: int) -> dict[str, Any]:
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()})
+        )
+        return dict(restored[_META])
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ----------------------------------------------------------------------------- weights only
+
+
+def _resolve(path: str) -> tuple[str, int]:
+    """A workdir, a checkpoints directory or one step directory -> (checkpoints dir, step)."""
+    path = os.path.abspath(path)
+    if os.path.isdir(os.path.join(path, _STATE)):
+        parent, name = os.path.split(path)
+        if name.isdigit():
+            return parent, int(name)
+    if os.path.isdir(os.path.join(path, CHECKPOINT_DIR)):
+        path = os.path.join(path, CHECKPOINT_DIR)
+    step = latest_step(path)
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint found at {path}")
+    return path, step
+
+
+def latest_step(directory: str) -> int | None:
+    """The latest complete step in a checkpoints directory, None when there is none."""
+    if not os.path.isdir(directory):
+        return None
+    manager = _manager(directory, create=False, read_only=True)
+    try:
+        return manager.latest_step()
+    finally:
+        manager.close()
+
+
+def load_weights(path: str) -> dict[str, Any]:
+    """The model variables {'params': ..., 'batch_stats': ...} (numpy) of a checkpoint.
+
+    path: a workdir, its `checkpoints` directory (latest step) or one step directory. Only the
+    weights are read (no optimizer state), whatever devices the checkpoint was written from.
+    """
+    directory, step = _resolve(path)
+    manager = _manager(directory, create=False, read_only=True)
+    try:
+        tree = manager.item_metadata(step)[_STATE].tree
+        item = {"params": tree["params"], "model_state": tree.get("model_state", {})}
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                **{
+                    _STATE: ocp.args.PyTreeRestore(
+                        item=item, restore_args=restore_args, partial_restore=True
+                    )
+                }
+            ),
+        )[_STATE]
+    finally:
+        manager.close()
+    return {"params": restored["params"], **restored.get("model_state", {})}
+
+
+class WeightsMismatchError(ValueError):
+    """Loaded weights do not fit the model; the message lists every offending name."""
+
+
+def merge_weights(
+    fresh: Mapping[str, Any],
+    loaded: Mapping[str, Any],
+    *,
+    skip: Callable[[str], bool] | None = None,
+) -> dict[str, Any]:
+    """Copies `loaded` into `fresh` (both {collection: tree}); returns the merged variables.
+
+    Names are 'collection/module/.../leaf' (e.g. 'params/box_head/cls_score/kernel'). A name for
+    which `skip(name)` is True keeps its fresh value (re-initialised, e.g. class-dependent layers).
+    Every other name must exist in both with the same shape, else WeightsMismatchError lists all
+    missing, unexpected and mis-shaped names. Values take the fresh dtype.
+    """
+    skip = skip or (lambda name: False)
+    new = traverse_util.flatten_dict(dict(fresh), sep="/")
+    old = traverse_util.flatten_dict(dict(loaded), sep="/")
+    missing = sorted(k for k in new if k not in old and not skip(k))
+    unexpected = sorted(k for k in old if k not in new and not skip(k))
+    misshaped = sorted(
+        f"{k}: checkpoint {tuple(np.shape(old[k]))} vs model {tuple(np.shape(new[k]))}"
+        for k in new
+        if k in old and not skip(k) and np.shape(old[k]) != np.shape(new[k])
+    )
+    if missing or unexpected or misshaped:
+        lines = ["weights do not fit the model"]
+        for title, names in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("mis-shaped", misshaped),
+        ):
+            if names:
+                lines += [f"  {title} ({len(names)}):"] + [f"    {name}" for name in names]
+        raise WeightsMismatchError("\n".join(lines))
+    merged = {k: v if skip(k) else np.asarray(old[k], dtype=v.dtype) for k, v in new.items()}
+    skipped = sorted(k for k in new if skip(k))
+    if skipped:
+        logging.info("kept the fresh values of %d skipped weights: %s", len(skipped), skipped)
+    return traverse_util.unflatten_dict(merged, sep="/")

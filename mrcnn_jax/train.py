@@ -1,0 +1,661 @@
+"""Training: the train state, the SGD recipe of detectron2, the pure train step, and the loop.
+
+Layers, bottom up:
+  * `TrainState`, `make_optimizer`, `learning_rate_schedule`: pytrees and optax, no devices.
+  * `train_step(state, batch, *, loss_fn, ...)`: one pure update for a batch `[B_local, ...]`;
+    `axis_name` set when it runs under `jax.pmap` (gradients, metrics and batch stats averaged).
+  * `Placement`: where state and batches live ("pmap": replicated state `[devices, ...]`, batches
+    `[devices, per_device, ...]`; "mesh": global `jax.Array`s on a 1-D mesh, batch sharded on
+    axis 0).
+  * `train_loop`: a linear host loop (checkpoints, SIGTERM, evaluation, logging) around any loss.
+  * `train_and_evaluate(config, workdir)`: builds the Mask R-CNN pieces and runs the loop.
+
+The loss contract (`losses.make_loss_fn` and the tests' own models follow it):
+
+    loss_fn(params, model_state, batch, example_keys) -> (total_loss, (metrics, new_model_state))
+      model_state: every non-'params' collection; example_keys: [B_local] PRNG keys, one each;
+      total_loss: scalar mean over the local examples; metrics: dict of scalars.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import math
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import flax.jax_utils
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import struct
+from jax import lax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from mrcnn_jax import checkpoint as ckpt_lib
+
+PMAP_AXIS = "batch"  # axis name of the pmapped train step (sync BN modules use it too)
+MESH_AXIS = "data"  # the 1-D device mesh axis the batch is sharded over
+Batch = dict[str, Any]
+LossFn = Callable[..., tuple[jax.Array, tuple[dict[str, jax.Array], Any]]]
+
+
+# ----------------------------------------------------------------------------- state & optimizer
+
+
+@struct.dataclass
+class TrainState:
+    """Everything a step changes. A pytree; `tx` is static (not saved, rebuilt from the config).
+
+    step:        [] int32, updates done so far = index of the next batch (the data position)
+    params:      the 'params' collection, float32
+    model_state: every other collection, e.g. {'batch_stats': ...}; {} when there is none
+    opt_state:   the optax state of `tx`
+    rng:         [2] uint32 PRNG key; the keys of step s derive from fold_in(rng, s)
+    """
+
+    step: jax.Array
+    params: Any
+    model_state: Any
+    opt_state: Any
+    rng: jax.Array
+    tx: optax.GradientTransformation = struct.field(pytree_node=False)
+
+
+def create_train_state(
+    variables: Mapping[str, Any], tx: optax.GradientTransformation, rng: jax.Array
+) -> TrainState:
+    """variables: {'params': ..., other collections...} (e.g. from `model.init`); rng: [2] key."""
+    params = variables["params"]
+    model_state = {k: v for k, v in variables.items() if k != "params"}
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        model_state=model_state,
+        opt_state=tx.init(params),
+        rng=jnp.asarray(rng),
+        tx=tx,
+    )
+
+
+def model_variables(state: TrainState) -> dict[str, Any]:
+    """The Flax variables {'params': ..., 'batch_stats': ...} held by a (host) state."""
+    return {"params": state.params, **state.model_state}
+
+
+def scaled_learning_rate(base_lr: float, global_batch_size: int, reference_batch: int) -> float:
+    """Linear scaling rule (Goyal et al. 2017): base_lr is the rate at `reference_batch`."""
+    return base_lr * global_batch_size / reference_batch
+
+
+def learning_rate_schedule(
+    base_lr: float,
+    *,
+    warmup_steps: int,
+    warmup_factor: float,
+    decay_steps: Iterable[int],
+    decay_factor: float,
+) -> optax.Schedule:
+    """detectron2 WarmupMultiStepLR with linear warmup, as a function of the update index s:
+
+    lr(s) = base_lr * w(s) * decay_factor ** #{d in decay_steps : s >= d}
+    w(s)  = warmup_factor * (1 - s / warmup_steps) + s / warmup_steps  if s < warmup_steps else 1
+    """
+    boundaries = np.asarray(sorted(decay_steps), np.int32)
+
+    def schedule(step):
+        s = jnp.asarray(step, jnp.int32)
+        alpha = s.astype(jnp.float32) / max(warmup_steps, 1)
+        warm = jnp.where(s < warmup_steps, warmup_factor * (1.0 - alpha) + alpha, 1.0)
+        num_decays = jnp.sum(s >= jnp.asarray(boundaries))
+        return (base_lr * warm * decay_factor**num_decays).astype(jnp.float32)
+
+    return schedule
+
+
+# detectron2 `get_default_optimizer_params` exempts parameters of norm layers: our modules named
+# bn1, conv1_bn, norm, gn1, ... and flax's default names BatchNorm_0 / GroupNorm_0 / LayerNorm_0.
+_NORM_MODULE = re.compile(
+    r"^(bn|norm|gn)|_bn$|^(BatchNorm|GroupNorm|LayerNorm)_\d+$", re.IGNORECASE
+)
+
+FROZEN, NORM, DECAY = "frozen", "norm", "decay"  # optimizer groups
+
+
+def _key_name(key) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def path_name(path) -> str:
+    """A tree path (from `jax.tree_util.tree_map_with_path`) as 'a/b/c'."""
+    return "/".join(_key_name(k) for k in path)
+
+
+def is_norm_parameter(path) -> bool:
+    """True when the module that owns the parameter (second-to-last path entry) is a norm layer."""
+    return len(path) >= 2 and bool(_NORM_MODULE.search(_key_name(path[-2])))
+
+
+def full_mask(trainable, params):
+    """Expands a bool pytree that is a prefix of `params` (None = all True) to params' structure."""
+    if trainable is None:
+        return jax.tree.map(lambda _: True, params)
+    return jax.tree.map(lambda t, sub: jax.tree.map(lambda _: bool(t), sub), trainable, params)
+
+
+def param_labels(params, trainable=None):
+    """Optimizer group of every parameter: FROZEN (trainable False), NORM or DECAY."""
+    mask = full_mask(trainable, params)
+    labels = jax.tree_util.tree_map_with_path(
+        lambda path, _: NORM if is_norm_parameter(path) else DECAY, params
+    )
+    return jax.tree.map(lambda label, t: label if t else FROZEN, labels, mask)
+
+
+def make_optimizer(
+    params,
+    *,
+    learning_rate_fn: optax.Schedule,
+    momentum: float,
+    weight_decay: float,
+    weight_decay_norm: float,
+    grad_clip_norm: float = 0.0,
+    trainable=None,
+) -> optax.GradientTransformation:
+    """torch SGD as detectron2 uses it, per trainable parameter p with gradient g:
+
+    g <- 0 for frozen p;  g <- g * min(1, clip / ||g||_global) when clip > 0
+    buf <- momentum * buf + (g + wd * p)     (wd = weight_decay_norm for norm layers)
+    p <- p - lr(s) * buf                     frozen p: no buffer, zero update
+    """
+    labels = param_labels(params, trainable)
+
+    def group(decay):
+        return optax.chain(
+            optax.add_decayed_weights(decay) if decay else optax.identity(),
+            optax.trace(decay=momentum, nesterov=False),
+            optax.scale_by_learning_rate(learning_rate_fn),
+        )
+
+    zero_frozen = optax.multi_transform(
+        {FROZEN: optax.set_to_zero(), NORM: optax.identity(), DECAY: optax.identity()}, labels
+    )
+    sgd = optax.multi_transform(
+        {FROZEN: optax.set_to_zero(), NORM: group(weight_decay_norm), DECAY: group(weight_decay)},
+        labels,
+    )
+    clip = optax.clip_by_global_norm(grad_clip_norm) if grad_clip_norm > 0 else optax.identity()
+    return optax.chain(zero_frozen, clip, sgd)
+
+
+# ----------------------------------------------------------------------------- the train step
+
+
+def example_keys(rng: jax.Array, step: jax.Array, local_batch: int, axis_name=None) -> jax.Array:
+    """[local_batch] keys = split(fold_in(rng, step), GLOBAL batch)[this device's slice].
+
+    Under pmap the global batch is local_batch * axis size and device i takes rows
+    [i * local_batch, (i + 1) * local_batch): every example gets the same key on 1 or N devices.
+    """
+    num, index = (
+        (1, 0) if axis_name is None else (lax.axis_size(axis_name), lax.axis_index(axis_name))
+    )
+    keys = jax.random.split(jax.random.fold_in(rng, step), local_batch * num)
+    return lax.dynamic_slice_in_dim(keys, index * local_batch, local_batch)
+
+
+def _pmean_floats(tree, axis_name: str):
+    """Averages the float leaves (batch statistics) over devices; integer counters stay as is."""
+    return jax.tree.map(
+        lambda x: lax.pmean(x, axis_name) if jnp.issubdtype(x.dtype, jnp.inexact) else x, tree
+    )
+
+
+def train_step(
+    state: TrainState,
+    batch: Batch,
+    *,
+    loss_fn: LossFn,
+    learning_rate_fn: optax.Schedule,
+    trainable=None,
+    axis_name: str | None = None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One update on `batch` (arrays [B_local, ...]); pure. Bind the keywords with a partial.
+
+    Returns the new state and metrics: the loss_fn metrics, 'loss' (total), 'grad_norm' (global
+    norm of the averaged trainable gradients, before clipping) and 'learning_rate'.
+    Frozen parameters (`trainable` False) are passed through untouched, so they stay bit-identical.
+    """
+    local_batch = jax.tree.leaves(batch)[0].shape[0]
+    keys = example_keys(state.rng, state.step, local_batch, axis_name)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (loss, (metrics, model_state)), grads = grad_fn(state.params, state.model_state, batch, keys)
+    metrics = {**metrics, "loss": loss}
+    if axis_name is not None:
+        # Every device holds the mean over its own examples; equal shards make the mean of means
+        # the global mean, as one device with the whole batch would compute it.
+        grads, metrics = lax.pmean((grads, metrics), axis_name)
+        model_state = _pmean_floats(model_state, axis_name)
+
+    mask = full_mask(trainable, state.params)
+    grads = jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, mask)
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    params = jax.tree.map(
+        lambda p, u, t: (p + u).astype(p.dtype) if t else p, state.params, updates, mask
+    )
+    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["learning_rate"] = learning_rate_fn(state.step)
+    new_state = state.replace(
+        step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state
+    )
+    return new_state, metrics
+
+
+# ----------------------------------------------------------------------------- devices
+
+
+def _reshape_for_pmap(batch: Batch, num_devices: int) -> Batch:
+    """[host_batch, ...] -> [num_devices, host_batch // num_devices, ...]."""
+
+    def split(x):
+        if x.shape[0] % num_devices:
+            raise ValueError(f"host batch {x.shape[0]} is not divisible by {num_devices} devices")
+        return np.reshape(x, (num_devices, x.shape[0] // num_devices, *x.shape[1:]))
+
+    return jax.tree.map(split, batch)
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where the train state and the batches live, for one parallelism.
+
+    pmap: state replicated on the local devices (leaves [devices, ...]); batches [devices, B, ...].
+    mesh: global jax.Arrays on a 1-D mesh (axis MESH_AXIS); state replicated, batch sharded on
+    axis 0.
+    Host-side state (checkpoints, evaluation) is always the unreplicated pytree.
+    """
+
+    kind: str
+    mesh: Mesh | None = None
+    shard_for_pmap: Callable[[Batch, int], Batch] = _reshape_for_pmap
+
+    def put_state(self, state: TrainState) -> TrainState:
+        if self.kind == "pmap":
+            return flax.jax_utils.replicate(state)
+        return jax.device_put(state, NamedSharding(self.mesh, P()))
+
+    def get_state(self, state: TrainState) -> TrainState:
+        if self.kind == "pmap":
+            return jax.device_get(jax.tree.map(lambda x: x[0], state))
+        return state
+
+    def put_batch(self, batch: Batch) -> Batch:
+        if self.kind == "pmap":
+            return self.shard_for_pmap(batch, jax.local_device_count())
+        sharding = NamedSharding(self.mesh, P(MESH_AXIS))
+        return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+    def get_metrics(self, metrics: Mapping[str, jax.Array]) -> dict[str, float]:
+        metrics = jax.device_get(metrics)
+        if self.kind == "pmap":
+            return {k: float(v[0]) for k, v in metrics.items()}
+        return {k: float(v) for k, v in metrics.items()}
+
+    def compile(self, step_fn: Callable[..., Any]) -> Callable[[TrainState, Batch], Any]:
+        """step_fn: `train_step` with its keywords bound except `axis_name`."""
+        if self.kind == "pmap":
+            fn = functools.partial(step_fn, axis_name=PMAP_AXIS)
+            return jax.pmap(fn, axis_name=PMAP_AXIS, donate_argnums=(0,))
+        replicated = NamedSharding(self.mesh, P())
+        data = NamedSharding(self.mesh, P(MESH_AXIS))
+        return jax.jit(
+            step_fn,
+            in_shardings=(replicated, data),
+            out_shardings=(replicated, replicated),
+            donate_argnums=(0,),
+        )
+
+
+def make_placement(parallelism: str, devices=None) -> Placement:
+    """parallelism: "pmap" | "mesh"; devices: the mesh devices (default: all, over every host)."""
+    if parallelism == "pmap":
+        return Placement("pmap")
+    if parallelism == "mesh":
+        devices = jax.devices() if devices is None else devices
+        return Placement("mesh", mesh=Mesh(np.asarray(devices), (MESH_AXIS,)))
+    raise ValueError(f"config.train.parallelism must be 'pmap' or 'mesh', got {parallelism!r}")
+
+
+def compile_train_step(
+    placement: Placement, *, loss_fn: LossFn, learning_rate_fn: optax.Schedule, trainable=None
+):
+    """The jitted / pmapped `train_step` for `placement`: (placed state, placed batch) -> ..."""
+    step_fn = functools.partial(
+        train_step, loss_fn=loss_fn, learning_rate_fn=learning_rate_fn, trainable=trainable
+    )
+    return placement.compile(step_fn)
+
+
+# ----------------------------------------------------------------------------- host side
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN / Inf loss or gradient; the state of that step is never saved."""
+
+
+def check_finite(step: int, metrics: Mapping[str, float]) -> None:
+    """Raises NonFiniteLossError naming the step and every loss component when one is not finite."""
+    if all(math.isfinite(v) for v in metrics.values()):
+        return
+    parts = ", ".join(f"{k}={v:.6g}" for k, v in sorted(metrics.items()))
+    raise NonFiniteLossError(f"non-finite loss or gradient at step {step}: {parts}")
+
+
+class MetricWriter:
+    """Train / eval metrics to `workdir/metrics.jsonl`, TensorBoard and the console.
+
+    Train metrics are averaged over `log_every` steps. On a terminal a carriage-return progress line
+    is refreshed every step; otherwise a plain log line is written every `log_every` steps.
+    Only process 0 writes files.
+    """
+
+    def __init__(self, workdir, *, log_every, num_steps, images_per_step, stream=None):
+        self.log_every, self.num_steps = max(int(log_every), 1), num_steps
+        self.images_per_step = images_per_step
+        self.stream = sys.stderr if stream is None else stream
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._window: list[Mapping[str, float]] = []
+        self._tick = time.perf_counter()
+        self._jsonl = self._tb = None
+        if workdir is not None and jax.process_index() == 0:
+            from tensorboardX import SummaryWriter
+
+            os.makedirs(workdir, exist_ok=True)
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def reset_timer(self) -> None:
+        """Restart the images/s clock (after an evaluation or a checkpoint)."""
+        self._window, self._tick = [], time.perf_counter()
+
+    def train(self, step: int, metrics: Mapping[str, float]) -> None:
+        self._window.append(metrics)
+        elapsed = max(time.perf_counter() - self._tick, 1e-9)
+        speed = len(self._window) * self.images_per_step / elapsed
+        if self.tty:
+            line = f"step {step}/{self.num_steps}  loss {metrics['loss']:.4f}  {speed:.1f} images/s"
+            self.stream.write("\r" + line.ljust(60))
+            self.stream.flush()
+        if step % self.log_every and step != self.num_steps:
+            return
+        mean = {k: float(np.mean([m[k] for m in self._window])) for k in self._window[0]}
+        self._write(step, "train", {**mean, "images_per_sec": speed})
+        if self.tty:
+            self.stream.write("\n")
+        else:
+            shown = " ".join(f"{k}={v:.4g}" for k, v in sorted(mean.items()))
+            logging.info("step %d/%d %.1f images/s %s", step, self.num_steps, speed, shown)
+        self.reset_timer()
+
+    def eval(self, step: int, metrics: Mapping[str, Any]) -> None:
+        scalars = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
+        logging.info("eval at step %d: %s", step, json.dumps(scalars, sort_keys=True))
+        self._write(step, "eval", scalars)
+
+    def _write(self, step: int, split: str, scalars: Mapping[str, float]) -> None:
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps({"step": step, "split": split, **scalars}) + "\n")
+            self._jsonl.flush()
+        if self._tb is not None:
+            for k, v in scalars.items():
+                self._tb.add_scalar(f"{split}/{k}", v, step)
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._tb.close()
+            self._jsonl = self._tb = None
+
+
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """Yields an Event set by SIGTERM (preemption); the previous handler comes back on exit."""
+    event = threading.Event()
+    try:
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: event.set())
+    except ValueError:  # not the main thread: signals cannot be caught here
+        logging.warning("not in the main thread: SIGTERM will not trigger a checkpoint")
+        previous = None
+    try:
+        yield event
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _any_process(flag: bool) -> bool:
+    """True when `flag` is set on any host, so every host saves and stops at the same step."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train_loop(
+    state: TrainState,
+    step_fn: Callable[[TrainState, Batch], tuple[TrainState, Any]],
+    batches: Callable[[int], Iterable[Batch]],
+    *,
+    placement: Placement,
+    num_steps: int,
+    writer: MetricWriter,
+    checkpoints: ckpt_lib.CheckpointManager | None = None,
+    checkpoint_every: int = 0,
+    evaluate: Callable[[int, TrainState], Mapping[str, Any]] | None = None,
+    eval_every: int = 0,
+) -> TrainState:
+    """Trains from `state.step` to `num_steps`; returns the host state.
+
+    state: host (unreplicated) state; step_fn: from `compile_train_step`; batches(start) yields the
+    host-local batches [host_batch, ...] of steps start, start + 1, ... (deterministic by step).
+    Saves every `checkpoint_every` steps, at the end and on SIGTERM (then stops); evaluates every
+    `eval_every` steps (0 = only at the end) and at the end. The metrics of step s are read while
+    step s + 1 runs; a non-finite one raises before any later save, so the last checkpoint is good.
+    """
+    start = int(state.step)
+    placed = placement.put_state(state)
+    pending = None  # (step, device metrics) not yet read back
+    last_eval, stopped = start, False
+
+    def flush():
+        nonlocal pending
+        if pending is not None:
+            step, metrics = pending[0], placement.get_metrics(pending[1])
+            pending = None
+            check_finite(step, metrics)
+            writer.train(step, metrics)
+
+    try:
+        with stop_on_sigterm() as sigterm:
+            for step, batch in zip(range(start + 1, num_steps + 1), batches(start), strict=False):
+                placed, metrics = step_fn(placed, placement.put_batch(batch))
+                flush()
+                pending = (step, metrics)
+                stopped = _any_process(sigterm.is_set())
+                save = stopped or step == num_steps or _every(step, checkpoint_every)
+                do_eval = evaluate is not None and (step == num_steps or _every(step, eval_every))
+                if save or do_eval:
+                    flush()
+                if save and checkpoints is not None:
+                    checkpoints.save(step, placement.get_state(placed))
+                if do_eval and not stopped:
+                    writer.eval(step, evaluate(step, placement.get_state(placed)))
+                    last_eval = step
+                if save or do_eval:
+                    writer.reset_timer()
+                if stopped:
+                    logging.warning("SIGTERM: saved the checkpoint of step %d, stopping", step)
+                    break
+            flush()
+        final = placement.get_state(placed)
+        final_step = int(final.step)
+        if evaluate is not None and not stopped and last_eval != final_step:
+            writer.eval(final_step, evaluate(final_step, final))
+        return final
+    finally:
+        if checkpoints is not None:
+            checkpoints.wait()
+
+
+def _every(step: int, period: int) -> bool:
+    return period > 0 and step % period == 0
+
+
+# ----------------------------------------------------------------------------- Mask R-CNN glue
+
+
+def _optimizer_from_config(
+    train_cfg, params, trainable
+) -> tuple[optax.GradientTransformation, Any]:
+    """(tx, learning-rate schedule) from `config.train`."""
+    schedule = learning_rate_schedule(
+        scaled_learning_rate(
+            train_cfg.base_lr, train_cfg.global_batch_size, train_cfg.lr_reference_batch
+        ),
+        warmup_steps=train_cfg.warmup_steps,
+        warmup_factor=train_cfg.warmup_factor,
+        decay_steps=train_cfg.decay_steps,
+        decay_factor=train_cfg.decay_factor,
+    )
+    tx = make_optimizer(
+        params,
+        learning_rate_fn=schedule,
+        momentum=train_cfg.momentum,
+        weight_decay=train_cfg.weight_decay,
+        weight_decay_norm=train_cfg.weight_decay_norm,
+        grad_clip_norm=train_cfg.grad_clip_norm,
+        trainable=trainable,
+    )
+    return tx, schedule
+
+
+def _initial_variables(config, model, key) -> dict[str, Any]:
+    """Fresh variables, overwritten by config.train.init_checkpoint when one is given."""
+    from mrcnn_jax import mask_rcnn
+
+    variables = mask_rcnn.init_variables(model, key, tuple(config.data.image_size))
+    if config.train.init_checkpoint:
+        loaded = ckpt_lib.load_weights(config.train.init_checkpoint)
+        variables = ckpt_lib.merge_weights(variables, loaded)
+        logging.info("initialised the weights from %s", config.train.init_checkpoint)
+    return variables
+
+
+def train_and_evaluate(config, workdir: str) -> TrainState:
+    """Trains Mask R-CNN per `config` in `workdir`, resuming from its latest checkpoint if any."""
+    from mrcnn_jax import evaluate as evaluate_lib
+    from mrcnn_jax import losses, mask_rcnn
+    from mrcnn_jax.data import pipeline
+
+    tc = config.train
+    image_size = tuple(config.data.image_size)
+    placement = make_placement(tc.parallelism)
+    if placement.kind == "pmap":
+        placement = dataclasses.replace(placement, shard_for_pmap=pipeline.shard_for_pmap)
+    model = mask_rcnn.build_model(
+        config.model, axis_name=PMAP_AXIS if placement.kind == "pmap" else None
+    )
+    init_key, train_key = jax.random.split(jax.random.PRNGKey(config.seed))
+    variables = _initial_variables(config, model, init_key)
+    trainable = mask_rcnn.trainable_mask(variables["params"], config.model)
+    tx, schedule = _optimizer_from_config(tc, variables["params"], trainable)
+    state = create_train_state(variables, tx, train_key)
+
+    checkpoints = ckpt_lib.CheckpointManager(
+        os.path.join(workdir, ckpt_lib.CHECKPOINT_DIR), keep=tc.keep_checkpoints
+    )
+    state = checkpoints.restore_latest(state)
+    logging.info("training from step %d to %d", int(state.step), tc.num_steps)
+    step_fn = compile_train_step(
+        placement,
+        loss_fn=losses.make_loss_fn(model, config.model, image_size),
+        learning_rate_fn=schedule,
+        trainable=trainable,
+    )
+
+    def batches(start_step):
+        return pipeline.train_batches(
+            config, start_step, process_index=jax.process_index(), process_count=jax.process_count()
+        )
+
+    def evaluate(step, host_state):
+        return evaluate_lib.evaluate_model(
+            config, model, model_variables(host_state), workdir, step
+        )
+
+    writer = MetricWriter(
+        workdir,
+        log_every=tc.log_every,
+        num_steps=tc.num_steps,
+        images_per_step=tc.global_batch_size,
+    )
+    try:
+        return train_loop(
+            state,
+            step_fn,
+            batches,
+            placement=placement,
+            num_steps=tc.num_steps,
+            writer=writer,
+            checkpoints=checkpoints,
+            checkpoint_every=tc.checkpoint_every,
+            evaluate=evaluate,
+            eval_every=tc.eval_every,
+        )
+    finally:
+        writer.close()
+        checkpoints.close()
+
+
+def evaluate_checkpoint(config, workdir: str) -> dict[str, Any]:
+    """Eval-only: the latest checkpoint of `workdir` (else config.train.init_checkpoint)."""
+    from mrcnn_jax import evaluate as evaluate_lib
+    from mrcnn_jax import mask_rcnn
+
+    model = mask_rcnn.build_model(config.model)
+    variables = mask_rcnn.init_variables(
+        model, jax.random.PRNGKey(config.seed), tuple(config.data.image_size)
+    )
+    directory = os.path.join(workdir, ckpt_lib.CHECKPOINT_DIR)
+    step = ckpt_lib.latest_step(directory)
+    if step is not None:
+        source = directory
+    elif config.train.init_checkpoint:
+        source, step = config.train.init_checkpoint, 0
+    else:
+        raise FileNotFoundError(f"no checkpoint in {directory} and no config.train.init_checkpoint")
+    variables = ckpt_lib.merge_weights(variables, ckpt_lib.load_weights(source))
+    logging.info("evaluating the weights of %s (step %d)", source, step)
+    metrics = evaluate_lib.evaluate_model(config, model, variables, workdir, step)
+    MetricWriter(workdir, log_every=1, num_steps=step, images_per_step=0).eval(step, metrics)
+    return metrics

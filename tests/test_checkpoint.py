@@ -1,0 +1,163 @@
+"""Checkpoints: round trip, resume == uninterrupted (bit for bit), SIGTERM, crashes, weights."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+from flax import serialization
+
+from mrcnn_jax import checkpoint as ckpt_lib
+from tests.test_train import make_batch, run_loop, tiny_state
+
+
+def assert_same_bits(a, b):
+    """Same structure and bytes; the static optimizer of a TrainState is not compared."""
+    leaves_a, tree_a = jax.tree.flatten(jax.device_get(serialization.to_state_dict(a)))
+    leaves_b, tree_b = jax.tree.flatten(jax.device_get(serialization.to_state_dict(b)))
+    assert tree_a == tree_b
+    for x, y in zip(leaves_a, leaves_b, strict=True):
+        x, y = np.asarray(x), np.asarray(y)
+        assert x.dtype == y.dtype and x.shape == y.shape
+        assert x.tobytes() == y.tobytes()
+
+
+def test_round_trip_keeps_last_k_and_metadata(tmp_path):
+    _, state, _ = tiny_state()
+    with ckpt_lib.CheckpointManager(str(tmp_path), keep=2) as checkpoints:
+        assert checkpoints.latest_step() is None
+        assert checkpoints.restore_latest(state) is state
+        for step in (1, 2, 3):
+            checkpoints.save(step, state.replace(step=state.step + step))
+        checkpoints.save(3, state)  # an existing step is kept as it is, not overwritten
+        checkpoints.wait()
+        assert checkpoints.all_steps() == [2, 3]
+        assert checkpoints.metadata(3) == {"step": 3, "data_position": 3}
+    with ckpt_lib.CheckpointManager(str(tmp_path), keep=2) as checkpoints:
+        _, fresh, _ = tiny_state(lr=0.5)  # another optimizer: the static tx comes from the target
+        restored = checkpoints.restore(fresh)
+    assert int(restored.step) == 3
+    assert restored.tx is fresh.tx
+    assert_same_bits(restored.replace(step=state.step), state)
+
+
+def test_resume_is_bit_identical(tmp_path):
+    straight = run_loop(str(tmp_path / "a"), 6, checkpoint_every=2)
+    first = run_loop(str(tmp_path / "b"), 3, checkpoint_every=2)
+    assert int(first.step) == 3
+    resumed = run_loop(str(tmp_path / "b"), 6, checkpoint_every=2)
+    assert int(resumed.step) == 6
+    assert_same_bits(resumed, straight)
+    with ckpt_lib.CheckpointManager(str(tmp_path / "b" / "checkpoints")) as checkpoints:
+        assert checkpoints.all_steps() == [2, 3, 4, 6]
+
+
+def test_sigterm_saves_and_stops_then_resumes(tmp_path, caplog):
+    def batches(start):
+        for step in range(start, 100):
+            if step == 2 and start == 0:
+                os.kill(os.getpid(), signal.SIGTERM)  # preempted while step 3 is prepared
+            yield make_batch(step)
+
+    previous = signal.getsignal(signal.SIGTERM)
+    with caplog.at_level(logging.WARNING):
+        stopped = run_loop(str(tmp_path), 8, checkpoint_every=5, batches=batches)
+    assert signal.getsignal(signal.SIGTERM) == previous  # the handler is restored
+    assert int(stopped.step) == 3
+    assert "SIGTERM" in caplog.text and "step 3" in caplog.text
+    with ckpt_lib.CheckpointManager(str(tmp_path / "checkpoints")) as checkpoints:
+        assert checkpoints.all_steps() == [3]
+    resumed = run_loop(str(tmp_path), 8, checkpoint_every=5, batches=batches)
+    assert_same_bits(resumed, run_loop(str(tmp_path / "straight"), 8))
+
+
+_CRASHING_SAVE = """
+import os, sys
+import numpy as np
+from orbax.checkpoint._src.path import atomicity
+from mrcnn_jax import checkpoint as ckpt_lib
+
+def crash(self, *args, **kwargs):  # the process dies after the files are written, before commit
+    os._exit(3)
+
+manager = ckpt_lib.CheckpointManager(sys.argv[1], keep=3)
+manager.save(1, {"w": np.arange(4, dtype=np.float32)})
+manager.wait()
+atomicity.AtomicRenameTemporaryPath.finalize = crash
+atomicity.CommitFileTemporaryPath.finalize = crash
+manager.save(2, {"w": np.full(4, 7.0, np.float32)})
+manager.wait()
+"""
+
+
+def test_crash_during_save_keeps_previous_checkpoint(tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    code = textwrap.dedent(_CRASHING_SAVE)
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True)
+    assert proc.returncode == 3, proc.stderr.decode()[-2000:]
+    leftovers = [n for n in os.listdir(tmp_path) if n.startswith("2.orbax-checkpoint-tmp")]
+    assert leftovers, os.listdir(tmp_path)  # the interrupted save left its temporary directory
+
+    assert ckpt_lib.latest_step(str(tmp_path)) == 1
+    with ckpt_lib.CheckpointManager(str(tmp_path)) as checkpoints:
+        assert checkpoints.all_steps() == [1]
+        restored = checkpoints.restore({"w": np.zeros(4, np.float32)})
+    np.testing.assert_array_equal(restored["w"], np.arange(4, dtype=np.float32))
+    assert not any(".orbax-checkpoint-tmp" in n for n in os.listdir(tmp_path))  # cleaned up
+
+
+def test_leftover_tmp_directory_is_ignored(tmp_path):
+    _, state, _ = tiny_state()
+    with ckpt_lib.CheckpointManager(str(tmp_path)) as checkpoints:
+        checkpoints.save(5, state)
+    garbage = tmp_path / "9.orbax-checkpoint-tmp-1234567"
+    (garbage / "state").mkdir(parents=True)
+    (garbage / "state" / "half_written").write_bytes(b"\x00" * 10)
+    with ckpt_lib.CheckpointManager(str(tmp_path)) as checkpoints:
+        assert checkpoints.latest_step() == 5
+        assert_same_bits(checkpoints.restore_latest(state), state)
+
+
+# ----------------------------------------------------------------------------- weights only
+
+
+def test_load_weights_from_workdir_and_step_dir(tmp_path):
+    final = run_loop(str(tmp_path), 2)
+    for path in (tmp_path, tmp_path / "checkpoints", tmp_path / "checkpoints" / "2"):
+        loaded = ckpt_lib.load_weights(str(path))
+        assert set(loaded) == {"params", "batch_stats"}
+        assert_same_bits(loaded["params"], final.params)
+        assert_same_bits(loaded["batch_stats"], final.model_state["batch_stats"])
+    with pytest.raises(FileNotFoundError):
+        ckpt_lib.load_weights(str(tmp_path / "nothing_here"))
+
+
+def test_merge_weights_lists_every_mismatch_and_skips():
+    fresh = {
+        "params": {"a": {"kernel": np.zeros((2, 3), np.float32)}, "cls": {"bias": np.zeros(4)}},
+        "batch_stats": {"bn": {"mean": np.zeros(3, np.float32)}},
+    }
+    loaded = {
+        "params": {"a": {"kernel": np.ones((2, 3), np.float64)}, "cls": {"bias": np.ones(9)}},
+        "batch_stats": {"bn": {"mean": np.ones(3)}},
+    }
+    merged = ckpt_lib.merge_weights(fresh, loaded, skip=lambda name: name.startswith("params/cls"))
+    np.testing.assert_array_equal(merged["params"]["a"]["kernel"], np.ones((2, 3)))
+    assert merged["params"]["a"]["kernel"].dtype == np.float32  # the model's dtype
+    np.testing.assert_array_equal(merged["params"]["cls"]["bias"], np.zeros(4))  # re-initialised
+    np.testing.assert_array_equal(merged["batch_stats"]["bn"]["mean"], np.ones(3))
+
+    bad = {"params": {"cls": {"bias": np.ones(9)}, "extra": {"w": np.ones(1)}}}
+    with pytest.raises(ckpt_lib.WeightsMismatchError) as err:
+        ckpt_lib.merge_weights(fresh, bad)
+    text = str(err.value)
+    assert "missing (2)" in text and "params/a/kernel" in text and "batch_stats/bn/mean" in text
+    assert "unexpected (1)" in text and "params/extra/w" in text
+    assert "mis-shaped (1)" in text and "params/cls/bias: checkpoint (9,) vs model (4,)" in text

@@ -1,0 +1,147 @@
+"""pmap and mesh on 8 emulated CPU devices give the single-device step, to float tolerance.
+
+JAX fixes its device count when it initialises, so the check runs in a subprocess started with
+XLA_FLAGS=--xla_force_host_platform_device_count=8 (`python -m tests.test_parallel`).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+DEVICES = 8
+GLOBAL_BATCH = 16  # 2 examples per device
+STEPS = 3
+
+
+def test_pmap_and_mesh_match_one_device():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {
+        **os.environ,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES}",
+        "JAX_PLATFORMS": "cpu",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.test_parallel"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "parallel equivalence: ok" in proc.stdout
+
+
+# ----------------------------------------------------------------------------- the subprocess
+
+
+def _loop(model_axis, placement, workdir=None):
+    """STEPS steps of TinyNet through train_loop on `placement`; returns the host state."""
+    from mrcnn_jax import checkpoint as ckpt_lib
+    from mrcnn_jax import train
+    from tests.test_train import batch_iter, make_loss_fn, tiny_state
+
+    model, state, schedule = tiny_state(axis_name=model_axis)
+    step_fn = train.compile_train_step(
+        placement, loss_fn=make_loss_fn(model), learning_rate_fn=schedule
+    )
+    writer = train.MetricWriter(None, log_every=1, num_steps=STEPS, images_per_step=GLOBAL_BATCH)
+    checkpoints = None if workdir is None else ckpt_lib.CheckpointManager(workdir)
+    final = train.train_loop(
+        state,
+        step_fn,
+        batch_iter(GLOBAL_BATCH),
+        placement=placement,
+        num_steps=STEPS,
+        writer=writer,
+        checkpoints=checkpoints,
+    )
+    if checkpoints is not None:
+        checkpoints.close()
+    return final
+
+
+def _assert_close(a, b, what):
+    import jax
+    from flax import serialization
+
+    flat_a = jax.tree_util.tree_flatten_with_path(serialization.to_state_dict(a))[0]
+    flat_b = jax.tree.leaves(serialization.to_state_dict(b))
+    assert len(flat_a) == len(flat_b), what
+    for (path, x), y in zip(flat_a, flat_b, strict=True):
+        np.testing.assert_allclose(
+            np.asarray(x), np.asarray(y), rtol=2e-5, atol=2e-6, err_msg=f"{what}: {path}"
+        )
+
+
+def _first_step_metrics(placement, model_axis):
+    from mrcnn_jax import train
+    from tests.test_train import make_batch, make_loss_fn, tiny_state
+
+    model, state, schedule = tiny_state(axis_name=model_axis)
+    step_fn = train.compile_train_step(
+        placement, loss_fn=make_loss_fn(model), learning_rate_fn=schedule
+    )
+    batch = placement.put_batch(make_batch(0, GLOBAL_BATCH))
+    _, metrics = step_fn(placement.put_state(state), batch)
+    return placement.get_metrics(metrics)
+
+
+def _main():
+    import tempfile
+
+    import jax
+
+    from mrcnn_jax import checkpoint as ckpt_lib
+    from mrcnn_jax import train
+    from tests.test_train import make_batch
+
+    assert jax.device_count() == DEVICES, jax.devices()
+    single = train.make_placement("mesh", devices=jax.devices()[:1])
+    pmap = train.make_placement("pmap")
+    mesh = train.make_placement("mesh")
+
+    want = _loop(None, single)
+    # Sync BN under pmap (axis "batch"); under the mesh BatchNorm already sees the global batch.
+    _assert_close(_loop(train.PMAP_AXIS, pmap), want, "pmap")
+    with tempfile.TemporaryDirectory() as tmp:
+        got = _loop(None, mesh, workdir=tmp)
+        _assert_close(got, want, "mesh")
+        # The replicated global arrays of the mesh checkpoint load back on one device.
+        loaded = ckpt_lib.load_weights(tmp)
+        _assert_close(loaded["params"], got.params, "mesh checkpoint")
+
+    want_metrics = _first_step_metrics(single, None)
+    for name, placement, axis in (("pmap", pmap, train.PMAP_AXIS), ("mesh", mesh, None)):
+        got_metrics = _first_step_metrics(placement, axis)
+        assert set(got_metrics) == set(want_metrics), name
+        for k, v in want_metrics.items():
+            np.testing.assert_allclose(got_metrics[k], v, rtol=2e-5, err_msg=f"{name} {k}")
+
+    # Per-device BatchNorm under pmap: the statistics are averaged, so every device holds the
+    # same copy, and the running mean is the global one (a mean of equal-sized shard means).
+    from tests.test_train import make_loss_fn, tiny_state
+
+    model, state, schedule = tiny_state(axis_name=None)
+    step_fn = train.compile_train_step(pmap, loss_fn=make_loss_fn(model), learning_rate_fn=schedule)
+    new, _ = step_fn(pmap.put_state(state), pmap.put_batch(make_batch(0, GLOBAL_BATCH)))
+    stats = jax.device_get(new.model_state["batch_stats"]["bn1"])
+    for x in jax.tree.leaves(stats):
+        assert all(np.array_equal(x[0], x[i]) for i in range(DEVICES))
+    ref_model, ref_state, ref_schedule = tiny_state(axis_name=None)
+    ref_step = train.compile_train_step(
+        single, loss_fn=make_loss_fn(ref_model), learning_rate_fn=ref_schedule
+    )
+    ref, _ = ref_step(single.put_state(ref_state), single.put_batch(make_batch(0, GLOBAL_BATCH)))
+    np.testing.assert_allclose(
+        stats["mean"][0], ref.model_state["batch_stats"]["bn1"]["mean"], rtol=1e-5, atol=1e-6
+    )
+    print("parallel equivalence: ok")
+
+
+if __name__ == "__main__":
+    _main()

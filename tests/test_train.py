@@ -1,0 +1,411 @@
+"""Training machinery against numpy references, with a tiny conv net + BatchNorm that really learns.
+
+The helpers at the top (TinyNet, make_loss_fn, make_batch, tiny_state) are shared by
+test_checkpoint.py and test_parallel.py.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import math
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mrcnn_jax import checkpoint as ckpt_lib
+from mrcnn_jax import train
+
+IMAGE = 8  # tiny images: 8x8x3
+
+
+class TinyNet(nn.Module):
+    """conv 3x3 (4 ch) -> BatchNorm -> relu -> global mean -> dense 1: regresses a scalar."""
+
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = nn.Conv(4, (3, 3), name="conv1")(x)
+        x = nn.BatchNorm(
+            use_running_average=not train, momentum=0.9, axis_name=self.axis_name, name="bn1"
+        )(x)
+        x = nn.relu(x).mean(axis=(1, 2))
+        return nn.Dense(1, name="head")(x)[:, 0]
+
+
+def make_loss_fn(model: TinyNet, noise: float = 0.1):
+    """The train.py contract; the per-example keys jitter each input so sharding must keep them."""
+
+    def loss_fn(params, model_state, batch, example_keys):
+        jitter = jax.vmap(lambda k: noise * jax.random.normal(k, batch["images"].shape[1:]))(
+            example_keys
+        )
+        pred, new_state = model.apply(
+            {"params": params, **model_state},
+            batch["images"] + jitter,
+            train=True,
+            mutable=list(model_state),
+        )
+        err = pred - batch["targets"]
+        metrics = {"loss_mse": jnp.mean(err**2), "loss_abs": 0.1 * jnp.mean(jnp.abs(err))}
+        total = metrics["loss_mse"] + metrics["loss_abs"]
+        return total, (metrics, new_state)
+
+    return loss_fn
+
+
+def make_batch(step: int, batch_size: int = 4) -> dict[str, np.ndarray]:
+    """The batch of `step`: a deterministic function of the step, like the real pipeline."""
+    rng = np.random.default_rng(1000 + step)
+    brightness = rng.uniform(
+        0.0, 2.0, size=(batch_size, 1, 1, 1)
+    )  # spreads the targets over [-2, 2]
+    images = (brightness * rng.uniform(size=(batch_size, IMAGE, IMAGE, 3))).astype(np.float32)
+    targets = (4.0 * images[..., 0].mean(axis=(1, 2)) - 2.0).astype(np.float32)
+    return {"images": images, "targets": targets}
+
+
+def batch_iter(batch_size: int = 4):
+    """batches(start) for train_loop: the batches of steps start, start + 1, ..."""
+
+    def batches(start):
+        step = start
+        while True:
+            yield make_batch(step, batch_size)
+            step += 1
+
+    return batches
+
+
+def tiny_state(lr=0.1, momentum=0.9, axis_name=None, trainable=None, warmup=0, clip=0.0):
+    """(model, state, schedule) for TinyNet with the detectron2 SGD recipe."""
+    model = TinyNet(axis_name=axis_name)
+    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, IMAGE, IMAGE, 3)), train=False)
+    schedule = train.learning_rate_schedule(
+        lr, warmup_steps=warmup, warmup_factor=0.1, decay_steps=(1000,), decay_factor=0.1
+    )
+    tx = train.make_optimizer(
+        variables["params"],
+        learning_rate_fn=schedule,
+        momentum=momentum,
+        weight_decay=1e-4,
+        weight_decay_norm=0.0,
+        grad_clip_norm=clip,
+        trainable=trainable,
+    )
+    return model, train.create_train_state(variables, tx, jax.random.PRNGKey(42)), schedule
+
+
+def jit_step(model, schedule, trainable=None):
+    return jax.jit(
+        functools.partial(
+            train.train_step,
+            loss_fn=make_loss_fn(model),
+            learning_rate_fn=schedule,
+            trainable=trainable,
+        )
+    )
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+def reference_lr(step, base_lr, warmup_steps, warmup_factor, decay_steps, decay_factor):
+    """detectron2 WarmupMultiStepLR, written out."""
+    factor = 1.0
+    if step < warmup_steps:
+        alpha = step / warmup_steps
+        factor = warmup_factor * (1 - alpha) + alpha
+    for d in decay_steps:
+        if step >= d:
+            factor *= decay_factor
+    return base_lr * factor
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    step=st.integers(0, 3000),
+    warmup=st.integers(0, 1000),
+    decays=st.lists(st.integers(1, 3000), max_size=3),
+    warmup_factor=st.floats(0.0, 1.0),
+)
+def test_schedule_matches_detectron2(step, warmup, decays, warmup_factor):
+    fn = train.learning_rate_schedule(
+        0.02, warmup_steps=warmup, warmup_factor=warmup_factor, decay_steps=decays, decay_factor=0.1
+    )
+    want = reference_lr(step, 0.02, warmup, warmup_factor, decays, 0.1)
+    np.testing.assert_allclose(float(fn(step)), want, rtol=1e-5, atol=1e-9)
+
+
+def test_schedule_reference_points():
+    # 1x schedule at batch 16: 0.02 / 1000 at step 0, 0.02 after warmup, x0.1 at 60k, x0.01 at 80k.
+    fn = train.learning_rate_schedule(
+        0.02, warmup_steps=1000, warmup_factor=0.001, decay_steps=(60_000, 80_000), decay_factor=0.1
+    )
+    got = [float(fn(s)) for s in (0, 500, 1000, 59_999, 60_000, 80_000)]
+    want = [2e-5, 0.02 * (0.001 * 0.5 + 0.5), 0.02, 0.02, 0.002, 0.0002]
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert train.scaled_learning_rate(0.02, 8, 16) == pytest.approx(0.01)
+    assert train.scaled_learning_rate(0.02, 64, 16) == pytest.approx(0.08)
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def test_param_labels_norm_frozen_decay():
+    leaf = np.zeros(2, np.float32)
+    params = {
+        "bn1": {"scale": leaf, "bias": leaf},
+        "conv1_bn": {"scale": leaf},
+        "norm": {"scale": leaf},
+        "gn2": {"bias": leaf},
+        "BatchNorm_0": {"scale": leaf},
+        "GroupNorm_3": {"bias": leaf},
+        "conv1": {"kernel": leaf, "bias": leaf, "norm": {"scale": leaf}},
+        "Dense_0": {"kernel": leaf},
+        "stem": {"conv": {"kernel": leaf}, "bn": {"scale": leaf}},
+        "abnormal": {"kernel": leaf},
+    }
+    trainable = {k: True for k in params}
+    trainable["stem"] = False  # a prefix mask: the whole stem is frozen
+    labels = train.param_labels(params, trainable)
+    flat = {train.path_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(labels)[0]}
+    norm = {
+        "bn1/scale", "bn1/bias", "conv1_bn/scale", "norm/scale", "gn2/bias", "BatchNorm_0/scale",
+        "GroupNorm_3/bias", "conv1/norm/scale",
+    }  # fmt: skip
+    frozen = {"stem/conv/kernel", "stem/bn/scale"}
+    for name, label in flat.items():
+        want = train.NORM if name in norm else train.FROZEN if name in frozen else train.DECAY
+        assert label == want, name
+
+
+def reference_sgd(params, grads_seq, labels, lrs, momentum, wd, wd_norm, clip):
+    """torch.optim.SGD (dampening 0, no nesterov) with clip_grad_norm_ over the trainable ones."""
+    p = {k: v.astype(np.float64) for k, v in params.items()}
+    buf = {k: np.zeros_like(v) for k, v in p.items()}
+    for grads, lr in zip(grads_seq, lrs, strict=True):
+        live = [k for k in p if labels[k] != train.FROZEN]
+        total = math.sqrt(sum(float(np.sum(grads[k].astype(np.float64) ** 2)) for k in live))
+        scale = min(1.0, clip / total) if clip > 0 and total > 0 else 1.0
+        for k in live:
+            decay = wd_norm if labels[k] == train.NORM else wd
+            d = grads[k] * scale + decay * p[k]
+            buf[k] = momentum * buf[k] + d
+            p[k] = p[k] - lr * buf[k]
+    return p
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.5])
+def test_optimizer_matches_torch_sgd(clip):
+    rng = np.random.default_rng(0)
+    params = {
+        "conv": {"kernel": rng.normal(size=(3, 3)).astype(np.float32)},
+        "bn": {"scale": rng.normal(size=(3,)).astype(np.float32)},
+        "frozen": {"kernel": np.array([-0.0, 1.5, -2.25], np.float32)},
+    }
+    trainable = {"conv": True, "bn": True, "frozen": False}
+    schedule = train.learning_rate_schedule(
+        0.1, warmup_steps=2, warmup_factor=0.1, decay_steps=(3,), decay_factor=0.5
+    )
+    tx = train.make_optimizer(
+        params,
+        learning_rate_fn=schedule,
+        momentum=0.9,
+        weight_decay=0.01,
+        weight_decay_norm=0.001,
+        grad_clip_norm=clip,
+        trainable=trainable,
+    )
+    opt_state = tx.init(params)
+    cur = jax.tree.map(jnp.asarray, params)
+    grads_seq = []
+    for _ in range(5):
+        grads = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), params)
+        grads_seq.append(
+            {train.path_name(p): g for p, g in jax.tree_util.tree_flatten_with_path(grads)[0]}
+        )
+        updates, opt_state = tx.update(grads, opt_state, cur)
+        cur = optax.apply_updates(cur, updates)
+    flat = lambda t: {
+        train.path_name(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(t)[0]
+    }
+    labels = flat(train.param_labels(params, trainable))
+    want = reference_sgd(
+        flat(params), grads_seq, labels, [schedule(s) for s in range(5)], 0.9, 0.01, 0.001, clip
+    )
+    got = flat(cur)
+    for name in ("conv/kernel", "bn/scale"):
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    # set_to_zero: no momentum and no decay for frozen parameters.
+    np.testing.assert_array_equal(got["frozen/kernel"], params["frozen"]["kernel"])
+
+
+# ----------------------------------------------------------------------------- train step
+
+
+def test_train_step_metrics_keys_and_frozen_bits():
+    trainable = {"conv1": False, "bn1": True, "head": True}
+    model, state, schedule = tiny_state(trainable=trainable, warmup=10)
+    # A negative zero survives only if frozen parameters are passed through without arithmetic.
+    kernel = state.params["conv1"]["kernel"].at[0, 0, 0, 0].set(-0.0)
+    state = state.replace(
+        params={**state.params, "conv1": {**state.params["conv1"], "kernel": kernel}}
+    )
+    before = jax.device_get(state.params["conv1"])
+    batch = make_batch(0)
+
+    loss_fn = make_loss_fn(model)
+    keys = jax.random.split(jax.random.fold_in(state.rng, 0), 4)
+    (want_loss, (want_metrics, _)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, state.model_state, batch, keys
+    )
+    trainable_grads = [grads["bn1"], grads["head"]]
+    want_norm = math.sqrt(
+        sum(float(np.sum(np.square(g))) for g in jax.tree.leaves(trainable_grads))
+    )
+
+    step = jit_step(model, schedule, trainable)
+    new, metrics = step(state, batch)
+    assert set(metrics) == {"loss", "loss_mse", "loss_abs", "grad_norm", "learning_rate"}
+    np.testing.assert_allclose(metrics["loss"], want_loss, rtol=1e-6)
+    np.testing.assert_allclose(metrics["loss_mse"], want_metrics["loss_mse"], rtol=1e-6)
+    np.testing.assert_allclose(metrics["grad_norm"], want_norm, rtol=1e-5)
+    np.testing.assert_allclose(metrics["learning_rate"], 0.1 * 0.1, rtol=1e-6)  # warmup_factor
+    assert int(new.step) == 1
+
+    for _ in range(3):
+        new, _ = step(new, make_batch(int(new.step)))
+    after = jax.device_get(new.params["conv1"])
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True):
+        assert a.tobytes() == b.tobytes()
+    assert not np.array_equal(new.params["head"]["kernel"], state.params["head"]["kernel"])
+    # BatchNorm statistics moved: the model state is carried through the step.
+    assert not np.allclose(new.model_state["batch_stats"]["bn1"]["mean"], 0.0)
+
+
+def test_example_keys_follow_the_global_index():
+    rng = jax.random.PRNGKey(3)
+    keys = train.example_keys(rng, jnp.int32(5), 6)
+    want = jax.random.split(jax.random.fold_in(rng, 5), 6)
+    np.testing.assert_array_equal(keys, want)
+    # Under pmap, device i of 3 takes rows [2 i, 2 i + 2) of the 6 global keys.
+    per_device = jax.vmap(lambda _: train.example_keys(rng, jnp.int32(5), 2, "i"), axis_name="i")(
+        jnp.arange(3)
+    )
+    np.testing.assert_array_equal(per_device.reshape(want.shape), want)
+
+
+def test_tiny_net_learns():
+    model, state, schedule = tiny_state(lr=0.02)
+    step = jit_step(model, schedule)
+    losses = []
+    for s in range(80):
+        state, metrics = step(state, make_batch(s, 8))
+        losses.append(float(metrics["loss_mse"]))
+    first, last = np.mean(losses[:5]), np.mean(losses[-10:])
+    assert last < 0.2 * first, (first, last)
+
+
+# ----------------------------------------------------------------------------- loop & logging
+
+
+def run_loop(workdir, num_steps, *, checkpoint_every=0, loss_fn=None, stream=None, batches=None):
+    """train_loop on TinyNet (single device mesh) writing into `workdir`; returns the host state."""
+    model, state, schedule = tiny_state()
+    placement = train.make_placement("mesh", devices=jax.devices()[:1])
+    step_fn = train.compile_train_step(
+        placement, loss_fn=loss_fn or make_loss_fn(model), learning_rate_fn=schedule
+    )
+    writer = train.MetricWriter(
+        workdir, log_every=2, num_steps=num_steps, images_per_step=4, stream=stream or io.StringIO()
+    )
+    with ckpt_lib.CheckpointManager(os.path.join(workdir, "checkpoints"), keep=10) as checkpoints:
+        state = checkpoints.restore_latest(state)
+        try:
+            return train.train_loop(
+                state,
+                step_fn,
+                batches or batch_iter(),
+                placement=placement,
+                num_steps=num_steps,
+                writer=writer,
+                checkpoints=checkpoints,
+                checkpoint_every=checkpoint_every,
+            )
+        finally:
+            writer.close()
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
+    model = TinyNet()
+    good = make_loss_fn(model)
+
+    def loss_fn(params, model_state, batch, keys):
+        total, (metrics, new_state) = good(params, model_state, batch, keys)
+        poison = jnp.where(batch["poison"][0], jnp.nan, 0.0)  # the data turns bad at step 5
+        metrics = {**metrics, "loss_mse": metrics["loss_mse"] + poison}
+        return total + poison, (metrics, new_state)
+
+    def batches(start):
+        for s in range(start, 100):
+            yield {**make_batch(s), "poison": np.full((4,), s == 5)}
+
+    with pytest.raises(FloatingPointError, match=r"step 6.*loss_mse=nan"):
+        run_loop(str(tmp_path), 10, checkpoint_every=2, loss_fn=loss_fn, batches=batches)
+    with ckpt_lib.CheckpointManager(str(tmp_path / "checkpoints")) as checkpoints:
+        assert checkpoints.all_steps() == [2, 4]
+        _, target, _ = tiny_state()
+        restored = checkpoints.restore(target)
+    assert int(restored.step) == 4
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(restored.params))
+
+
+def test_metrics_files_and_plain_log_lines(tmp_path):
+    run_loop(str(tmp_path), 4)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [2, 4]
+    for line in lines:
+        assert line["split"] == "train"
+        assert {"loss", "loss_mse", "loss_abs", "grad_norm", "learning_rate"} <= set(line)
+        assert line["images_per_sec"] > 0
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tensorboard"))
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_line_on_a_terminal(tmp_path):
+    stream = _Terminal()
+    run_loop(str(tmp_path), 3, stream=stream)
+    text = stream.getvalue()
+    assert text.count("\r") == 3  # one refresh per step
+    assert "step 3/3" in text and "images/s" in text and "loss" in text
+
+
+def test_writer_averages_the_window_and_logs_eval(tmp_path):
+    writer = train.MetricWriter(str(tmp_path), log_every=2, num_steps=4, images_per_step=2)
+    writer.train(1, {"loss": 1.0})
+    writer.train(2, {"loss": 3.0})
+    writer.eval(2, {"AP": 0.5, "per_class": np.zeros(3)})
+    writer.close()
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["loss"] == 2.0 and lines[0]["split"] == "train"
+    assert lines[1] == {"step": 2, "split": "eval", "AP": 0.5}
+
+
+def test_check_finite_names_every_component():
+    train.check_finite(3, {"loss": 1.0, "grad_norm": 2.0})
+    with pytest.raises(train.NonFiniteLossError, match=r"step 7: grad_norm=inf, loss=1"):
+        train.check_finite(7, {"loss": 1.0, "grad_norm": math.inf})
