@@ -1,0 +1,220 @@
+"""RoIAlign (He et al. 2017) as flat gathers: one feature map, or all FPN levels at once.
+
+The definition is torchvision's `roi_align` / detectron2's `ROIAlign`, with a fixed sampling grid:
+
+    offset = 0.5 if aligned else 0                     # aligned: half-pixel shift (detectron2)
+    start  = x1 * spatial_scale - offset
+    size   = (x2 - x1) * spatial_scale;  size = max(size, 1) if not aligned
+    bin    = size / out
+    x(p, i) = start + p * bin + (i + 0.5) * bin / s    # bin p < out, grid point i < s
+    out[p, q] = mean over i, j < s of bilinear(features, y(p, i), x(q, j))
+
+`bilinear` uses torchvision's border rule, applied per axis (so the whole kernel is separable):
+a coordinate c < -1 or c > size contributes 0; c <= 0 reads as 0; lo = floor(c) >= size - 1 reads the
+last row / column. detectron2's adaptive grid (sampling_ratio=0, ceil(roi / out) points) has a
+data-dependent shape and is not offered.
+
+Every function is written for one image; `jax.vmap` over [B, ...] for batches. Gradients flow to the
+features (the gather transposes to a scatter-add), not to the boxes' integer taps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from mrcnn_jax.ops import boxes as box_ops
+
+
+def _axis_taps(c: jnp.ndarray, size) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """1-D bilinear taps with torchvision's border rule.
+
+    c: [...] sample coordinates (feature pixels, centre of pixel k at k); size: int or [...] broadcastable.
+    Returns (lo, hi) int32 [...] in [0, size - 1] and weights (w_lo, w_hi) [...], both 0 where invalid.
+
+        valid = -1 <= c <= size
+        c = max(c, 0); lo = floor(c)
+        if lo >= size - 1: lo = hi = size - 1, c = lo   else: hi = lo + 1
+        w_lo, w_hi = 1 - (c - lo), c - lo
+    """
+    valid = (c >= -1.0) & (c <= size)
+    c = jnp.maximum(c, 0.0)
+    lo = jnp.floor(c)
+    at_end = lo >= size - 1
+    lo = jnp.where(at_end, size - 1, lo)
+    frac = jnp.where(at_end, 0.0, c - lo)
+    w_lo = jnp.where(valid, 1.0 - frac, 0.0)
+    w_hi = jnp.where(valid, frac, 0.0)
+    # Clip after the cast: a NaN box gives garbage ints, which must still index inside the map.
+    lo = jnp.clip(lo.astype(jnp.int32), 0, size - 1)
+    hi = jnp.clip(jnp.where(at_end, lo, lo + 1), 0, size - 1)
+    return lo, hi, w_lo, w_hi
+
+
+def _grid(start: jnp.ndarray, bin_size: jnp.ndarray, output_size: int, sampling_ratio: int) -> jnp.ndarray:
+    """start, bin_size: [R] -> sample coordinates [R, out * s], bin-major.
+
+    Same order of float operations as torchvision: (start + p * bin) + (i + 0.5) * bin / s.
+    """
+    p = jnp.arange(output_size, dtype=jnp.float32)[None, :, None]
+    i = jnp.arange(sampling_ratio, dtype=jnp.float32)[None, None, :] + 0.5
+    start, bin_size = start[:, None, None], bin_size[:, None, None]
+    c = (start + p * bin_size) + i * bin_size / sampling_ratio
+    return c.reshape(c.shape[0], output_size * sampling_ratio)
+
+
+def _sample_grids(boxes, scale, output_size: int, sampling_ratio: int, aligned: bool):
+    """boxes: [R, 4] image pixels, scale: scalar or [R] -> (ys, xs) [R, out * s] feature coordinates."""
+    boxes = boxes.astype(jnp.float32)
+    offset = 0.5 if aligned else 0.0
+    x1, y1, x2, y2 = (boxes[:, k] * scale - offset for k in range(4))
+    w, h = x2 - x1, y2 - y1
+    if not aligned:  # torchvision: "force malformed RoIs to be 1x1"
+        w, h = jnp.maximum(w, 1.0), jnp.maximum(h, 1.0)
+    ys = _grid(y1, h / output_size, output_size, sampling_ratio)
+    xs = _grid(x1, w / output_size, output_size, sampling_ratio)
+    return ys, xs
+
+
+def _bin_taps(base, height, width, ys, xs, output_size: int, sampling_ratio: int):
+    """Flat indices and weights of every (grid point, bilinear tap) of every output bin.
+
+    base: [R] int32 offset of each box's map in the flat table; height, width: int or [R] that map's
+    size; ys, xs: [R, A] sample coordinates, A = out * s.
+    Returns idx int32 and weights, both [K, R, out, out] with K = s * s * 4; the weights of one bin
+    sum to at most 1 (the 1 / s^2 average is folded in).
+    """
+    num, s = ys.shape[0], sampling_ratio
+    height = jnp.broadcast_to(jnp.asarray(height, jnp.int32), (num,))[:, None]
+    width = jnp.broadcast_to(jnp.asarray(width, jnp.int32), (num,))[:, None]
+    y_lo, y_hi, wy_lo, wy_hi = _axis_taps(ys, height)
+    x_lo, x_hi, wx_lo, wx_hi = _axis_taps(xs, width)
+    rows = jnp.stack([y_lo, y_hi], axis=-1) * width[..., None] + base[:, None, None]  # [R, A, 2]
+    cols = jnp.stack([x_lo, x_hi], axis=-1)
+    wy = jnp.stack([wy_lo, wy_hi], axis=-1) / (s * s)
+    wx = jnp.stack([wx_lo, wx_hi], axis=-1)
+
+    def per_bin(t):  # [R, A(p, i), A(q, j), ty, tx] -> [(i, j, ty, tx), R, p, q]
+        t = t.reshape(num, output_size, s, output_size, s, 2, 2)
+        return t.transpose(2, 4, 5, 6, 0, 1, 3).reshape(s * s * 4, num, output_size, output_size)
+
+    idx = per_bin(rows[:, :, None, :, None] + cols[:, None, :, None, :])
+    wts = per_bin(wy[:, :, None, :, None] * wx[:, None, :, None, :])
+    return idx, wts
+
+
+def _gather_pool(flat, base, height, width, ys, xs, output_size: int, sampling_ratio: int):
+    """Bilinear samples of a flattened map, averaged over each bin's s x s grid.
+
+    flat: [N, C] (one or several maps, row-major, concatenated); base, height, width, ys, xs as in
+    `_bin_taps`. Returns [R, out, out, C] float32.
+
+        acc = 0
+        for k in (grid point i, j) x (tap ty, tx):          # K = 4 s^2 steps of a lax.scan
+            acc += w[k] * flat[idx[k]]                       # gather [R, out, out, C], reduce at once
+    One [R, A, A, 4, C] gather (512 RoIs, 14 x 14 points, C=256: 392 MiB) is not fused into its
+    reduction by XLA:CPU; the scan keeps one [R, out, out, C] slice live and its transpose
+    scatter-adds into one cotangent buffer. Measured here (512 RoIs 7x7, s=2, FPN of 800x1216):
+    forward 0.32 s -> 0.05 s, gradient 1.72 s -> 0.12 s, gradient temp memory 930 -> 294 MiB.
+    """
+    idx, wts = _bin_taps(base, height, width, ys, xs, output_size, sampling_ratio)
+
+    def step(acc, k_slice):
+        i, w = k_slice
+        vals = flat.at[i].get(mode="promise_in_bounds")  # indices are clipped in `_axis_taps`
+        return acc + vals.astype(jnp.float32) * w[..., None], None
+
+    acc = jnp.zeros(idx.shape[1:] + flat.shape[-1:], jnp.float32)
+    return jax.lax.scan(step, acc, (idx, wts))[0]
+
+
+def roi_align(
+    features: jnp.ndarray,
+    boxes: jnp.ndarray,
+    output_size: int,
+    spatial_scale: float,
+    sampling_ratio: int,
+    aligned: bool,
+) -> jnp.ndarray:
+    """RoIAlign on one feature map.
+
+    features: [H, W, C]; boxes: [R, 4] xyxy in input-image pixels; spatial_scale = 1 / stride.
+    sampling_ratio: fixed s >= 1 sample points per bin side. Returns [R, out, out, C] (features.dtype).
+    """
+    if sampling_ratio < 1:
+        raise ValueError(f"sampling_ratio must be >= 1 (fixed grid), got {sampling_ratio}")
+    h, w, c = features.shape
+    ys, xs = _sample_grids(boxes, spatial_scale, output_size, sampling_ratio, aligned)
+    base = jnp.zeros((boxes.shape[0],), jnp.int32)
+    out = _gather_pool(features.reshape(h * w, c), base, h, w, ys, xs, output_size, sampling_ratio)
+    return out.astype(features.dtype)
+
+
+def assign_levels(
+    boxes: jnp.ndarray,
+    min_level: int,
+    max_level: int,
+    canonical_size: float = 224.0,
+    canonical_level: int = 4,
+    eps: float = 1e-8,
+    eps_inside_log: bool = True,
+) -> jnp.ndarray:
+    """FPN level of each box (Lin et al. 2017, eq. 1). boxes: [R, 4] -> [R] int32 in [min, max].
+
+    eps_inside_log=True  (detectron2 `assign_boxes_to_levels`, eps=1e-8):
+        floor(canonical_level + log2(sqrt(area) / canonical_size + eps))
+    eps_inside_log=False (torchvision `LevelMapper`, eps=1e-6):
+        floor(canonical_level + log2(sqrt(area) / canonical_size) + eps)
+    Both guard exact powers of two (sqrt(area) = 112 -> level 3) against float error. Inverted and
+    padded (all-zero) boxes have area 0 and land on min_level.
+    """
+    size = jnp.sqrt(box_ops.area(boxes.astype(jnp.float32)))
+    if eps_inside_log:
+        lvl = canonical_level + jnp.log2(size / canonical_size + eps)
+    else:
+        lvl = canonical_level + jnp.log2(size / canonical_size) + eps
+    return jnp.clip(jnp.floor(lvl), min_level, max_level).astype(jnp.int32)
+
+
+def multilevel_roi_align(
+    features: Sequence[jnp.ndarray],
+    boxes: jnp.ndarray,
+    output_size: int,
+    sampling_ratio: int,
+    aligned: bool,
+    min_level: int = 2,
+    canonical_size: float = 224.0,
+    canonical_level: int = 4,
+    eps: float = 1e-8,
+    eps_inside_log: bool = True,
+) -> jnp.ndarray:
+    """RoIAlign of each box on its FPN level (`assign_levels`), gathered from one table of all levels.
+
+    features: maps [H_l, W_l, C] for levels min_level, min_level + 1, ... (stride 2**level);
+    boxes: [R, 4] xyxy input-image pixels. Returns [R, out, out, C] (dtype of features[0]).
+
+        flat = concat(map_l.reshape(H_l * W_l, C) for l)      # one [sum H_l W_l, C] table
+        l = assign_levels(box) - min_level
+        pool box on flat[offset[l]:] with H[l], W[l], scale 2**-(min_level + l)
+    Per-box offset / shape / scale are looked up from small constant arrays, so each box is sampled
+    once, on its own level, and the cost does not grow with the number of levels.
+    """
+    if sampling_ratio < 1:
+        raise ValueError(f"sampling_ratio must be >= 1 (fixed grid), got {sampling_ratio}")
+    shapes = [f.shape for f in features]
+    c = shapes[0][-1]
+    max_level = min_level + len(features) - 1
+    sizes = [h * w for h, w, _ in shapes]
+    offsets = jnp.asarray([sum(sizes[:k]) for k in range(len(sizes))], jnp.int32)
+    heights = jnp.asarray([h for h, _, _ in shapes], jnp.int32)
+    widths = jnp.asarray([w for _, w, _ in shapes], jnp.int32)
+    scales = jnp.asarray([2.0**-lv for lv in range(min_level, max_level + 1)], jnp.float32)
+    flat = jnp.concatenate([f.reshape(-1, c) for f in features], axis=0)
+
+    lvl = assign_levels(boxes, min_level, max_level, canonical_size, canonical_level, eps, eps_inside_log)
+    lvl = lvl - min_level
+    ys, xs = _sample_grids(boxes, scales[lvl], output_size, sampling_ratio, aligned)
+    out = _gather_pool(flat, offsets[lvl], heights[lvl], widths[lvl], ys, xs, output_size, sampling_ratio)
+    return out.astype(features[0].dtype)
