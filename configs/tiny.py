@@ -20,7 +20,6 @@ def get_config():
 
     m = c.model
     m.fpn_channels = 32
-    m.width_per_group = 16  # ResNet-18 at a quarter of its width
     m.anchor_sizes = (8, 16, 32, 64, 128)
     m.rpn.batch_size_per_image = 64
     m.rpn.pre_nms_topk_train = 200
