@@ -1,0 +1,125 @@
+"""The command line: `python -m mrcnn_jax.main --config=configs/NAME.py --workdir=DIR [--mode=...]`.
+
+    --mode=train    train (resuming from DIR/checkpoints when it holds one), evaluate at the end
+    --mode=eval     evaluate the latest checkpoint of DIR (or config.train.init_checkpoint)
+    --mode=predict  run the model on --input: an image file, a folder of images or "split:NAME"
+
+Config fields are overridden with `--config.train.base_lr=0.01`. The loaded config is checked
+against `configs.base.get_config()` before anything is compiled: every key must exist there with a
+compatible type. The console script `mrcnn-jax` calls `run()`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import ml_collections
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "A config file (configs/*.py).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and outputs go here.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "predict"], "What to do.")
+_INPUT = flags.DEFINE_string(
+    "input", None, 'predict: an image file, a folder of images, or "split:NAME" of the dataset.'
+)
+
+
+class ConfigError(ValueError):
+    """The config has keys the base config does not know, or values of the wrong type."""
+
+
+def _compatible(value: Any, reference: Any) -> bool:
+    """Type check of one leaf: bool only for bool, int for int, int or float for float,
+    str for str, a list / tuple whose items fit the reference's items for a tuple."""
+    if reference is None:
+        return True
+    if isinstance(reference, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(reference, bool)
+    if isinstance(reference, float):
+        return isinstance(value, int | float)
+    if isinstance(reference, int):
+        return isinstance(value, int)
+    if isinstance(reference, tuple | list):
+        if not isinstance(value, tuple | list):
+            return False
+        return not reference or all(_compatible(v, reference[0]) for v in value)
+    return isinstance(value, type(reference))
+
+
+def config_errors(config: Mapping[str, Any], reference: Mapping[str, Any], prefix="") -> list[str]:
+    """Every offending dotted key of `config` against `reference` (plain nested dicts)."""
+    errors = []
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if key not in reference:
+            errors.append(f"{name}: unknown key")
+        elif isinstance(reference[key], Mapping):
+            if isinstance(value, Mapping):
+                errors += config_errors(value, reference[key], prefix=f"{name}.")
+            else:
+                errors.append(f"{name}: expected a group of fields, got {value!r}")
+        elif not _compatible(value, reference[key]):
+            expected = type(reference[key]).__name__
+            errors.append(f"{name}: expected {expected} like {reference[key]!r}, got {value!r}")
+    return errors
+
+
+def validate_config(config: ml_collections.ConfigDict, reference=None) -> None:
+    """Raises ConfigError listing all the keys of `config` that do not fit the base config."""
+    if reference is None:
+        from configs import base
+
+        reference = base.get_config()
+    errors = config_errors(config.to_dict(), reference.to_dict())
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """Writes the resolved config to `workdir/config.json` (process 0); returns the path."""
+    path = os.path.join(workdir, "config.json")
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        with open(path, "w") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    config, workdir, mode = _CONFIG.value, _WORKDIR.value, _MODE.value
+    validate_config(config)  # before any device work or compilation
+    if mode == "predict" and not _INPUT.value:
+        raise app.UsageError("--mode=predict needs --input")
+    if config.train.distributed:
+        jax.distributed.initialize()
+    logging.info(
+        "process %d of %d; devices %s", jax.process_index(), jax.process_count(), jax.devices()
+    )
+
+    from mrcnn_jax import train
+
+    if mode == "train":
+        save_config(config, workdir)
+        train.train_and_evaluate(config, workdir)
+    elif mode == "eval":
+        train.evaluate_checkpoint(config, workdir)
+    else:
+        from mrcnn_jax import predict
+
+        predict.predict_main(config, workdir, _INPUT.value)
+
+
+def run() -> None:
+    """Entry point of the `mrcnn-jax` console script."""
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,129 @@
+"""The command line: config validation, flag overrides, mode dispatch, config.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from absl import flags
+
+from configs import base, shapes, tiny
+from mrcnn_jax import main, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+BAD_CONFIG = """
+import ml_collections
+from configs import tiny
+
+def get_config():
+    # Written as a plain dict (ConfigDict's own type checks only guard fields it already has).
+    c = tiny.get_config().to_dict()
+    c["train"]["bogus_rate"] = 0.1         # unknown key
+    c["model"]["depth"] = "fifty"          # str where an int is expected
+    c["train"]["warmup_steps"] = 10.5      # float where an int is expected
+    c["train"]["distributed"] = 1          # int where a bool is expected
+    c["data"]["image_size"] = ("a", "b")   # tuple of str where ints are expected
+    c["data"]["flip_prob"] = 1             # int where a float is expected: fine
+    c["data"]["pixel_mean"] = (120, 110, 100)  # ints for floats: fine
+    return ml_collections.ConfigDict(c)
+"""
+
+
+def test_shipped_configs_are_valid():
+    for module in (base, shapes, tiny):
+        main.validate_config(module.get_config())
+
+
+def test_all_offending_keys_in_one_error():
+    namespace = {}
+    exec(textwrap.dedent(BAD_CONFIG), namespace)  # noqa: S102 - the config file of the CLI test
+    with pytest.raises(main.ConfigError) as err:
+        main.validate_config(namespace["get_config"]())
+    lines = str(err.value).splitlines()[1:]
+    names = sorted(line.split(":")[0].strip() for line in lines)
+    want = ["data.image_size", "model.depth", "train.bogus_rate", "train.distributed"]
+    assert names == sorted([*want, "train.warmup_steps"])
+
+
+def test_group_replaced_by_a_value_is_refused():
+    errors = main.config_errors({"train": 3, "seed": 1}, base.get_config().to_dict())
+    assert errors == ["train: expected a group of fields, got 3"]
+
+
+def test_cli_refuses_bad_config_before_any_work(tmp_path):
+    config = tmp_path / "bad.py"
+    config.write_text(textwrap.dedent(BAD_CONFIG))
+    workdir = tmp_path / "work"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mrcnn_jax.main", f"--config={config}", f"--workdir={workdir}"],
+        cwd=ROOT,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    for name in ("train.bogus_rate", "model.depth", "train.warmup_steps", "data.image_size"):
+        assert name in proc.stderr
+    assert not workdir.exists()  # refused before config.json, checkpoints or compilation
+
+
+@pytest.fixture
+def parse_flags(monkeypatch):
+    """Parses a command line into absl's FLAGS for an in-process `main.main` call."""
+
+    def reset():
+        flags.FLAGS.unparse_flags()
+        for name in [n for n in flags.FLAGS if n.startswith("config.")]:
+            delattr(flags.FLAGS, name)  # the override flags config_flags defined while parsing
+
+    def parse(*args):
+        argv = ["mrcnn_jax.main", *args]
+        monkeypatch.setattr(sys, "argv", argv)  # config_flags reads its overrides from sys.argv
+        reset()
+        return flags.FLAGS(argv)
+
+    yield parse
+    reset()
+
+
+def test_train_mode_saves_config_and_dispatches(tmp_path, monkeypatch, parse_flags):
+    calls = []
+    monkeypatch.setattr(train, "train_and_evaluate", lambda c, w: calls.append((c, w)))
+    workdir = str(tmp_path / "work")
+    argv = parse_flags(
+        f"--config={ROOT}/configs/tiny.py",
+        f"--workdir={workdir}",
+        "--config.train.num_steps=7",
+        "--config.data.image_size=(128, 96)",
+    )
+    main.main(argv)
+    ((config, got_workdir),) = calls
+    assert got_workdir == workdir
+    assert config.train.num_steps == 7 and tuple(config.data.image_size) == (128, 96)
+    saved = json.loads((tmp_path / "work" / "config.json").read_text())
+    assert saved["train"]["num_steps"] == 7 and saved["model"]["num_classes"] == 3
+
+
+def test_eval_and_predict_modes_dispatch(tmp_path, monkeypatch, parse_flags):
+    calls = []
+    monkeypatch.setattr(train, "evaluate_checkpoint", lambda c, w: calls.append(("eval", w)))
+    config = f"--config={ROOT}/configs/tiny.py"
+    main.main(parse_flags(config, f"--workdir={tmp_path}", "--mode=eval"))
+    assert calls == [("eval", str(tmp_path))]
+    assert not (tmp_path / "config.json").exists()  # only training writes it
+    with pytest.raises(Exception, match="--input"):
+        main.main(parse_flags(config, f"--workdir={tmp_path}", "--mode=predict"))
+
+
+def test_overrides_of_unknown_or_mistyped_keys_are_refused(parse_flags):
+    config = f"--config={ROOT}/configs/tiny.py"
+    with pytest.raises(AttributeError, match="bogus"):  # config_flags' own check
+        parse_flags(config, "--workdir=/tmp/x", "--config.train.bogus=1")
+    with pytest.raises(flags.IllegalFlagValueError, match="many"):
+        parse_flags(config, "--workdir=/tmp/x", "--config.train.num_steps=many")
