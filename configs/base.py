@@ -120,4 +120,5 @@ def get_config() -> ml_collections.ConfigDict:
     e = c.eval = ml_collections.ConfigDict()
     e.batch_size = 8
     e.max_examples = 0  # 0 = the whole split
+    e.num_overlays = 8  # overlay PNGs of the first eval images written to WORKDIR/overlays_STEP
     return c

@@ -332,3 +332,43 @@ def format_metrics_table(metrics: Mapping[str, float]) -> str:
             cells.append(f"{100.0 * value:5.1f}" if not math.isnan(value) else f"{'nan':>5}")
         lines.append(f"{kind:<4} | " + " | ".join(cells))
     return "\n".join(lines)
+
+
+def evaluate_model(config, model, variables, workdir: str, step: int, summary_writer=None) -> dict:
+    """COCO bbox / segm metrics of `variables` on `config.data.eval_split`, written to `workdir`.
+
+    Streams the eval pipeline through the jitted predict function (one compile for the padded
+    size), writes WORKDIR/results_step_STEP.json, the metric files and overlay PNGs of the first
+    `config.eval.num_overlays` images under WORKDIR/overlays_STEP/. -> metrics.
+    """
+    from mrcnn_jax import inference, visualize
+    from mrcnn_jax.data import pipeline
+
+    info = pipeline.dataset_info(config)
+    predict_fn = inference.make_predict_fn(model, config.model, config.data.image_size)
+    overlay_dir = os.path.join(workdir, f"overlays_{int(step)}")
+    remaining = [int(config.eval.num_overlays)]
+
+    def pictures(dets, batch):
+        if remaining[0] <= 0:
+            return
+        keep = np.asarray(batch["example_valid"], bool).copy()
+        keep[np.cumsum(keep) > remaining[0]] = False
+        remaining[0] -= int(keep.sum())
+        visualize.save_batch_overlays(
+            dets, {**batch, "example_valid": keep}, overlay_dir, info.class_names,
+            pixel_mean=config.data.pixel_mean, pixel_std=config.data.pixel_std,
+            channel_order=config.data.channel_order,
+        )
+
+    metrics, _ = run_evaluation(
+        lambda batch: predict_fn(variables, batch["images"], batch["image_sizes"]),
+        pipeline.eval_batches(config),
+        pipeline.coco_ground_truth(config),
+        info.label_to_category_id,
+        mask_threshold=config.model.test.mask_threshold,
+        results_path=os.path.join(workdir, f"results_step_{int(step)}.json"),
+        on_batch=pictures if remaining[0] > 0 else None,
+    )
+    write_metrics(workdir, step, metrics, summary_writer)
+    return metrics
