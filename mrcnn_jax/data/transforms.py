@@ -1,0 +1,192 @@
+"""Per-example TF ops of the input pipeline: COCO RLE decoding, gt-mask crops at the gt boxes,
+resize, normalise, pad, flip. Each works on one example inside `tf.data.Dataset.map` (or eagerly, as
+`preprocess_for_eval` does for single images from users), so evaluation and prediction share one
+resize / normalise implementation.
+
+Conventions: boxes [N, 4] xyxy absolute pixels (width = x2 - x1, `ops.boxes`); masks are COCO
+compressed RLE strings of the [height, width] mask in column-major order; images uint8 RGB.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import tensorflow as tf
+
+_INT64_MAX = np.iinfo(np.int64).max
+
+
+def rle_run_ends(rle: tf.Tensor) -> tf.Tensor:
+    """COCO compressed RLE strings [N] -> cumulative run ends [N, R + 1] int64, int64-max padded.
+
+    Run r covers the column-major pixel range [ends[r - 1], ends[r]); even runs are 0, odd runs 1,
+    so pixel p has value (number of ends <= p) mod 2. Decoding (pycocotools `rleFrString`),
+    vectorised over all characters of all strings:
+        c = char - 48; 5 data bits each, least significant first; c & 0x20: more chars follow
+        last char of a count with c & 0x10: negative, x -= 1 << 5 * nchars
+        counts[m] += counts[m - 2] for m > 2     (delta coding: cumsums over odd m / even m >= 2)
+    """
+    n = tf.shape(rle, out_type=tf.int64)[0]
+    chars = tf.strings.unicode_decode(rle, "UTF-8")  # the RLE alphabet is ASCII 48..111
+    c = tf.cast(chars.flat_values, tf.int64) - 48
+    last = tf.equal(tf.bitwise.bitwise_and(c, 0x20), 0)
+    count_id = tf.cumsum(
+        tf.cast(last, tf.int64), exclusive=True
+    )  # which count each char is part of
+    pos = tf.range(tf.size(c, out_type=tf.int64))
+    k = pos - tf.gather(tf.math.segment_min(pos, count_id), count_id)  # char index within its count
+    x = tf.math.segment_sum(tf.bitwise.left_shift(tf.bitwise.bitwise_and(c, 0x1F), 5 * k), count_id)
+    negative = tf.math.segment_max(
+        tf.cast(last & (tf.bitwise.bitwise_and(c, 0x10) > 0), tf.int64), count_id
+    )
+    nchars = tf.math.segment_max(k, count_id) + 1
+    x -= negative * tf.bitwise.left_shift(tf.ones_like(nchars), 5 * nchars)
+    rows = tf.boolean_mask(chars.value_rowids(), last)
+    ragged = tf.RaggedTensor.from_value_rowids(x, rows, nrows=n)
+    x = ragged.to_tensor()  # [N, R], zero padded
+    m = tf.range(tf.shape(x, out_type=tf.int64)[1])[None, :]
+    odd = tf.equal(m % 2, 1)
+    even = tf.equal(m % 2, 0) & (m >= 2)
+    zero = tf.zeros_like(x)
+    runs = tf.where(odd, tf.cumsum(tf.where(odd, x, zero), axis=1), x)
+    runs = tf.where(even, tf.cumsum(tf.where(even, x, zero), axis=1), runs)
+    ends = tf.where(m < ragged.row_lengths()[:, None], tf.cumsum(runs, axis=1), _INT64_MAX)
+    return tf.concat([ends, tf.fill([n, 1], tf.constant(_INT64_MAX, tf.int64))], axis=1)
+
+
+def _taps(c: tf.Tensor, size: tf.Tensor):
+    """1-D bilinear taps of centre coordinates c [N, S] on an axis of `size` pixels (as
+    `ops.masks._inside_taps`): clamped to the edge pixel within half a pixel of the border, weight 0
+    beyond it. -> (lo, hi) int64 [N, S], (w_lo, w_hi) float32 [N, S]."""
+    size_f = tf.cast(size, tf.float32)
+    valid = (c >= -0.5) & (c <= size_f - 0.5)
+    c = tf.clip_by_value(c, 0.0, size_f - 1.0)
+    lo = tf.floor(c)
+    frac = c - lo
+    lo = tf.cast(lo, tf.int64)
+    hi = tf.minimum(lo + 1, tf.cast(size, tf.int64) - 1)
+    return lo, hi, tf.where(valid, 1.0 - frac, 0.0), tf.where(valid, frac, 0.0)
+
+
+def crop_masks(rle: tf.Tensor, boxes: tf.Tensor, height, width, size: int) -> tf.Tensor:
+    """Each RLE mask bilinearly sampled at its box: rle [N] strings of [height, width] masks, boxes
+    [N, 4] xyxy pixels -> [N, size, size] uint8 in {0, 1} (>= 0.5).
+
+    The definition of `ops.masks.crop_and_resize`: output (i, j) samples centre coordinates
+    (x1 + (j + 0.5) * (x2 - x1) / size - 0.5, likewise y). The four taps of every sample are looked
+    up in the run ends by binary search (`tf.searchsorted`), so the full masks are never decoded.
+    """
+    n = tf.shape(rle)[0]
+    ends = rle_run_ends(rle)
+    boxes = tf.cast(boxes, tf.float32)
+    t = (tf.range(size, dtype=tf.float32) + 0.5) / size
+    xs = boxes[:, 0:1] + t[None, :] * (boxes[:, 2:3] - boxes[:, 0:1]) - 0.5
+    ys = boxes[:, 1:2] + t[None, :] * (boxes[:, 3:4] - boxes[:, 1:2]) - 0.5
+    y_lo, y_hi, wy_lo, wy_hi = _taps(ys, height)
+    x_lo, x_hi, wx_lo, wx_hi = _taps(xs, width)
+    h = tf.cast(height, tf.int64)
+    taps = [
+        (y, wy, x, wx)
+        for y, wy in ((y_lo, wy_lo), (y_hi, wy_hi))
+        for x, wx in ((x_lo, wx_lo), (x_hi, wx_hi))
+    ]
+    # Column-major pixel index of tap (i, j): x * height + y.
+    queries = tf.concat(
+        [tf.reshape(x[:, None, :] * h + y[:, :, None], [n, size * size]) for y, _, x, _ in taps], 1
+    )
+    bits = tf.cast(tf.searchsorted(ends, queries, side="right") % 2, tf.float32)
+    bits = tf.reshape(bits, [n, len(taps), size, size])
+    out = tf.zeros([n, size, size], tf.float32)
+    for k, (_, wy, _, wx) in enumerate(taps):
+        out += bits[:, k] * (wy[:, :, None] * wx[:, None, :])
+    return tf.cast(out >= 0.5, tf.uint8)
+
+
+def resize_scale(height, width, short_size, max_size):
+    """detectron2's ResizeShortestEdge: scale = min(short / min(h, w), max_size / max(h, w)), sizes
+    rounded half up. -> (scale float32, resized height int32, resized width int32)."""
+    h, w = tf.cast(height, tf.float64), tf.cast(width, tf.float64)
+    scale = tf.minimum(
+        tf.cast(short_size, tf.float64) / tf.minimum(h, w),
+        tf.cast(max_size, tf.float64) / tf.maximum(h, w),
+    )
+    rh = tf.cast(tf.floor(h * scale + 0.5), tf.int32)
+    rw = tf.cast(tf.floor(w * scale + 0.5), tf.int32)
+    return tf.cast(scale, tf.float32), rh, rw
+
+
+def normalize(
+    image: tf.Tensor, mean: Sequence[float], std: Sequence[float], channel_order: str
+) -> tf.Tensor:
+    """image [..., 3] float32 RGB 0-255 -> (image in `channel_order` - mean) / std; mean and std are
+    given in `channel_order` (detectron2's PIXEL_MEAN convention: BGR numbers for BGR models)."""
+    if channel_order == "BGR":
+        image = image[..., ::-1]
+    elif channel_order != "RGB":
+        raise ValueError(f"config.data.channel_order must be 'RGB' or 'BGR', got {channel_order!r}")
+    return (image - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
+
+
+def resize_normalize_pad(
+    image: tf.Tensor,
+    short_size,
+    max_size: int,
+    out_size: Sequence[int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    channel_order: str,
+):
+    """image [h, w, 3] uint8 RGB -> (image [H, W, 3] float32 normalised, padded bottom / right
+    with 0; resized size [2] int32 (rh, rw); scale float32). Bilinear without antialiasing,
+    half-pixel centres (torchvision's F.interpolate and the TF Model Garden)."""
+    shape = tf.shape(image)
+    scale, rh, rw = resize_scale(shape[0], shape[1], short_size, max_size)
+    resized = tf.image.resize(tf.cast(image, tf.float32), tf.stack([rh, rw]), method="bilinear")
+    resized = normalize(resized, mean, std, channel_order)
+    padded = tf.image.pad_to_bounding_box(resized, 0, 0, out_size[0], out_size[1])
+    return padded, tf.stack([rh, rw]), scale
+
+
+def flip_left_right(image: tf.Tensor, boxes: tf.Tensor, crops: tf.Tensor, width):
+    """Horizontal flip of image [h, w, 3], boxes [N, 4] in an image of `width` pixels and their mask
+    crops [N, S, S]. The crop of the flipped mask at the flipped box is the mirrored crop: sample
+    (j) of the flipped box lands on sample (S - 1 - j) of the original."""
+    w = tf.cast(width, boxes.dtype)
+    flipped = tf.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], axis=1)
+    return image[:, ::-1], flipped, crops[:, :, ::-1]
+
+
+def check_resize_fits(data_config, train: bool) -> None:
+    """Resized sides are <= the max size; so both sides of `data.image_size` must be >= it."""
+    key = "train_max_size" if train else "test_max_size"
+    max_size = data_config[key]
+    h, w = data_config.image_size
+    if max_size > min(h, w):
+        raise ValueError(
+            f"config.data.{key}={max_size} does not fit"
+            f" config.data.image_size={tuple(data_config.image_size)}:"
+            f" a resized image's long side reaches {key} in either orientation, so both sides of"
+            " image_size must be >= it"
+        )
+
+
+def preprocess_for_eval(
+    image: np.ndarray, data_config
+) -> tuple[np.ndarray, tuple[int, int], float]:
+    """One user image [h, w, 3] uint8 RGB -> (float32 [H, W, 3] normalised and padded to
+    data_config.image_size, resized (rh, rw), scale), exactly as the evaluation pipeline does it."""
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 [h, w, 3] RGB image, got {image.dtype} {image.shape}")
+    check_resize_fits(data_config, train=False)
+    out, size, scale = resize_normalize_pad(
+        tf.convert_to_tensor(image),
+        data_config.test_min_size,
+        data_config.test_max_size,
+        tuple(data_config.image_size),
+        tuple(data_config.pixel_mean),
+        tuple(data_config.pixel_std),
+        data_config.channel_order,
+    )
+    return out.numpy(), (int(size[0]), int(size[1])), float(scale)
