@@ -3,8 +3,9 @@
 Layout: `DIR/<step>/state` (the state pytree as a dict: params, model_state, opt_state, step, rng)
 and `DIR/<step>/meta` (JSON: step and data position). Orbax writes each step into a temporary
 directory (`<step>.orbax-checkpoint-tmp-*`) and renames it when complete, so a crash in the middle
-of a save leaves only a temporary directory behind: it is never listed as a step and is removed
-when the next manager opens the directory; the previous checkpoint stays usable.
+of a save leaves only a temporary directory behind: it is never listed as a step, and the next
+manager on the directory removes it (in the background, finished before its first save); the
+previous checkpoint stays usable.
 
 The state is any flax struct / pytree; `flax.serialization.to_state_dict` turns it (optax states
 included) into nested dicts, and `from_state_dict(target, ...)` rebuilds it on restore.
@@ -142,7 +143,7 @@ def latest_step(directory: str) -> int | None:
     """The latest complete step in a checkpoints directory, None when there is none."""
     if not os.path.isdir(directory):
         return None
-    manager = _manager(directory, create=False, read_only=True)
+    manager = _manager(directory, create=False)
     try:
         return manager.latest_step()
     finally:
@@ -156,7 +157,7 @@ def load_weights(path: str) -> dict[str, Any]:
     weights are read (no optimizer state), whatever devices the checkpoint was written from.
     """
     directory, step = _resolve(path)
-    manager = _manager(directory, create=False, read_only=True)
+    manager = _manager(directory, create=False)
     try:
         tree = manager.item_metadata(step)[_STATE].tree
         item = {"params": tree["params"], "model_state": tree.get("model_state", {})}

@@ -379,8 +379,8 @@ class MetricWriter:
         self.images_per_step = images_per_step
         self.stream = sys.stderr if stream is None else stream
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self._window: list[Mapping[str, float]] = []
-        self._tick = time.perf_counter()
+        self._window: list[Mapping[str, float]] = []  # train metrics since the last log line
+        self._tick, self._timed_steps = time.perf_counter(), 0  # the images/s clock
         self._jsonl = self._tb = None
         if workdir is not None and jax.process_index() == 0:
             from tensorboardX import SummaryWriter
@@ -391,12 +391,13 @@ class MetricWriter:
 
     def reset_timer(self) -> None:
         """Restart the images/s clock (after an evaluation or a checkpoint)."""
-        self._window, self._tick = [], time.perf_counter()
+        self._tick, self._timed_steps = time.perf_counter(), 0
 
     def train(self, step: int, metrics: Mapping[str, float]) -> None:
         self._window.append(metrics)
+        self._timed_steps += 1
         elapsed = max(time.perf_counter() - self._tick, 1e-9)
-        speed = len(self._window) * self.images_per_step / elapsed
+        speed = self._timed_steps * self.images_per_step / elapsed
         if self.tty:
             line = f"step {step}/{self.num_steps}  loss {metrics['loss']:.4f}  {speed:.1f} images/s"
             self.stream.write("\r" + line.ljust(60))
@@ -410,6 +411,7 @@ class MetricWriter:
         else:
             shown = " ".join(f"{k}={v:.4g}" for k, v in sorted(mean.items()))
             logging.info("step %d/%d %.1f images/s %s", step, self.num_steps, speed, shown)
+        self._window = []
         self.reset_timer()
 
     def eval(self, step: int, metrics: Mapping[str, Any]) -> None:
@@ -485,7 +487,7 @@ def train_loop(
     start = int(state.step)
     placed = placement.put_state(state)
     pending = None  # (step, device metrics) not yet read back
-    last_eval, stopped = start, False
+    last_eval, stopped = None, False
 
     def flush():
         nonlocal pending
@@ -519,6 +521,8 @@ def train_loop(
             flush()
         final = placement.get_state(placed)
         final_step = int(final.step)
+        if checkpoints is not None and final_step > start:  # e.g. the batches ran out early
+            checkpoints.save(final_step, final)  # a no-op when this step is already saved
         if evaluate is not None and not stopped and last_eval != final_step:
             writer.eval(final_step, evaluate(final_step, final))
         return final
@@ -559,12 +563,12 @@ def _optimizer_from_config(
     return tx, schedule
 
 
-def _initial_variables(config, model, key) -> dict[str, Any]:
-    """Fresh variables, overwritten by config.train.init_checkpoint when one is given."""
+def _initial_variables(config, model, key, resuming: bool) -> dict[str, Any]:
+    """Fresh variables, overwritten by config.train.init_checkpoint unless a run is resumed."""
     from mrcnn_jax import mask_rcnn
 
     variables = mask_rcnn.init_variables(model, key, tuple(config.data.image_size))
-    if config.train.init_checkpoint:
+    if config.train.init_checkpoint and not resuming:
         loaded = ckpt_lib.load_weights(config.train.init_checkpoint)
         variables = ckpt_lib.merge_weights(variables, loaded)
         logging.info("initialised the weights from %s", config.train.init_checkpoint)
@@ -585,16 +589,15 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     model = mask_rcnn.build_model(
         config.model, axis_name=PMAP_AXIS if placement.kind == "pmap" else None
     )
-    init_key, train_key = jax.random.split(jax.random.PRNGKey(config.seed))
-    variables = _initial_variables(config, model, init_key)
-    trainable = mask_rcnn.trainable_mask(variables["params"], config.model)
-    tx, schedule = _optimizer_from_config(tc, variables["params"], trainable)
-    state = create_train_state(variables, tx, train_key)
-
     checkpoints = ckpt_lib.CheckpointManager(
         os.path.join(workdir, ckpt_lib.CHECKPOINT_DIR), keep=tc.keep_checkpoints
     )
-    state = checkpoints.restore_latest(state)
+    init_key, train_key = jax.random.split(jax.random.PRNGKey(config.seed))
+    resuming = checkpoints.latest_step() is not None
+    variables = _initial_variables(config, model, init_key, resuming)
+    trainable = mask_rcnn.trainable_mask(variables["params"], config.model)
+    tx, schedule = _optimizer_from_config(tc, variables["params"], trainable)
+    state = checkpoints.restore_latest(create_train_state(variables, tx, train_key))
     logging.info("training from step %d to %d", int(state.step), tc.num_steps)
     step_fn = compile_train_step(
         placement,
@@ -657,5 +660,7 @@ def evaluate_checkpoint(config, workdir: str) -> dict[str, Any]:
     variables = ckpt_lib.merge_weights(variables, ckpt_lib.load_weights(source))
     logging.info("evaluating the weights of %s (step %d)", source, step)
     metrics = evaluate_lib.evaluate_model(config, model, variables, workdir, step)
-    MetricWriter(workdir, log_every=1, num_steps=step, images_per_step=0).eval(step, metrics)
+    writer = MetricWriter(workdir, log_every=1, num_steps=step, images_per_step=0)
+    writer.eval(step, metrics)
+    writer.close()
     return metrics

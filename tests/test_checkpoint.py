@@ -109,7 +109,10 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path):
     with ckpt_lib.CheckpointManager(str(tmp_path)) as checkpoints:
         assert checkpoints.all_steps() == [1]
         restored = checkpoints.restore({"w": np.zeros(4, np.float32)})
-    np.testing.assert_array_equal(restored["w"], np.arange(4, dtype=np.float32))
+        np.testing.assert_array_equal(restored["w"], np.arange(4, dtype=np.float32))
+        checkpoints.save(2, {"w": np.ones(4, np.float32)})  # the same step again, after the crash
+        checkpoints.wait()
+        assert checkpoints.all_steps() == [1, 2]
     assert not any(".orbax-checkpoint-tmp" in n for n in os.listdir(tmp_path))  # cleaned up
 
 

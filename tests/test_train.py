@@ -397,6 +397,7 @@ def test_progress_line_on_a_terminal(tmp_path):
 def test_writer_averages_the_window_and_logs_eval(tmp_path):
     writer = train.MetricWriter(str(tmp_path), log_every=2, num_steps=4, images_per_step=2)
     writer.train(1, {"loss": 1.0})
+    writer.reset_timer()  # e.g. after a checkpoint: restarts the clock, keeps the window
     writer.train(2, {"loss": 3.0})
     writer.eval(2, {"AP": 0.5, "per_class": np.zeros(3)})
     writer.close()
@@ -409,3 +410,95 @@ def test_check_finite_names_every_component():
     train.check_finite(3, {"loss": 1.0, "grad_norm": 2.0})
     with pytest.raises(train.NonFiniteLossError, match=r"step 7: grad_norm=inf, loss=1"):
         train.check_finite(7, {"loss": 1.0, "grad_norm": math.inf})
+
+
+# ----------------------------------------------------------------------------- Mask R-CNN glue
+
+
+@pytest.fixture
+def stand_ins(monkeypatch):
+    """train_and_evaluate's collaborators replaced by TinyNet pieces with the same signatures."""
+    import sys
+    import types
+
+    import mrcnn_jax.data
+    from mrcnn_jax import evaluate, losses, mask_rcnn
+
+    calls = {"batches": [], "eval": []}
+
+    def train_batches(config, start_step, process_index=0, process_count=1):
+        calls["batches"].append(start_step)
+        return batch_iter(config.train.global_batch_size // process_count)(start_step)
+
+    def evaluate_model(config, model, variables, workdir, step):
+        calls["eval"].append((step, jax.device_get(variables)))
+        return {"AP": 0.5 + step}
+
+    pipeline = types.ModuleType("mrcnn_jax.data.pipeline")
+    pipeline.train_batches = train_batches
+    pipeline.shard_for_pmap = train._reshape_for_pmap
+    monkeypatch.setitem(sys.modules, "mrcnn_jax.data.pipeline", pipeline)
+    monkeypatch.setattr(mrcnn_jax.data, "pipeline", pipeline, raising=False)
+    monkeypatch.setattr(mask_rcnn, "build_model", lambda cfg, axis_name=None: TinyNet(axis_name))
+    monkeypatch.setattr(
+        mask_rcnn,
+        "init_variables",
+        lambda model, key, size: model.init(key, jnp.zeros((1, IMAGE, IMAGE, 3)), train=False),
+    )
+    monkeypatch.setattr(
+        mask_rcnn, "trainable_mask", lambda params, cfg: {"conv1": False, "bn1": True, "head": True}
+    )
+    monkeypatch.setattr(losses, "make_loss_fn", lambda model, cfg, size: make_loss_fn(model))
+    monkeypatch.setattr(evaluate, "evaluate_model", evaluate_model, raising=False)
+    return calls
+
+
+def glue_config(num_steps):
+    from configs import tiny
+
+    c = tiny.get_config()
+    c.train.global_batch_size = 4
+    c.train.num_steps = num_steps
+    c.train.checkpoint_every = 2
+    c.train.eval_every = 2
+    c.train.log_every = 2
+    return c
+
+
+def test_train_and_evaluate_resumes_evaluates_and_fine_tunes(tmp_path, stand_ins):
+    workdir = str(tmp_path / "run")
+    state = train.train_and_evaluate(glue_config(4), workdir)
+    assert int(state.step) == 4 and stand_ins["batches"] == [0]
+    assert [s for s, _ in stand_ins["eval"]] == [2, 4]
+    assert ckpt_lib.latest_step(os.path.join(workdir, "checkpoints")) == 4
+    records = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert [(r["split"], r["step"]) for r in records if r["split"] == "eval"] == [
+        ("eval", 2),
+        ("eval", 4),
+    ]
+
+    resumed = train.train_and_evaluate(glue_config(6), workdir)  # a longer schedule resumes at 4
+    assert int(resumed.step) == 6 and stand_ins["batches"] == [0, 4]
+    assert [s for s, _ in stand_ins["eval"]] == [2, 4, 6]
+
+    metrics = train.evaluate_checkpoint(glue_config(6), workdir)
+    assert metrics == {"AP": 6.5}
+    step, variables = stand_ins["eval"][-1]
+    assert step == 6
+    np.testing.assert_array_equal(
+        variables["params"]["head"]["kernel"], resumed.params["head"]["kernel"]
+    )
+
+    # Fine-tuning: weights only, from step 0, in a fresh workdir.
+    config = glue_config(0)
+    config.train.init_checkpoint = workdir
+    fresh = train.train_and_evaluate(config, str(tmp_path / "finetune"))
+    assert int(fresh.step) == 0
+    step, variables = stand_ins["eval"][-1]
+    assert step == 0
+    np.testing.assert_array_equal(
+        variables["params"]["head"]["kernel"], resumed.params["head"]["kernel"]
+    )
+    np.testing.assert_array_equal(
+        variables["batch_stats"]["bn1"]["var"], resumed.model_state["batch_stats"]["bn1"]["var"]
+    )
