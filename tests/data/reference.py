@@ -75,3 +75,79 @@ def resize_bilinear(image: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     top = image[y0][:, x0] * (1 - fx)[None, :, None] + image[y0][:, x1] * fx[None, :, None]
     bottom = image[y1][:, x0] * (1 - fx)[None, :, None] + image[y1][:, x1] * fx[None, :, None]
     return top * (1 - fy)[:, None, None] + bottom * fy[:, None, None]
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    import io
+
+    import PIL.Image
+
+    with PIL.Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def expected_element(ex: dict, d, flip: bool, short: int, max_size: int) -> dict:
+    """What the pipeline must produce for stored example `ex` (numpy, as TFDS decodes it) under
+    data config `d`, a given flip and shortest side: straight from the definitions."""
+    from pycocotools import mask as mask_utils
+
+    h, w = int(ex["height"]), int(ex["width"])
+    image = decode_image(ex["image"])
+    obj = ex["objects"]
+    order = [k for k in range(len(obj["id"])) if not obj["is_crowd"][k]]
+    order += [k for k in range(len(obj["id"])) if obj["is_crowd"][k]]
+    order = order[: d.max_instances]
+    boxes = np.array([obj["bbox"][k] for k in order], np.float32).reshape(-1, 4)
+    masks = [mask_utils.decode({"size": [h, w], "counts": obj["rle"][k]}) for k in order]
+    if flip:
+        image = image[:, ::-1]
+        masks = [m[:, ::-1] for m in masks]
+        boxes = np.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], axis=1)
+    scale, rh, rw = resize_scale(h, w, short, max_size)
+    resized = resize_bilinear(image, rh, rw)
+    if d.channel_order == "BGR":
+        resized = resized[..., ::-1]
+    m, s = d.max_instances, d.mask_crop_size
+    out = {
+        "image": (resized - np.array(d.pixel_mean)) / np.array(d.pixel_std),
+        "image_sizes": (rh, rw),
+        "scale": scale,
+        "boxes": np.minimum(boxes * np.float32(scale), [rw, rh, rw, rh]),
+        "classes": np.full(m, -1),
+        "crowd": np.zeros(m, bool),
+        "masks": np.zeros((m, s, s), np.uint8),
+        "num": len(order),
+        "orig_size": (h, w),
+    }
+    for i, k in enumerate(order):
+        out["classes"][i] = obj["label"][k]
+        out["crowd"][i] = obj["is_crowd"][k]
+        out["masks"][i] = crop(masks[i], boxes[i], s)
+    return out
+
+
+def check_element(batch: dict, i: int, ex: dict, d, variants, atol=1e-3):
+    """Asserts element i of `batch` is the reference of `ex` under one of `variants`
+    [(flip, short, max_size)]; returns the variant that matched (decided by scale and image)."""
+    for flip, short, max_size in variants:
+        exp = expected_element(ex, d, flip, short, max_size)
+        rh, rw = exp["image_sizes"]
+        if abs(batch["scales"][i] - exp["scale"]) > 1e-6 * exp["scale"]:
+            continue
+        if not np.allclose(batch["images"][i][:rh, :rw], exp["image"], atol=atol):
+            continue
+        assert not batch["images"][i][rh:].any() and not batch["images"][i][:, rw:].any()
+        assert tuple(batch["image_sizes"][i]) == (rh, rw)
+        assert tuple(batch["orig_sizes"][i]) == exp["orig_size"]
+        assert batch["image_ids"][i] == ex["image_id"] and batch["example_valid"][i]
+        n = exp["num"]
+        np.testing.assert_allclose(batch["gt_boxes"][i][:n], exp["boxes"], atol=1e-3)
+        assert not batch["gt_boxes"][i][n:].any()
+        np.testing.assert_array_equal(batch["gt_classes"][i], exp["classes"])
+        np.testing.assert_array_equal(batch["gt_valid"][i], np.arange(d.max_instances) < n)
+        np.testing.assert_array_equal(batch["gt_is_crowd"][i], exp["crowd"])
+        np.testing.assert_array_equal(batch["gt_masks"][i], exp["masks"])
+        return flip, short
+    raise AssertionError(
+        f"element {i} (image {batch['image_ids'][i]}) matches no variant {variants}"
+    )

@@ -1,0 +1,211 @@
+"""The tf.data pipeline on a tiny `shapes` dataset, element by element against numpy references."""
+
+import itertools
+
+import numpy as np
+import pytest
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+
+from configs import base
+from mrcnn_jax import structures
+from mrcnn_jax.data import pipeline, transforms
+from tests.data import reference
+
+
+def _config(data_dir):
+    c = base.get_config()
+    c.seed = 3
+    d = c.data
+    d.dataset, d.data_dir, d.num_classes = "shapes", str(data_dir), 3
+    d.train_split, d.eval_split = "train", "validation"
+    d.shapes_image_size, d.shapes_num_train, d.shapes_num_val = 48, 30, 7
+    d.image_size = (64, 64)
+    d.train_min_sizes, d.train_max_size = (48, 32), 64
+    d.test_min_size, d.test_max_size = 60, 64
+    d.pixel_mean, d.pixel_std = (10.0, 20.0, 30.0), (2.0, 3.0, 4.0)
+    d.max_instances, d.mask_crop_size = 4, 14  # shapes have up to 6: the cut to 4 is exercised
+    c.train.global_batch_size = 4
+    c.eval.batch_size = 3
+    return c
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    return _config(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture(scope="module")
+def examples(config):
+    """Stored examples by image id, as TFDS decodes them (the reference input)."""
+    out = {}
+    for split in ("train", "validation"):
+        s = pipeline._split(config.data, split)
+        source = s.builder.as_data_source(split=split)
+        out[split] = {int(source[i]["image_id"]): source[i] for i in range(len(source))}
+    return out
+
+
+def _train(config, n, start_step=0, **kw):
+    it = pipeline.train_batches(
+        config, start_step, process_index=kw.pop("pi", 0), process_count=kw.pop("pc", 1)
+    )
+    return list(itertools.islice(it, n))
+
+
+def _variant(config, **changes):
+    """A copy of config with dotted-key changes, e.g. _variant(c, **{"eval.max_examples": 5})."""
+    c = config.copy_and_resolve_references()
+    for key, value in changes.items():
+        group, name = key.split(".") if "." in key else (None, key)
+        setattr(c[group] if group else c, name, value)
+    return c
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_train_batches_match_the_reference(config, examples):
+    d = config.data
+    batches = _train(config, 6)
+    variants = [(f, s, d.train_max_size) for f in (False, True) for s in d.train_min_sizes]
+    seen = set()
+    for b in batches:
+        assert set(b) == set(structures.BATCH_KEYS)
+        assert b["images"].shape == (4, 64, 64, 3) and b["images"].dtype == np.float32
+        assert b["gt_masks"].shape == (4, 4, 14, 14) and b["gt_masks"].dtype == np.uint8
+        assert b["image_ids"].dtype == np.int64 and b["gt_classes"].dtype == np.int32
+        assert b["example_valid"].all() and b["gt_valid"].any(axis=1).all()  # empties skipped
+        for i in range(4):
+            ex = examples["train"][int(b["image_ids"][i])]
+            seen.add(reference.check_element(b, i, ex, d, variants))
+    assert seen == {(f, s) for f in (False, True) for s in d.train_min_sizes}  # flip and jitter
+
+
+def test_train_is_deterministic_and_resumes_without_replaying(config, monkeypatch):
+    full = _train(config, 10)
+    assert all(_same(a, b) for a, b in zip(full, _train(config, 10), strict=True))
+    # Resuming at step 4 gives batches 4.. of the full run, across the epoch boundary (29 usable
+    # examples, 4 per step: the second epoch starts inside step 7).
+    assert all(_same(a, b) for a, b in zip(full[4:], _train(config, 6, start_step=4), strict=True))
+    reads = []
+    original = pipeline._RecordReader._read
+    monkeypatch.setattr(
+        pipeline._RecordReader, "_read", lambda self, i: reads.append(i) or original(self, i)
+    )
+    far = _train(config, 1, start_step=100_000)[0]
+    assert len(reads) < 100  # not 400_000: skipped examples are never read
+    assert far["images"].shape == (4, 64, 64, 3)
+    assert not _same(full[0], _train(_variant(config, seed=config.seed + 1), 1)[0])
+
+
+def test_each_epoch_is_a_fresh_permutation_of_the_usable_examples(config, examples):
+    usable = sorted(i for i, ex in examples["train"].items() if len(ex["objects"]["id"]))
+    n = len(usable)
+    ids = np.concatenate([b["image_ids"] for b in _train(config, (2 * n) // 4 + 1)])
+    first, second = ids[:n], ids[n : 2 * n]
+    assert sorted(first) == usable and sorted(second) == usable
+    assert not np.array_equal(first, second)
+    assert pipeline.dataset_info(config).num_train == n
+
+
+def test_hosts_read_disjoint_contiguous_slices(config):
+    ids = [
+        np.concatenate([b["image_ids"] for b in _train(config, 8, pi=p, pc=2)]) for p in range(2)
+    ]
+    assert all(len(b["image_ids"]) == 2 for b in _train(config, 1, pi=1, pc=2))  # host batch 4 / 2
+    assert ids[0].max() <= 15 < ids[1].min()  # image id = index + 1; 30 examples split 15 / 15
+
+
+def test_eval_visits_every_example_once_and_pads_the_last_batch(config, examples):
+    d = config.data
+    batches = list(pipeline.eval_batches(config, process_index=0, process_count=1))
+    assert len(batches) == 3  # 7 examples, 3 per batch
+    valid = np.concatenate([b["example_valid"] for b in batches])
+    ids = np.concatenate([b["image_ids"] for b in batches])
+    assert valid.tolist() == [True] * 7 + [False] * 2
+    assert ids.tolist() == [1, 2, 3, 4, 5, 6, 7, -1, -1]
+    last = batches[-1]
+    assert not last["images"][1:].any() and not last["gt_valid"][1:].any()
+    assert (last["gt_classes"][1:] == -1).all() and (last["scales"][1:] == 1).all()
+    for b in batches:
+        for i in np.flatnonzero(b["example_valid"]):
+            ex = examples["validation"][int(b["image_ids"][i])]
+            reference.check_element(b, i, ex, d, [(False, d.test_min_size, d.test_max_size)])
+
+
+def test_eval_across_hosts_and_max_examples(config):
+    per_host = [
+        list(pipeline.eval_batches(config, process_index=p, process_count=2)) for p in range(2)
+    ]
+    assert [len(h) for h in per_host] == [2, 2]  # the same number of steps on every host
+    ids = [
+        np.concatenate([b["image_ids"][b["example_valid"]] for b in h]).tolist() for h in per_host
+    ]
+    assert ids == [[1, 2, 3], [4, 5, 6, 7]]
+    c = _variant(config, **{"eval.max_examples": 5})
+    batches = list(pipeline.eval_batches(c, process_index=0, process_count=1))
+    got = np.concatenate([b["image_ids"][b["example_valid"]] for b in batches]).tolist()
+    gt = pipeline.coco_ground_truth(c)
+    assert got == [1, 2, 3, 4, 5] == [im["id"] for im in gt["images"]]
+    assert pipeline.dataset_info(c).num_eval == 5
+
+
+def test_preprocess_for_eval_matches_the_eval_pipeline(config, examples):
+    batch = next(pipeline.eval_batches(config, process_index=0, process_count=1))
+    image = reference.decode_image(examples["validation"][1]["image"])
+    out, size, scale = transforms.preprocess_for_eval(image, config.data)
+    np.testing.assert_array_equal(out, batch["images"][0])
+    assert size == tuple(batch["image_sizes"][0]) and scale == batch["scales"][0]
+
+
+def test_coco_ground_truth_holds_the_stored_instances(config, examples):
+    gt = pipeline.coco_ground_truth(config)
+    assert [c["id"] for c in gt["categories"]] == [1, 2, 3]
+    coco = COCO()
+    coco.dataset = gt
+    coco.createIndex()
+    assert sorted(coco.getImgIds()) == list(range(1, 8))
+    for iid, ex in examples["validation"].items():
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=[iid]))
+        assert [a["id"] for a in anns] == list(ex["objects"]["id"])
+        for k, a in enumerate(anns):
+            stored = mask_utils.decode({"size": [48, 48], "counts": ex["objects"]["rle"][k]})
+            np.testing.assert_array_equal(coco.annToMask(a), stored)
+            x1, y1, x2, y2 = ex["objects"]["bbox"][k]
+            assert a["bbox"] == pytest.approx([x1, y1, x2 - x1, y2 - y1])
+            assert a["area"] == stored.sum() and a["iscrowd"] == 0
+
+
+def test_dataset_info(config):
+    info = pipeline.dataset_info(config)
+    assert info.class_names == ("background", "circle", "square", "triangle")
+    assert info.label_to_category_id == {1: 1, 2: 2, 3: 3}
+    assert info.num_eval == 7
+
+
+def test_shard_for_pmap():
+    batch = {"a": np.arange(24).reshape(6, 4), "b": np.zeros(6, bool)}
+    out = pipeline.shard_for_pmap(batch, 3)
+    assert out["a"].shape == (3, 2, 4) and out["b"].shape == (3, 2)
+    np.testing.assert_array_equal(out["a"][1, 0], batch["a"][2])
+    with pytest.raises(ValueError, match="'a'.*4 devices"):
+        pipeline.shard_for_pmap(batch, 4)
+
+
+def test_config_errors_name_the_keys(config):
+    with pytest.raises(ValueError, match="config.data.num_classes=80"):
+        pipeline.train_batches(
+            _variant(config, **{"data.num_classes": 80}), 0, process_index=0, process_count=1
+        )
+    with pytest.raises(ValueError, match="eval_split"):
+        pipeline.eval_batches(
+            _variant(config, **{"data.eval_split": "test"}), process_index=0, process_count=1
+        )
+    with pytest.raises(ValueError, match="train_max_size"):
+        pipeline.train_batches(
+            _variant(config, **{"data.train_max_size": 100}), process_index=0, process_count=1
+        )
+    with pytest.raises(ValueError, match="global_batch_size=4 not divisible by 3"):
+        pipeline.train_batches(config, process_index=0, process_count=3)
