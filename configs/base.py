@@ -64,7 +64,8 @@ def get_config() -> ml_collections.ConfigDict:
     r.post_nms_topk_train = 1000  # per image (detectron2 FPN); torchvision: 2000
     r.post_nms_topk_test = 1000
     r.nms_iou = 0.7
-    r.min_size = 0.0
+    r.min_size = 0.0  # proposals keep boxes with both sides > min_size
+    r.sigmoid_scores = False  # rank / NMS proposals by sigmoid(logit) (torchvision), not the logit
     r.smooth_l1_beta = 0.0  # 0 = L1
     r.loss_weight = 1.0
     r.box_weights = (1.0, 1.0, 1.0, 1.0)
@@ -86,6 +87,9 @@ def get_config() -> ml_collections.ConfigDict:
     h.max_mask_rois = 128  # positives per image that get a mask target (512 x 25%)
     h.canonical_size = 224
     h.canonical_level = 4
+    # FPN level of a RoI: "detectron2" floor(4 + log2(sqrt(area) / 224 + 1e-8)); "torchvision"
+    # (LevelMapper) floor(4 + log2(sqrt(area) / 224) + 1e-6).
+    h.level_mapper = "detectron2"
 
     t = m.test = ml_collections.ConfigDict()
     t.score_threshold = 0.05
@@ -93,6 +97,10 @@ def get_config() -> ml_collections.ConfigDict:
     t.detections_per_image = 100
     t.pre_nms_topk = 5000  # (RoI, class) candidates entering the final NMS; bounds its cost
     t.mask_threshold = 0.5
+    t.min_size = 0.0  # detections keep boxes with both sides > min_size (after clipping)
+    # How 28x28 masks are pasted into the image: "detectron2" (bilinear on the float box,
+    # ops.masks.paste_masks) or "torchvision" (integer box, 1-px zero border, paste_masks_torchvision).
+    t.mask_paste = "detectron2"
 
     # ---------------------------------------------------------------- training
     tr = c.train = ml_collections.ConfigDict()

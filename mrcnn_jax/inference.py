@@ -35,9 +35,20 @@ def anchors_for(model_cfg: ml_collections.ConfigDict, image_size) -> tuple[np.nd
     return anchors, list(counts)
 
 
+# config.model.roi.level_mapper -> (eps, eps inside the log2) of `assign_levels`: detectron2's
+# `assign_boxes_to_levels` and torchvision's `LevelMapper`.
+LEVEL_MAPPERS = {"detectron2": (1e-8, True), "torchvision": (1e-6, False)}
+
+
 def pool(feats: dict, rois: jnp.ndarray, output_size: int, roi_cfg) -> jnp.ndarray:
     """Multi-level RoIAlign for a batch: rois [B, R, 4] -> [B, R, out, out, C]."""
     levels = [feats[k] for k in POOL_LEVELS]
+    if roi_cfg.level_mapper not in LEVEL_MAPPERS:
+        raise ValueError(
+            f"config.model.roi.level_mapper must be one of {sorted(LEVEL_MAPPERS)}, "
+            f"got {roi_cfg.level_mapper!r}"
+        )
+    eps, eps_inside_log = LEVEL_MAPPERS[roi_cfg.level_mapper]
     fn = functools.partial(
         multilevel_roi_align,
         output_size=output_size,
@@ -46,6 +57,8 @@ def pool(feats: dict, rois: jnp.ndarray, output_size: int, roi_cfg) -> jnp.ndarr
         min_level=2,
         canonical_size=roi_cfg.canonical_size,
         canonical_level=roi_cfg.canonical_level,
+        eps=eps,
+        eps_inside_log=eps_inside_log,
     )
     return jax.vmap(lambda f, r: fn(f, r))(levels, rois)
 
@@ -61,6 +74,7 @@ def batch_proposals(model_cfg, logits, deltas, anchors, image_sizes, level_count
         nms_iou=rpn.nms_iou,
         min_size=rpn.min_size,
         box_weights=tuple(rpn.box_weights),
+        sigmoid_scores=rpn.sigmoid_scores,
     )
     logits, deltas = jax.lax.stop_gradient((logits, deltas))
     return jax.vmap(fn, in_axes=(0, 0, None, 0))(
@@ -97,6 +111,7 @@ def predict(
         max_detections=test.detections_per_image,
         pre_nms_topk=test.pre_nms_topk,
         box_weights=tuple(roi.box_weights),
+        min_size=test.min_size,
     )
     boxes, scores, classes, valid = jax.vmap(det_fn)(
         cls_logits.reshape(b, r, -1),

@@ -25,6 +25,7 @@ def proposals(
     nms_iou: float,
     min_size: float,
     box_weights,
+    sigmoid_scores: bool = False,
 ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
     """RPN outputs for one image -> (boxes [P, 4], scores [P], valid [P]), P = post_nms_topk.
 
@@ -32,7 +33,9 @@ def proposals(
     As detectron2's `find_top_rpn_proposals`: the top `pre_nms_topk` anchors of each level by
     objectness, decoded and clipped to the image, tiny boxes dropped, NMS per level (levels do not
     suppress each other), then the best `post_nms_topk` over all levels. `level_counts` are the
-    static anchor counts per level, in anchor order.
+    static anchor counts per level, in anchor order. `sigmoid_scores`: NMS and the final ranking
+    use sigmoid(logit), as torchvision's `filter_proposals` (the top-k per level is on the logits in
+    both); float32 sigmoid saturates at 1.0 for logits above ~17, so ties are broken differently.
     """
     boxes, scores, levels = [], [], []
     start = 0
@@ -46,6 +49,8 @@ def proposals(
         start += count
     boxes = box_ops.clip_boxes(jnp.concatenate(boxes), image_size[0], image_size[1])
     scores = jnp.concatenate(scores).astype(jnp.float32)
+    if sigmoid_scores:
+        scores = jax.nn.sigmoid(scores)
     levels = jnp.concatenate(levels)
     keep = box_ops.valid_boxes(boxes, min_size) & jnp.isfinite(scores)
     scores = jnp.where(keep, scores, NEG_INF)
@@ -65,12 +70,14 @@ def detections(
     max_detections: int,
     pre_nms_topk: int,
     box_weights,
+    min_size: float = 0.0,
 ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray, jnp.ndarray]:
     """Box-head outputs for one image -> (boxes [D, 4], scores [D], classes [D], valid [D]).
 
     class_logits: [R, K+1]; class_deltas: [R, K+1, 4]; rois: [R, 4]. As detectron2's
     `fast_rcnn_inference_single_image`: softmax scores, a class-specific box per (RoI, class),
-    clipped, scores above `score_threshold`, per-class NMS, the best `max_detections`. To keep
+    clipped, scores above `score_threshold`, boxes with both sides > `min_size` (torchvision:
+    1e-2), per-class NMS, the best `max_detections`. To keep
     NMS at a fixed, bounded size the `pre_nms_topk` best (RoI, class) pairs enter NMS; with the
     0.05 threshold that cap is rarely reached.
     """
@@ -80,7 +87,7 @@ def detections(
         class_deltas[:, 1:].astype(jnp.float32), rois[:, None, :], box_weights
     )
     boxes = box_ops.clip_boxes(boxes, image_size[0], image_size[1])
-    ok = (probs > score_threshold) & rois_valid[:, None] & box_ops.valid_boxes(boxes)
+    ok = (probs > score_threshold) & rois_valid[:, None] & box_ops.valid_boxes(boxes, min_size)
     scores = jnp.where(ok, probs, NEG_INF).reshape(-1)
     boxes = boxes.reshape(-1, 4)
     classes = jnp.tile(jnp.arange(1, num_cls1, dtype=jnp.int32), num_rois)
