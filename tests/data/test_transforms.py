@@ -201,3 +201,7 @@ def test_check_resize_fits_names_the_config_keys():
         transforms.check_resize_fits(_data_config(test_max_size=80), train=False)
     with pytest.raises(ValueError, match="train_max_size"):
         transforms.check_resize_fits(_data_config(image_size=(64, 48)), train=True)
+
+
+def test_importing_the_data_package_hides_gpus_from_tf():
+    assert tf.config.get_visible_devices("GPU") == []
