@@ -158,7 +158,7 @@ def _prints_to_log():
     finally:
         for line in buffer.getvalue().splitlines():
             if line.strip():
-                log.info("pycocotools: %s", line)
+                log.debug("pycocotools: %s", line)
 
 
 def _coco(dataset: dict) -> COCO:

@@ -7,7 +7,7 @@ import pytest
 
 from configs import tiny
 from mrcnn_jax import inference, losses, mask_rcnn
-from tests.synthetic import make_batch
+from mrcnn_jax.data.synthetic import make_batch
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ import optax
 
 from configs import tiny
 from mrcnn_jax import inference, losses, mask_rcnn
+from mrcnn_jax.data.synthetic import make_batch
 from mrcnn_jax.ops.boxes import pairwise_iou
-from tests.synthetic import make_batch
 
 
 def test_overfit_two_images():

@@ -5,10 +5,10 @@ import numpy as np
 
 from configs import tiny
 from mrcnn_jax import inference, targets
+from mrcnn_jax.data.synthetic import make_batch
 from mrcnn_jax.ops import boxes as box_ops
 from mrcnn_jax.ops.masks import crop_and_resize
 from mrcnn_jax.ops.matching import MatchLabel
-from tests.synthetic import make_batch
 
 CFG = tiny.get_config()
 RPN, ROI = CFG.model.rpn, CFG.model.roi
