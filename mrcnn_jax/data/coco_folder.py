@@ -15,6 +15,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import hashlib
+import logging
 import os
 import re
 
@@ -23,6 +24,8 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from mrcnn_jax.data import coco_utils
+
+logger = logging.getLogger(__name__)
 
 # Images handed to the reader pool at a time: bounds the decoded bytes held in memory.
 _READ_CHUNK = 256
@@ -94,6 +97,15 @@ def _stack_objects(objects: list[dict]) -> dict:
     return out
 
 
+def _repair_or_drop(ann: dict, h: int, w: int, label_of: dict, log: coco_utils.RepairLog):
+    try:
+        return coco_utils.repair_annotation(ann, h, w, label_of, log)
+    except Exception as e:  # noqa: BLE001 - one odd record must not end hours of preparation
+        logger.warning("annotation %s dropped: %r", ann.get("id"), e)
+        log.add("annotation_invalid", ann.get("id"))
+        return None
+
+
 def build_example(meta: dict, anns: list[dict], loaded, label_of: dict, log: coco_utils.RepairLog):
     """One image entry + its annotations + `_load` result -> stored example, or None (dropped)."""
     iid = meta["id"]
@@ -110,7 +122,7 @@ def build_example(meta: dict, anns: list[dict], loaded, label_of: dict, log: coc
         for a in anns:
             log.add("annotation_of_dropped_image", a["id"])
         return None
-    objects = [coco_utils.repair_annotation(a, h, w, label_of, log) for a in anns]
+    objects = [_repair_or_drop(a, h, w, label_of, log) for a in anns]
     return {
         "image": data,
         "image_id": iid,
@@ -131,6 +143,7 @@ class CocoFolder(tfds.core.GeneratorBasedBuilder):
     def code_path(cls) -> epath.Path:
         # TFDS finds this file via importlib.resources, which fails for a namespace package.
         return epath.Path(__file__)
+
     RELEASE_NOTES = {"1.0.0": "Instances with compressed-RLE masks, repaired annotations."}
 
     def _info(self) -> tfds.core.DatasetInfo:

@@ -42,13 +42,13 @@ REPAIR_KINDS = {
     "image_file_unreadable": "image file cannot be decoded: image dropped",
     "image_size_missing": "image height / width missing: taken from the file",
     "image_size_mismatch": "image file size differs from its height / width: image dropped",
-    "annotation_invalid": "annotation entry is not an object: dropped",
+    "annotation_invalid": "annotation is not an object, or processing it failed: dropped",
     "annotation_unknown_image": "annotation for an unknown image id: dropped",
     "annotation_unknown_category": "annotation with an undeclared category id: dropped",
     "annotation_of_dropped_image": "annotation of a dropped image: dropped",
     "annotation_id_reassigned": "annotation id missing or duplicated: new id given",
     "polygon_too_short": "polygon of fewer than 3 points: polygon dropped",
-    "polygon_malformed": "polygon of odd length or non-finite values: polygon dropped",
+    "polygon_malformed": "polygon of odd length, non-finite or absurd values: polygon dropped",
     "segmentation_missing": "no usable segmentation: annotation dropped",
     "rle_invalid": "RLE of the wrong size or with bad counts: annotation dropped",
     "mask_empty": "mask has no pixel inside the image: annotation dropped",
@@ -240,10 +240,13 @@ def _as_floats(values) -> list[float] | None:
 
 
 def _polygons_to_rle(polygons: list, height: int, width: int, aid, log: RepairLog):
+    # pycocotools rasterises along the whole outline at 5x resolution: a vertex at 1e12 would
+    # allocate terabytes. Real outlines stay near the image; far-off values are corrupt records.
+    limit = 10.0 * max(height, width)
     good = []
     for poly in polygons:
         coords = _as_floats(poly)
-        if coords is None or len(coords) % 2:
+        if coords is None or len(coords) % 2 or max(map(abs, coords), default=0) > limit:
             log.add("polygon_malformed", aid)
         elif len(coords) < 6:
             log.add("polygon_too_short", aid)

@@ -81,6 +81,9 @@ def test_short_polygons_are_dropped_and_counted():
     inst, log = _repair({"segmentation": [[1, 1, 5, 5, 6]], "bbox": [2, 3, 8, 5]})
     assert inst is None
     assert dict(log.counts) == {"polygon_malformed": 1, "segmentation_missing": 1}
+    far = [1, 1, 5, 5, 1e12, 3]  # would make pycocotools allocate terabytes
+    inst, log = _repair({"segmentation": [far, _rect_polygon(2, 3, 10, 8)], "bbox": [2, 3, 8, 5]})
+    assert inst is not None and dict(log.counts) == {"polygon_malformed": 1}
 
 
 @pytest.mark.parametrize(
