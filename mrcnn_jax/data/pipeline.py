@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 import math
 import os
 from collections.abc import Iterator
@@ -36,7 +35,6 @@ from array_record.python import array_record_data_source
 
 from mrcnn_jax.data import coco_folder, coco_utils, shapes, transforms
 
-logger = logging.getLogger(__name__)
 AUTOTUNE = tf.data.AUTOTUNE
 
 
@@ -205,10 +203,8 @@ def _example(ex: dict, p: _Params, aug_seed: tf.Tensor) -> dict:
     """
     image = tf.io.decode_image(ex["image"], channels=3, expand_animations=False)
     image = tf.ensure_shape(image, [None, None, 3])
-    h, w = (
-        ex["height"],
-        ex["width"],
-    )  # the RLE's frame; equals the decoded size (checked at preparation)
+    # The RLE's frame; equal to the decoded size (checked at preparation).
+    h, w = ex["height"], ex["width"]
     obj = _select_instances(ex["objects"], p.max_instances)
     boxes = tf.cast(obj["bbox"], tf.float32)
     crops = transforms.crop_masks(obj["rle"], boxes, h, w, p.mask_size)
@@ -375,7 +371,7 @@ def eval_batches(
 
     Visits the first config.eval.max_examples (0 = all) examples exactly once across hosts; every
     host yields the same number of batches, the last ones padded with dummy examples
-    (example_valid False, image_ids -1).
+    (example_valid False, image_ids -1, blank images with image_sizes = image_size, scales 1).
     """
     d = config.data
     pi, pc = _processes(process_index, process_count)
