@@ -456,3 +456,14 @@ def coco_ground_truth(config, split: str | None = None) -> dict:
     examples = (source[i] for i in range(_num_eval(s, config.eval.max_examples)))
     categories = [{"id": cid, "name": name} for cid, name in s.categories]
     return coco_utils.coco_ground_truth_dict(examples, categories)
+
+
+def split_images(config, split: str | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """(original image id, RGB image uint8 [h, w, 3]) of every example of a split (the eval split
+    by default), in stored order, decoded as the pipeline decodes them; for prediction."""
+    s = _split(config.data, split or config.data.eval_split)
+    source = s.builder.as_data_source(split=s.name)
+    for i in range(len(source)):
+        ex = source[i]
+        image = tf.io.decode_image(ex["image"], channels=3, expand_animations=False)
+        yield int(ex["image_id"]), image.numpy()

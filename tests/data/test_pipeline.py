@@ -209,3 +209,13 @@ def test_config_errors_name_the_keys(config):
         )
     with pytest.raises(ValueError, match="global_batch_size=4 not divisible by 3"):
         pipeline.train_batches(config, process_index=0, process_count=3)
+
+
+def test_split_images_yields_the_stored_images(config, examples):
+    got = list(pipeline.split_images(config))
+    assert [iid for iid, _ in got] == list(range(1, 8))
+    for iid, image in got:
+        assert image.dtype == np.uint8 and image.shape == (48, 48, 3)
+        np.testing.assert_array_equal(
+            image, reference.decode_image(examples["validation"][iid]["image"])
+        )
