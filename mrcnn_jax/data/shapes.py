@@ -158,6 +158,7 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
     def code_path(cls) -> epath.Path:
         # TFDS finds this file via importlib.resources, which fails for a namespace package.
         return epath.Path(__file__)
+
     RELEASE_NOTES = {"1.0.0": "Circles, squares and triangles with exact occlusion-aware masks."}
 
     def _info(self) -> tfds.core.DatasetInfo:
