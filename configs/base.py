@@ -32,7 +32,6 @@ def get_config() -> ml_collections.ConfigDict:
     d.max_instances = 100
     d.mask_crop_size = 112  # gt masks cropped to their boxes at this size (TF Model Garden)
     d.skip_empty_train = True  # drop images without annotations from training
-    d.shuffle_buffer = 1024
     # `shapes` synthetic dataset only.
     d.shapes_image_size = 128
     d.shapes_num_train = 2000

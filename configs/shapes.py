@@ -22,7 +22,6 @@ def get_config():
     d.test_max_size = 128
     d.mask_crop_size = 56
     d.max_instances = 16
-    d.shuffle_buffer = 512
 
     m = c.model
     m.depth = 18

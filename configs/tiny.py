@@ -16,7 +16,6 @@ def get_config():
     d.shapes_num_val = 8
     d.mask_crop_size = 28
     d.max_instances = 8
-    d.shuffle_buffer = 16
 
     m = c.model
     m.fpn_channels = 32

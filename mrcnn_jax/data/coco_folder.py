@@ -141,7 +141,7 @@ class CocoFolder(tfds.core.GeneratorBasedBuilder):
     @tfds.core.utils.classproperty
     @classmethod
     def code_path(cls) -> epath.Path:
-        # TFDS finds this file via importlib.resources, which fails for a namespace package.
+        # TFDS would look this file up with the `importlib_resources` backport, not a dependency.
         return epath.Path(__file__)
 
     RELEASE_NOTES = {"1.0.0": "Instances with compressed-RLE masks, repaired annotations."}

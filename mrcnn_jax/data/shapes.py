@@ -156,7 +156,7 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
     @tfds.core.utils.classproperty
     @classmethod
     def code_path(cls) -> epath.Path:
-        # TFDS finds this file via importlib.resources, which fails for a namespace package.
+        # TFDS would look this file up with the `importlib_resources` backport, not a dependency.
         return epath.Path(__file__)
 
     RELEASE_NOTES = {"1.0.0": "Circles, squares and triangles with exact occlusion-aware masks."}

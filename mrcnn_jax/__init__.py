@@ -1,0 +1,3 @@
+"""Mask R-CNN as a pure, functional JAX/Flax library."""
+
+__version__ = "0.1.0"
