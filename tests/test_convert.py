@@ -1,0 +1,569 @@
+"""Weight import without torch: detectron2 / Caffe2 / torchvision-named synthetic state dicts with the
+real key names and shapes, strictness, pickles, the written checkpoint, fine-tuning merges, and the
+inference switches the imported families need."""
+
+import os
+import pickle
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from configs import base, detectron2_r50_fpn_1x, torchvision_r50_fpn
+from mrcnn_jax import checkpoint as ckpt_lib
+from mrcnn_jax import convert, inference, postprocess
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A few (name, shape) pairs as they appear in detectron2's model_final_f10217.pkl (R50-FPN 1x).
+REAL_DETECTRON2 = {
+    "backbone.bottom_up.stem.conv1.weight": (64, 3, 7, 7),
+    "backbone.bottom_up.stem.conv1.norm.running_var": (64,),
+    "backbone.bottom_up.res2.0.shortcut.weight": (256, 64, 1, 1),
+    "backbone.bottom_up.res2.0.conv1.weight": (64, 64, 1, 1),
+    "backbone.bottom_up.res3.0.conv2.weight": (128, 128, 3, 3),
+    "backbone.bottom_up.res4.5.conv3.norm.bias": (1024,),
+    "backbone.bottom_up.res5.2.conv3.weight": (2048, 512, 1, 1),
+    "backbone.fpn_lateral5.weight": (256, 2048, 1, 1),
+    "backbone.fpn_output2.bias": (256,),
+    "proposal_generator.rpn_head.conv.weight": (256, 256, 3, 3),
+    "proposal_generator.rpn_head.objectness_logits.weight": (3, 256, 1, 1),
+    "proposal_generator.rpn_head.anchor_deltas.weight": (12, 256, 1, 1),
+    "roi_heads.box_head.fc1.weight": (1024, 12544),
+    "roi_heads.box_head.fc2.weight": (1024, 1024),
+    "roi_heads.box_predictor.cls_score.weight": (81, 1024),
+    "roi_heads.box_predictor.bbox_pred.weight": (320, 1024),
+    "roi_heads.mask_head.mask_fcn4.weight": (256, 256, 3, 3),
+    "roi_heads.mask_head.deconv.weight": (256, 256, 2, 2),
+    "roi_heads.mask_head.predictor.weight": (80, 256, 1, 1),
+}
+
+
+# ----------------------------------------------------------------------------- synthetic sources
+# Written from the PyTorch module structures (detectron2 GeneralizedRCNN / ResNet / FPN,
+# torchvision MaskRCNN / resnet / Caffe2 blob names), independently of convert.py's tables.
+
+BLOCKS = {18: ("basic", (2, 2, 2, 2)), 50: ("bottleneck", (3, 4, 6, 3)), 101: ("bottleneck", (3, 4, 23, 3))}
+
+
+def resnet_units(depth):
+    """[(stage 2..5, block, role, weight shape)] of every conv in torch OIHW, stem first."""
+    kind, blocks = BLOCKS[depth]
+    units = [(1, 0, "stem", (64, 3, 7, 7))]
+    in_ch = 64
+    for s, n in enumerate(blocks):
+        width = 64 * 2**s
+        out = width * (4 if kind == "bottleneck" else 1)
+        for j in range(n):
+            if kind == "bottleneck":
+                units += [
+                    (s + 2, j, "conv1", (width, in_ch, 1, 1)),
+                    (s + 2, j, "conv2", (width, width, 3, 3)),
+                ]
+                units.append((s + 2, j, "conv3", (out, width, 1, 1)))
+            else:
+                units += [
+                    (s + 2, j, "conv1", (width, in_ch, 3, 3)),
+                    (s + 2, j, "conv2", (width, width, 3, 3)),
+                ]
+            if j == 0 and in_ch != out:
+                units.append((s + 2, j, "shortcut", (out, in_ch, 1, 1)))
+            in_ch = out
+    return units
+
+
+def stage_channels(depth):
+    kind, _ = BLOCKS[depth]
+    return [64 * 2**s * (4 if kind == "bottleneck" else 1) for s in range(4)]
+
+
+def d2_backbone_shapes(depth, prefix="backbone.bottom_up."):
+    shapes = {}
+    for stage, j, role, shape in resnet_units(depth):
+        conv = f"{prefix}stem.conv1" if role == "stem" else f"{prefix}res{stage}.{j}.{role}"
+        shapes[f"{conv}.weight"] = shape
+        for leaf in ("weight", "bias", "running_mean", "running_var"):
+            shapes[f"{conv}.norm.{leaf}"] = (shape[0],)
+    return shapes
+
+
+def d2_detector_shapes(depth=50, c=256, fc=1024, mask_dim=256, convs=4, k=80):
+    shapes = d2_backbone_shapes(depth)
+    for lvl, cin in zip(range(2, 6), stage_channels(depth), strict=True):
+        shapes |= {
+            f"backbone.fpn_lateral{lvl}.weight": (c, cin, 1, 1),
+            f"backbone.fpn_lateral{lvl}.bias": (c,),
+        }
+        shapes |= {f"backbone.fpn_output{lvl}.weight": (c, c, 3, 3), f"backbone.fpn_output{lvl}.bias": (c,)}
+    rpn = "proposal_generator.rpn_head."
+    for name, o, ks in (("conv", c, 3), ("objectness_logits", 3, 1), ("anchor_deltas", 12, 1)):
+        shapes |= {f"{rpn}{name}.weight": (o, c, ks, ks), f"{rpn}{name}.bias": (o,)}
+    for name, (o, i) in {
+        "box_head.fc1": (fc, c * 49),
+        "box_head.fc2": (fc, fc),
+        "box_predictor.cls_score": (k + 1, fc),
+        "box_predictor.bbox_pred": (4 * k, fc),
+    }.items():
+        shapes |= {f"roi_heads.{name}.weight": (o, i), f"roi_heads.{name}.bias": (o,)}
+    for i in range(1, convs + 1):
+        cin = c if i == 1 else mask_dim
+        shapes |= {f"roi_heads.mask_head.mask_fcn{i}.weight": (mask_dim, cin, 3, 3)}
+        shapes |= {f"roi_heads.mask_head.mask_fcn{i}.bias": (mask_dim,)}
+    shapes |= {"roi_heads.mask_head.deconv.weight": (mask_dim, mask_dim, 2, 2)}
+    shapes |= {"roi_heads.mask_head.deconv.bias": (mask_dim,)}
+    shapes |= {"roi_heads.mask_head.predictor.weight": (k, mask_dim, 1, 1)}
+    shapes |= {"roi_heads.mask_head.predictor.bias": (k,)}
+    return shapes
+
+
+def random_tensors(shapes, seed=0):
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, shape in shapes.items():
+        x = rng.standard_normal(shape, dtype=np.float32)
+        out[name] = np.abs(x) + 0.5 if name.endswith("running_var") else x
+    return out
+
+
+def d2_to_torchvision_name(name):
+    """detectron2 detector name -> torchvision maskrcnn_resnet50_fpn name."""
+    name = name.replace("backbone.bottom_up.", "backbone.body.")
+    name = name.replace("stem.conv1.norm.", "bn1.").replace("stem.conv1.", "conv1.")
+    for s in range(2, 6):
+        name = name.replace(f".res{s}.", f".layer{s - 1}.")
+    name = name.replace(".shortcut.norm.", ".downsample.1.").replace(".shortcut.", ".downsample.0.")
+    for i in (1, 2, 3):
+        name = name.replace(f".conv{i}.norm.", f".bn{i}.")
+    for lvl in range(2, 6):
+        name = name.replace(f"backbone.fpn_lateral{lvl}.", f"backbone.fpn.inner_blocks.{lvl - 2}.0.")
+        name = name.replace(f"backbone.fpn_output{lvl}.", f"backbone.fpn.layer_blocks.{lvl - 2}.0.")
+    name = name.replace("proposal_generator.rpn_head.conv.", "rpn.head.conv.0.0.")
+    name = name.replace("proposal_generator.rpn_head.objectness_logits.", "rpn.head.cls_logits.")
+    name = name.replace("proposal_generator.rpn_head.anchor_deltas.", "rpn.head.bbox_pred.")
+    name = name.replace("box_head.fc1.", "box_head.fc6.").replace("box_head.fc2.", "box_head.fc7.")
+    for i in range(1, 5):
+        name = name.replace(f"mask_head.mask_fcn{i}.", f"mask_head.{i - 1}.0.")
+    name = name.replace("mask_head.deconv.", "mask_predictor.conv5_mask.")
+    return name.replace("mask_head.predictor.", "mask_predictor.mask_fcn_logits.")
+
+
+def d2_to_torchvision(d2):
+    """The same detector in torchvision's names and class layout (background row 0 everywhere)."""
+    tv = {}
+    for name, x in d2.items():
+        if name.startswith("roi_heads.box_predictor.cls_score."):
+            x = np.concatenate([x[-1:], x[:-1]])
+        elif name.startswith("roi_heads.box_predictor.bbox_pred."):
+            x = np.concatenate([np.zeros((4, *x.shape[1:]), x.dtype), x])
+        elif name.startswith("roi_heads.mask_head.predictor."):
+            x = np.concatenate([np.zeros((1, *x.shape[1:]), x.dtype), x])
+        tv[d2_to_torchvision_name(name)] = x
+    return tv
+
+
+def flat(tree):
+    return traverse_util.flatten_dict(tree, sep="/")
+
+
+@pytest.fixture(scope="module")
+def d2_r50():
+    return random_tensors(d2_detector_shapes())
+
+
+@pytest.fixture(scope="module")
+def d2_converted(d2_r50):
+    config = detectron2_r50_fpn_1x.get_config()
+    return convert.convert(d2_r50, config.model, layout="detectron2"), config
+
+
+# ----------------------------------------------------------------------------- detectron2
+
+
+def test_detectron2_r50_fpn_real_names_fill_every_variable(d2_r50, d2_converted):
+    for name, shape in REAL_DETECTRON2.items():
+        assert d2_r50[name].shape == shape, name
+    assert len(d2_r50) == 307  # model_final_f10217.pkl holds 307 weight tensors
+    out, config = d2_converted
+    assert out.kind == "detector" and out.layout == "detectron2" and out.dropped == ()
+    got = {k: v.shape for k, v in flat(out.variables).items()}
+    assert got == convert.target_shapes(config.model)
+    assert all(v.dtype == np.float32 for v in flat(out.variables).values())
+
+
+def test_detectron2_tensor_placement(d2_r50, d2_converted):
+    out, _ = d2_converted
+    v = flat(out.variables)
+    w = d2_r50["backbone.bottom_up.res3.0.conv2.weight"]  # OIHW -> HWIO
+    np.testing.assert_array_equal(v["params/backbone/layer2_0/conv2/kernel"][1, 2, 5, 7], w[7, 5, 1, 2])
+    norm = "backbone.bottom_up.res4.5.conv3.norm."
+    for ours, theirs in (
+        ("scale", "weight"),
+        ("bias", "bias"),
+        ("mean", "running_mean"),
+        ("var", "running_var"),
+    ):
+        np.testing.assert_array_equal(v[f"batch_stats/backbone/layer3_5/bn3/{ours}"], d2_r50[norm + theirs])
+    np.testing.assert_array_equal(v["params/fpn/lateral5/bias"], d2_r50["backbone.fpn_lateral5.bias"])
+    # cls_score: background moved from the last row to 0; deltas / masks get zero background rows.
+    cls_w, cls_b = (
+        d2_r50["roi_heads.box_predictor.cls_score.weight"],
+        d2_r50["roi_heads.box_predictor.cls_score.bias"],
+    )
+    np.testing.assert_array_equal(v["params/box_head/cls_score/kernel"][:, 0], cls_w[80])
+    np.testing.assert_array_equal(v["params/box_head/cls_score/kernel"][:, 1:], cls_w[:80].T)
+    np.testing.assert_array_equal(v["params/box_head/cls_score/bias"], np.r_[cls_b[80], cls_b[:80]])
+    box_w = d2_r50["roi_heads.box_predictor.bbox_pred.weight"]
+    kernel = v["params/box_head/bbox_pred/kernel"].reshape(1024, 81, 4)
+    assert not kernel[:, 0].any() and not v["params/box_head/bbox_pred/bias"][:4].any()
+    np.testing.assert_array_equal(kernel[:, 1:], box_w.reshape(80, 4, 1024).transpose(2, 0, 1))
+    pred = d2_r50["roi_heads.mask_head.predictor.weight"]
+    kernel = v["params/mask_head/predictor/kernel"]
+    assert not kernel[..., 0].any()
+    np.testing.assert_array_equal(kernel[0, 0, :, 1:], pred[:, :, 0, 0].T)
+    deconv = d2_r50["roi_heads.mask_head.deconv.weight"]  # [in, out, 2, 2] -> [2, 2, in, out]
+    np.testing.assert_array_equal(v["params/mask_head/deconv/kernel"][1, 0, 3, 9], deconv[3, 9, 1, 0])
+
+
+def test_detectron2_fc1_gives_the_same_outputs_on_nhwc_features(d2_r50, d2_converted):
+    """fc1 reads NCHW-flattened features; ours the NHWC flatten: same products."""
+    out, _ = d2_converted
+    x = np.random.default_rng(1).standard_normal((2, 256, 7, 7), dtype=np.float32)
+    w, b = d2_r50["roi_heads.box_head.fc1.weight"], d2_r50["roi_heads.box_head.fc1.bias"]
+    ref = x.reshape(2, -1) @ w.T + b
+    fc6 = out.variables["params"]["box_head"]["fc6"]
+    ours = x.transpose(0, 2, 3, 1).reshape(2, -1) @ fc6["kernel"] + fc6["bias"]
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-3)
+
+
+def test_detectron2_and_torchvision_layouts_agree(d2_r50, d2_converted):
+    """The same weights in both families' names and class layouts convert to the same variables."""
+    out, config = d2_converted
+    tv = convert.convert(d2_to_torchvision(d2_r50), config.model, layout="torchvision")
+    assert tv.kind == "detector"
+    a, b = flat(out.variables), flat(tv.variables)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_detectron2_old_buffers_are_checked_then_dropped(d2_r50):
+    config = detectron2_r50_fpn_1x.get_config()
+    extra = dict(d2_r50)
+    extra["pixel_mean"] = np.array([103.53, 116.28, 123.675], np.float32).reshape(3, 1, 1)
+    extra["pixel_std"] = np.ones((3, 1, 1), np.float32)
+    for i, size in enumerate((32, 64, 128, 256, 512)):
+        w = [np.sqrt(size**2 / r) for r in (0.5, 1.0, 2.0)]
+        cells = [[-wi / 2, -r * wi / 2, wi / 2, r * wi / 2] for wi, r in zip(w, (0.5, 1.0, 2.0), strict=True)]
+        extra[f"proposal_generator.anchor_generator.cell_anchors.{i}"] = np.asarray(cells, np.float32)
+    kw = dict(layout="detectron2", pixel_mean=config.data.pixel_mean, pixel_std=config.data.pixel_std)
+    out = convert.convert(extra, config.model, **kw)
+    assert len(out.dropped) == 7
+    rgb = dict(extra, pixel_mean=extra["pixel_mean"][::-1].copy())
+    with pytest.raises(convert.ConversionError, match="pixel_mean"):
+        convert.convert(rgb, config.model, **kw)
+    config.model.anchor_round = True  # torchvision's rounded anchors are not what it was trained with
+    with pytest.raises(convert.ConversionError, match="cell_anchors.0"):
+        convert.convert(extra, config.model, **kw)
+
+
+def test_unmatched_tensors_are_errors_naming_them(d2_r50):
+    config = detectron2_r50_fpn_1x.get_config()
+    extra = dict(d2_r50, **{"roi_heads.keypoint_head.conv_fcn1.weight": np.zeros((1,), np.float32)})
+    with pytest.raises(convert.ConversionError, match=r"unused source tensors \(1\)") as e:
+        convert.convert(extra, config.model, layout="detectron2")
+    assert "roi_heads.keypoint_head.conv_fcn1.weight" in str(e.value)
+    short = {k: v for k, v in d2_r50.items() if not k.startswith("backbone.fpn_output3")}
+    with pytest.raises(convert.ConversionError, match=r"missing in the source \(2\)") as e:
+        convert.convert(short, config.model, layout="detectron2")
+    assert "backbone.fpn_output3.weight" in str(e.value)
+    config.model.depth = 101
+    with pytest.raises(convert.ConversionError, match="ResNet-50.*depth=50"):
+        convert.convert(d2_r50, config.model, layout="detectron2")
+    config.model.depth = 50
+    config.data.num_classes = 3
+    with pytest.raises(convert.ConversionError, match="weights have 80 classes"):
+        convert.convert(d2_r50, config.model, layout="detectron2")
+    config.data.num_classes = 80
+    config.model.norm = "group_norm"
+    with pytest.raises(convert.ConversionError, match="cannot fill a group_norm"):
+        convert.convert(d2_r50, config.model, layout="detectron2")
+
+
+# ----------------------------------------------------------------------------- backbones
+
+
+def c2_backbone(depth):
+    """Caffe2 ImageNet ResNet blobs (R-50.pkl): scale / bias only, plus classifier and momenta."""
+    names = {}
+    branch = {"conv1": "branch2a", "conv2": "branch2b", "conv3": "branch2c", "shortcut": "branch1"}
+    for stage, j, role, shape in resnet_units(depth):
+        if role == "stem":
+            conv, bn = "conv1", "res_conv1_bn"
+        else:
+            conv = f"res{stage}_{j}_{branch[role]}"
+            bn = f"{conv}_bn"
+        names |= {f"{conv}_w": shape, f"{bn}_s": (shape[0],), f"{bn}_b": (shape[0],)}
+    names |= {"fc1000_w": (1000, 2048), "fc1000_b": (1000,), "conv1_w_momentum": (64, 3, 7, 7)}
+    return random_tensors(names, seed=3)
+
+
+def test_caffe2_imagenet_backbone():
+    config = detectron2_r50_fpn_1x.get_config()
+    blobs = c2_backbone(50)
+    out = convert.convert(blobs, config.model, layout="caffe2")
+    assert out.kind == "backbone"
+    assert sorted(d.split()[0] for d in out.dropped) == ["conv1_w_momentum", "fc1000_b", "fc1000_w"]
+    v = flat(out.variables)
+    assert {k.split("/")[1] for k in v} == {"backbone"}
+    expected = {k for k in convert.target_shapes(config.model) if k.split("/")[1] == "backbone"}
+    assert set(v) == expected
+    np.testing.assert_array_equal(
+        v["batch_stats/backbone/layer1_0/downsample_bn/scale"], blobs["res2_0_branch1_bn_s"]
+    )
+    np.testing.assert_array_equal(v["batch_stats/backbone/bn1/bias"], blobs["res_conv1_bn_b"])
+    # Caffe2 folded the statistics away: detectron2's FrozenBatchNorm2d fills mean 0, var 1.
+    assert not v["batch_stats/backbone/layer4_2/bn3/mean"].any()
+    np.testing.assert_array_equal(v["batch_stats/backbone/layer4_2/bn3/var"], 1.0)
+
+
+def test_torchvision_imagenet_backbone_depth_and_batch_norm_target():
+    shapes = {}
+    for stage, j, role, shape in resnet_units(101):
+        if role == "stem":
+            conv, bn = "conv1", "bn1"
+        elif role == "shortcut":
+            conv, bn = f"layer{stage - 1}.{j}.downsample.0", f"layer{stage - 1}.{j}.downsample.1"
+        else:
+            conv, bn = f"layer{stage - 1}.{j}.{role}", f"layer{stage - 1}.{j}.bn{role[-1]}"
+        shapes[f"{conv}.weight"] = shape
+        shapes |= {f"{bn}.{x}": (shape[0],) for x in ("weight", "bias", "running_mean", "running_var")}
+        shapes[f"{bn}.num_batches_tracked"] = ()
+    shapes |= {"fc.weight": (1000, 2048), "fc.bias": (1000,)}
+    tensors = random_tensors(shapes, seed=4)
+    config = torchvision_r50_fpn.get_config()
+    with pytest.raises(convert.ConversionError, match="ResNet-101"):
+        convert.convert(tensors, config.model, layout="torchvision")
+    config.model.depth = 101
+    config.model.norm = "batch_norm"  # trainable BN: scale / bias are params, statistics batch_stats
+    out = convert.convert(tensors, config.model, layout="torchvision")
+    assert out.kind == "backbone" and len(out.dropped) == 2 + 104  # fc + one counter per BN
+    v = flat(out.variables)
+    np.testing.assert_array_equal(v["params/backbone/layer3_22/bn2/scale"], tensors["layer3.22.bn2.weight"])
+    np.testing.assert_array_equal(
+        v["batch_stats/backbone/layer3_22/bn2/var"], tensors["layer3.22.bn2.running_var"]
+    )
+
+
+# ----------------------------------------------------------------------------- torchvision classes
+
+
+def test_torchvision_coco_91_rows_become_80_contiguous_labels(d2_r50):
+    tv = d2_to_torchvision(random_tensors(d2_detector_shapes(k=90), seed=5))
+    config = torchvision_r50_fpn.get_config()
+    rows = convert.resolve_class_rows("auto", tv, "torchvision", config.model.num_classes)
+    assert rows == convert.COCO_TORCHVISION_ROWS and len(rows) == 81
+    assert convert.resolve_class_rows("auto", tv, "detectron2", 80) is None
+    out = convert.convert(tv, config.model, layout="torchvision", class_rows=rows)
+    v = flat(out.variables)
+    person, toothbrush = 1, 80  # COCO ids 1 and 90
+    cls_w = tv["roi_heads.box_predictor.cls_score.weight"]
+    np.testing.assert_array_equal(v["params/box_head/cls_score/kernel"][:, toothbrush], cls_w[90])
+    np.testing.assert_array_equal(v["params/box_head/cls_score/kernel"][:, 0], cls_w[0])
+    box_b = tv["roi_heads.box_predictor.bbox_pred.bias"].reshape(91, 4)
+    np.testing.assert_array_equal(v["params/box_head/bbox_pred/bias"].reshape(81, 4)[toothbrush], box_b[90])
+    mask_w = tv["roi_heads.mask_predictor.mask_fcn_logits.weight"][:, :, 0, 0]
+    np.testing.assert_array_equal(v["params/mask_head/predictor/kernel"][0, 0, :, person], mask_w[1])
+    # Label 12 is COCO id 13 (stop sign): id 12 is one of the ten unused ids.
+    np.testing.assert_array_equal(v["params/box_head/cls_score/kernel"][:, 12], cls_w[13])
+
+
+# ----------------------------------------------------------------------------- files and checkpoints
+
+
+def small_d2_config(num_classes=2):
+    c = detectron2_r50_fpn_1x.get_config()
+    c.data.num_classes = num_classes
+    c.data.image_size = (64, 64)
+    m = c.model
+    m.depth, m.fpn_channels = 18, 16
+    m.roi.fc_dim, m.roi.mask_conv_dim, m.roi.num_mask_convs = 32, 16, 1
+    return c
+
+
+def fresh_variables(config, seed):
+    """Stand-in for a freshly initialised model: its variable tree with other random values
+    (`mask_rcnn.init_variables` gives the same tree but compiles for ~10 s on this CPU)."""
+    return traverse_util.unflatten_dict(random_tensors(convert.target_shapes(config.model), seed), sep="/")
+
+
+def small_d2_pickle(path, seed=6):
+    tensors = random_tensors(d2_detector_shapes(depth=18, c=16, fc=32, mask_dim=16, convs=1, k=2), seed=seed)
+    with open(path, "wb") as f:
+        pickle.dump({"model": tensors, "__author__": "Detectron2 Model Zoo"}, f)
+    return tensors
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_pickles_need_opt_in_and_may_hold_only_arrays(tmp_path):
+    path = str(tmp_path / "w.pkl")
+    tensors = small_d2_pickle(path)
+    with pytest.raises(convert.ConversionError, match="allow_pickle"):
+        convert.read_pickle(path)
+    data = convert.read_pickle(path, allow_pickle=True)
+    got, layout = convert.detectron2_tensors(data)
+    assert layout == "detectron2" and got.keys() == tensors.keys()
+    evil = tmp_path / "evil.pkl"
+    evil.write_bytes(pickle.dumps({"model": _Evil(), "__author__": "x"}))
+    with pytest.raises(pickle.UnpicklingError, match="posix.system|os.system|nt.system"):
+        convert.read_pickle(str(evil), allow_pickle=True)
+    # Caffe2 / Detectron files: arrays at the top level or under "blobs".
+    assert convert.detectron2_tensors({"blobs": {"conv1_w": np.zeros(1)}})[1] == "caffe2"
+
+
+def test_converted_checkpoint_loads_and_fine_tunes_with_other_classes(tmp_path):
+    pkl = str(tmp_path / "model_final.pkl")
+    small_d2_pickle(pkl)
+    workdir = str(tmp_path / "converted")
+    config = small_d2_config()
+    out = convert.convert_file("detectron2", pkl, workdir, config, allow_pickle=True)
+    loaded = ckpt_lib.load_weights(workdir)
+    assert flat(loaded).keys() == flat(out.variables).keys()
+    for k, x in flat(out.variables).items():
+        np.testing.assert_array_equal(flat(loaded)[k], x, err_msg=k)
+    info = (tmp_path / "converted" / convert.INFO_FILE).read_text()
+    assert '"kind": "detector"' in info and '"sha256"' in info
+    with pytest.raises(FileExistsError):
+        convert.save_converted(out, workdir)
+
+    # Evaluation: same model, every weight from the file.
+    fresh = fresh_variables(config, seed=10)
+    merged = convert.merge_pretrained(fresh, loaded)
+    for k, x in flat(merged).items():
+        np.testing.assert_array_equal(x, flat(loaded)[k], err_msg=k)
+
+    # Fine-tuning on 5 classes: class layers re-initialised, everything else loaded.
+    config5 = small_d2_config(num_classes=5)
+    fresh5 = fresh_variables(config5, seed=11)
+    with pytest.raises(ckpt_lib.WeightsMismatchError, match="cls_score"):
+        ckpt_lib.merge_weights(fresh5, loaded)
+    merged5 = flat(convert.merge_pretrained(fresh5, loaded))
+    for k, x in merged5.items():
+        source = flat(fresh5) if convert.is_class_dependent(k) else flat(loaded)
+        np.testing.assert_array_equal(x, source[k], err_msg=k)
+    assert sum(convert.is_class_dependent(k) for k in merged5) == 6
+    # Any other mismatch is still an error.
+    bad = traverse_util.unflatten_dict(
+        {k: (x[:-1] if k == "params/fpn/output2/bias" else x) for k, x in flat(loaded).items()}, sep="/"
+    )
+    with pytest.raises(ckpt_lib.WeightsMismatchError, match="fpn/output2/bias"):
+        convert.merge_pretrained(fresh5, bad)
+
+
+def test_backbone_checkpoint_initialises_only_the_backbone(tmp_path):
+    config = small_d2_config()
+    tensors = random_tensors(d2_backbone_shapes(18, prefix=""), seed=7)  # detectron2 names, no prefix
+    out = convert.convert(tensors, config.model, layout="detectron2")
+    assert out.kind == "backbone"
+    convert.save_converted(out, str(tmp_path))
+    loaded = ckpt_lib.load_weights(str(tmp_path))
+    fresh = fresh_variables(config, seed=12)
+    merged = flat(convert.merge_pretrained(fresh, loaded))
+    for k, x in merged.items():
+        source = flat(loaded) if k.split("/")[1] == "backbone" else flat(fresh)
+        np.testing.assert_array_equal(x, source[k], err_msg=k)
+    np.testing.assert_array_equal(
+        merged["params/backbone/conv1/kernel"][3, 4, 1, 5], tensors["stem.conv1.weight"][5, 1, 3, 4]
+    )
+
+
+def test_command_line(tmp_path):
+    pkl = str(tmp_path / "w.pkl")
+    small_d2_pickle(pkl)
+    cfg = tmp_path / "small.py"
+    cfg.write_text(
+        "from configs import detectron2_r50_fpn_1x\n\n\ndef get_config():\n"
+        "    c = detectron2_r50_fpn_1x.get_config()\n    c.data.num_classes = 2\n"
+        "    c.model.depth, c.model.fpn_channels = 18, 16\n"
+        "    c.model.roi.fc_dim, c.model.roi.mask_conv_dim, c.model.roi.num_mask_convs = 32, 16, 1\n"
+        "    return c\n"
+    )
+    cmd = [sys.executable, "-m", "mrcnn_jax.convert", "--source=detectron2", f"--input={pkl}"]
+    cmd += [f"--workdir={tmp_path / 'out'}", f"--config={cfg}", "--allow_pickle"]
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert ckpt_lib.latest_step(str(tmp_path / "out" / ckpt_lib.CHECKPOINT_DIR)) == 0
+
+
+# ----------------------------------------------------------------------------- inference switches
+
+
+def test_proposals_sigmoid_scores_rank_like_torchvision():
+    """One box per level, logits 20 (P2) and 30 (P3), both float32 sigmoid 1.0. The best proposal
+    over all levels is the P3 box by logit (detectron2); by probability the tie goes to the earlier
+    candidate, the P2 box (torchvision's order)."""
+    anchors = jnp.array([[0.0, 0.0, 10.0, 10.0], [40.0, 40.0, 50.0, 50.0]])
+    logits = jnp.array([20.0, 30.0])
+    kw = dict(level_counts=[1, 1], pre_nms_topk=1, post_nms_topk=1, nms_iou=0.5, min_size=0.0)
+    kw["box_weights"] = (1.0, 1.0, 1.0, 1.0)
+    size = jnp.array([64, 64])
+    for sigmoid, best in ((False, 1), (True, 0)):
+        boxes, scores, valid = postprocess.proposals(
+            logits, jnp.zeros((2, 4)), anchors, size, sigmoid_scores=sigmoid, **kw
+        )
+        np.testing.assert_array_equal(boxes[0], anchors[best])
+        assert bool(valid[0])
+    assert float(scores[0]) == 1.0  # probabilities come out with sigmoid_scores
+
+
+def test_detections_min_size():
+    rois = jnp.array([[0.0, 0.0, 20.0, 20.0], [30.0, 30.0, 30.005, 40.0]])
+    logits = jnp.array([[0.0, 5.0], [0.0, 5.0]])
+    kw = dict(
+        score_threshold=0.05,
+        nms_iou=0.5,
+        max_detections=4,
+        pre_nms_topk=4,
+        box_weights=(10.0, 10.0, 5.0, 5.0),
+    )
+    args = (logits, jnp.zeros((2, 2, 4)), rois, jnp.array([True, True]), jnp.array([64, 64]))
+    assert int(postprocess.detections(*args, **kw)[3].sum()) == 2
+    tv = torchvision_r50_fpn.get_config().model.test.min_size
+    assert int(postprocess.detections(*args, min_size=tv, **kw)[3].sum()) == 1
+    # torchvision keeps a side of exactly float32(1e-2) (>=); the config's min_size does too.
+    assert np.float32(1e-2) > np.float32(tv) and np.float32(tv) == tv
+
+
+def test_level_mapper_switch_picks_torchvision_or_detectron2_levels():
+    """sqrt(area) = 112 (1 - 3.5e-7): detectron2 (eps 1e-8 inside the log) says level 2, torchvision
+    (eps 1e-6 after it) level 3. Each level's map is constant = its level, so pooling shows it."""
+    feats = {f"p{lv}": jnp.full((1, 256 // 2**lv, 256 // 2**lv, 1), float(lv)) for lv in range(2, 7)}
+    side = np.float32(112 * (1 - 7e-7))
+    rois = jnp.array([[[0.0, 0.0, side, 112.0]]])  # area = 112 * side
+    roi = base.get_config().model.roi
+    np.testing.assert_allclose(inference.pool(feats, rois, 2, roi), 2.0)
+    roi.level_mapper = "torchvision"
+    np.testing.assert_allclose(inference.pool(feats, rois, 2, roi), 3.0)
+    roi.level_mapper = "nope"
+    with pytest.raises(ValueError, match="level_mapper"):
+        inference.pool(feats, rois, 2, roi)
+
+
+def test_family_configs_validate():
+    from configs import detectron2_r50_fpn_3x
+    from mrcnn_jax.main import validate_config
+
+    for module in (torchvision_r50_fpn, detectron2_r50_fpn_1x, detectron2_r50_fpn_3x):
+        c = module.get_config()
+        validate_config(c)
+        assert isinstance(c, ml_collections.ConfigDict)
+    assert convert.default_config("torchvision").model.roi.aligned is False
+    assert convert.default_config("detectron2").data.channel_order == "BGR"
