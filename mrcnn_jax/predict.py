@@ -1,0 +1,212 @@
+"""Prediction for people: a notebook API on numpy images, and `--mode=predict` over files.
+
+    predictor = Predictor.from_workdir("workdirs/shapes")
+    out = predictor(image)          # image: uint8 [h, w, 3] RGB
+    out.boxes, out.scores, out.classes, out.names, out.masks   # original pixels, [n, h, w] bool
+
+`predict_main` runs the same over an image file, a folder of images, or a dataset split
+("split:NAME"), writing WORKDIR/predictions/results.json (COCO results format) and an overlay PNG
+per image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Iterator, Sequence
+
+import ml_collections
+import numpy as np
+from absl import logging
+from PIL import Image
+
+from mrcnn_jax import evaluate, inference, mask_rcnn, visualize
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    """Detections of one image at its original size, best first.
+
+    boxes: [n, 4] xyxy pixels; scores: [n]; classes: [n] contiguous labels (1..K);
+    names: the class names; masks: [n, h, w] bool.
+    """
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    classes: np.ndarray
+    names: tuple[str, ...]
+    masks: np.ndarray
+
+
+def _to_config_value(value, reference):
+    if isinstance(reference, tuple) and isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def load_config(path: str) -> ml_collections.ConfigDict:
+    """A workdir's saved `config.json` read back onto the base config (tuples restored)."""
+    from configs import base
+
+    config = base.get_config()
+    with open(path) as f:
+        saved = json.load(f)
+
+    def assign(target, values, prefix=""):
+        for key, value in values.items():
+            if key not in target:
+                raise KeyError(f"{path}: unknown config key {prefix}{key}")
+            if isinstance(value, dict):
+                assign(target[key], value, f"{prefix}{key}.")
+            else:
+                with target.ignore_type():
+                    target[key] = _to_config_value(value, target[key])
+
+    config.data.unlock()
+    assign(config, saved)
+    return config
+
+
+class Predictor:
+    """A model and its weights behind one call on a numpy image (one compile per padded size)."""
+
+    def __init__(self, config: ml_collections.ConfigDict, variables: dict, class_names=None):
+        self.config = config
+        self.variables = variables
+        self.model = mask_rcnn.build_model(config.model)
+        self._predict = inference.make_predict_fn(self.model, config.model, config.data.image_size)
+        if class_names is None:
+            class_names = ("background",) + tuple(
+                f"class_{i}" for i in range(1, config.model.num_classes + 1)
+            )
+        self.class_names = tuple(class_names)
+
+    @classmethod
+    def from_workdir(cls, workdir: str, config=None, class_names=None) -> Predictor:
+        """Loads WORKDIR/config.json (unless `config` is given) and the latest checkpoint."""
+        from mrcnn_jax import checkpoint
+
+        if config is None:
+            config = load_config(os.path.join(workdir, "config.json"))
+        if class_names is None:
+            class_names = _class_names(config)
+        return cls(config, checkpoint.load_weights(workdir), class_names)
+
+    def __call__(self, image: np.ndarray) -> Prediction:
+        from mrcnn_jax.data.transforms import preprocess_for_eval
+
+        image = np.asarray(image)
+        padded, size, scale = preprocess_for_eval(image, self.config.data)
+        batch = {
+            "images": padded[None],
+            "image_sizes": np.array([size], np.int32),
+            "orig_sizes": np.array([image.shape[:2]], np.int32),
+            "scales": np.array([scale], np.float32),
+            "image_ids": np.zeros((1,), np.int64),
+            "example_valid": np.ones((1,), bool),
+        }
+        dets = self._predict(self.variables, batch["images"], batch["image_sizes"])
+        d = evaluate.image_detections(
+            _numpy(dets), batch, 0, self.config.model.test.mask_threshold
+        )
+        return Prediction(
+            boxes=d["boxes"],
+            scores=d["scores"],
+            classes=d["classes"],
+            names=tuple(self.class_names[c] for c in d["classes"]),
+            masks=d["masks"],
+        )
+
+
+def _numpy(dets):
+    return {f.name: np.asarray(getattr(dets, f.name)) for f in dataclasses.fields(dets)}
+
+
+def _class_names(config) -> Sequence[str] | None:
+    """The dataset's class names when its info is at hand, else None (generic names)."""
+    try:
+        from mrcnn_jax.data import pipeline
+
+        return pipeline.dataset_info(config).class_names
+    except Exception as e:  # noqa: BLE001 - no dataset on this machine: fall back to generic names
+        logging.warning("class names unavailable (%s); using generic names", e)
+        return None
+
+
+def _image_files(path: str) -> list[str]:
+    if os.path.isdir(path):
+        files = sorted(
+            os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(IMAGE_SUFFIXES)
+        )
+        if not files:
+            raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder {path}")
+        return files
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--input {path}: no such file or folder")
+    return [path]
+
+
+def read_rgb(path: str) -> np.ndarray:
+    """Any image file -> uint8 [h, w, 3] RGB (grayscale, palette, RGBA and 16-bit converted)."""
+    with Image.open(path) as im:
+        if im.mode in ("I;16", "I;16B", "I"):
+            arr = np.asarray(im, np.float64)
+            arr = np.clip(arr / max(arr.max(), 1) * 255, 0, 255).astype(np.uint8)
+            return np.stack([arr] * 3, axis=-1)
+        return np.asarray(im.convert("RGB"))
+
+
+def _inputs(config, spec: str) -> Iterator[tuple[str, int, np.ndarray]]:
+    """(name, image id, RGB image) for a file, a folder, or "split:NAME" of the config's dataset."""
+    if spec.startswith("split:"):
+        from mrcnn_jax.data import pipeline
+
+        for image_id, image in pipeline.split_images(config, spec[len("split:") :]):
+            yield str(image_id), int(image_id), image
+        return
+    for i, path in enumerate(_image_files(spec)):
+        yield os.path.splitext(os.path.basename(path))[0], i, read_rgb(path)
+
+
+def predict_main(config, workdir: str, inputs: str, score_threshold: float = 0.5) -> list[str]:
+    """Runs the latest checkpoint of `workdir` on `inputs`; -> the overlay PNG paths written."""
+    predictor = Predictor.from_workdir(workdir, config=config)
+    out_dir = os.path.join(workdir, "predictions")
+    os.makedirs(out_dir, exist_ok=True)
+    label_to_cat = _label_to_category(config)
+    results, paths = [], []
+    for name, image_id, image in _inputs(config, inputs):
+        p = predictor(image)
+        for box, score, cls, rle in zip(
+            p.boxes, p.scores, p.classes, evaluate.encode_masks(p.masks), strict=True
+        ):
+            x1, y1, x2, y2 = (float(v) for v in box)
+            results.append({
+                "image_id": image_id,
+                "file_name": name,
+                "category_id": int(label_to_cat.get(int(cls), int(cls))),
+                "bbox": [x1, y1, x2 - x1, y2 - y1],
+                "score": float(score),
+                "segmentation": rle,
+            })
+        path = os.path.join(out_dir, f"{name}.png")
+        visualize.save_png(path, visualize.overlay(
+            image, p.boxes, p.masks, p.classes, p.scores, predictor.class_names, score_threshold
+        ))
+        paths.append(path)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(results, f)
+    logging.info("wrote %d detections on %d images to %s", len(results), len(paths), out_dir)
+    return paths
+
+
+def _label_to_category(config) -> dict[int, int]:
+    try:
+        from mrcnn_jax.data import pipeline
+
+        return dict(pipeline.dataset_info(config).label_to_category_id)
+    except Exception:  # noqa: BLE001 - no dataset: contiguous labels are written as they are
+        return {}

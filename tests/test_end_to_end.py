@@ -1,0 +1,90 @@
+"""The user's path through the command line: train -> eval -> predict on the tiny shapes config."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools.coco import COCO
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*args, cwd):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, "-m", "mrcnn_jax.main", "--config=configs/tiny.py", *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    workdir, data_dir = str(tmp / "work"), str(tmp / "tfds")
+    _run(f"--workdir={workdir}", f"--config.data.data_dir={data_dir}", cwd=ROOT)
+    return workdir, data_dir
+
+
+def test_train_writes_checkpoint_metrics_results(trained):
+    workdir, _ = trained
+    assert os.listdir(os.path.join(workdir, "checkpoints"))
+    lines = open(os.path.join(workdir, "metrics.jsonl")).read().splitlines()
+    assert [json.loads(x)["step"] for x in lines if "loss" in json.loads(x)][-1] == 4
+    assert json.load(open(os.path.join(workdir, "config.json")))["data"]["dataset"] == "shapes"
+    evals = [json.loads(x) for x in open(os.path.join(workdir, "eval_metrics.jsonl"))]
+    assert evals[-1]["step"] == 4 and "segm/AP" in evals[-1]
+    results = json.load(open(os.path.join(workdir, "results_step_4.json")))
+    if results:  # pycocotools accepts the results file against the split's ground truth
+        assert {"image_id", "category_id", "bbox", "score", "segmentation"} <= set(results[0])
+    overlays = os.listdir(os.path.join(workdir, "overlays_4"))
+    assert overlays and all(f.endswith(".png") for f in overlays)
+
+
+def test_eval_mode_on_the_checkpoint(trained):
+    workdir, data_dir = trained
+    _run(f"--workdir={workdir}", f"--config.data.data_dir={data_dir}", "--mode=eval", cwd=ROOT)
+    evals = [json.loads(x) for x in open(os.path.join(workdir, "eval_metrics.jsonl"))]
+    assert len(evals) >= 2 and evals[-1]["step"] == 4
+
+
+def test_predict_mode_on_a_folder(trained, tmp_path):
+    workdir, data_dir = trained
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i, shape in enumerate([(48, 64), (80, 60)]):  # sizes other than the padded size
+        Image.fromarray(rng.integers(0, 255, (*shape, 3), dtype=np.uint8)).save(folder / f"im{i}.png")
+    Image.fromarray(rng.integers(0, 255, (40, 40), dtype=np.uint8)).save(folder / "gray.png")
+    _run(
+        f"--workdir={workdir}", f"--config.data.data_dir={data_dir}", "--mode=predict",
+        f"--input={folder}", cwd=ROOT,
+    )
+    out = os.path.join(workdir, "predictions")
+    assert sorted(os.listdir(out)) == ["gray.png", "im0.png", "im1.png", "results.json"]
+    assert Image.open(os.path.join(out, "im1.png")).size == (60, 80)
+    results = json.load(open(os.path.join(out, "results.json")))
+    for r in results:
+        assert r["file_name"] in {"gray", "im0", "im1"} and len(r["bbox"]) == 4
+
+
+def test_results_load_in_pycocotools(trained):
+    from configs import tiny
+    from mrcnn_jax.data import pipeline
+
+    workdir, data_dir = trained
+    config = tiny.get_config()
+    config.data.data_dir = data_dir
+    gt = COCO()
+    gt.dataset = pipeline.coco_ground_truth(config)
+    gt.createIndex()
+    results = json.load(open(os.path.join(workdir, "results_step_4.json")))
+    assert {r["image_id"] for r in results} <= set(gt.getImgIds())
+    if results:
+        dt = gt.loadRes(results)
+        assert len(dt.getAnnIds()) == len(results)
