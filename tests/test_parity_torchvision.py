@@ -1,0 +1,204 @@
+"""Output parity with torchvision's `maskrcnn_resnet50_fpn` after weight conversion, stage by stage.
+
+torchvision's model is built with seeded random weights (nothing is downloaded), made numerically
+lively (BatchNorm statistics of the test image, larger head weights, so the RPN and the classifier
+produce spread scores and 100 detections), converted with `convert.convert`, and both models see the
+same normalised 256 x 320 image (torchvision's transform leaves that size as is). Skipped without
+torch / torchvision. The measured differences are in docs/weights.md.
+"""
+
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("torchvision")
+from torchvision.models.detection import maskrcnn_resnet50_fpn  # noqa: E402
+from torchvision.models.detection.rpn import concat_box_prediction_layers  # noqa: E402
+
+from configs import torchvision_r50_fpn  # noqa: E402
+from mrcnn_jax import convert, inference, mask_rcnn  # noqa: E402
+from mrcnn_jax.mask_rcnn import MaskRCNN  # noqa: E402
+from mrcnn_jax.ops.masks import paste_masks_torchvision  # noqa: E402
+
+pytestmark = pytest.mark.torch
+
+H, W = 256, 320  # multiples of 32: torchvision pads nothing, our P6 has torchvision's stride
+
+
+def _lively(tv, x, gen):
+    """Random weights that keep activations O(1) and scores spread: BatchNorm statistics measured
+    on `x` then random affine terms (small on each block's last norm, as in trained ResNets),
+    random head biases, larger RPN / classifier weights."""
+    norms = [m for m in tv.backbone.body.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average: the statistics of this one batch
+    tv.backbone.body.train()
+    with torch.no_grad():
+        tv.backbone.body(x)
+        tv.eval()
+        for name, m in tv.backbone.body.named_modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                last = name.endswith(("bn3", "downsample.1"))
+                m.weight.uniform_(0.1, 0.3, generator=gen) if last else m.weight.uniform_(
+                    0.5, 1.5, generator=gen
+                )
+                m.bias.normal_(0.0, 0.1 if last else 0.3, generator=gen)
+        for name, p in tv.named_parameters():
+            if name.startswith(("backbone.fpn", "rpn", "roi_heads")) and name.endswith("bias"):
+                p.normal_(0.0, 0.1, generator=gen)
+        tv.rpn.head.cls_logits.weight.mul_(15.0)
+        tv.rpn.head.bbox_pred.weight.mul_(3.0)
+        tv.roi_heads.box_predictor.cls_score.weight.mul_(10.0)
+
+
+def _nhwc(t):
+    return t.permute(0, 2, 3, 1).numpy()
+
+
+def _torchvision_run():
+    """torchvision's model, its normalised input and every stage's outputs (numpy)."""
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    tv = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, min_size=H, max_size=W).eval()
+    gen = torch.Generator().manual_seed(1)
+    low = torch.rand(1, 3, H // 16, W // 16, generator=gen)
+    image = torch.nn.functional.interpolate(low, size=(H, W), mode="bilinear")[0]
+    image = (image + 0.1 * torch.rand(3, H, W, generator=gen)).clamp(0.0, 1.0)
+    images, _ = tv.transform([image])
+    assert tuple(images.tensors.shape) == (1, 3, H, W) and images.image_sizes == [(H, W)]
+    _lively(tv, images.tensors, gen)
+    r = types.SimpleNamespace(image=image.numpy(), x=_nhwc(images.tensors))
+    with torch.no_grad():
+        body = tv.backbone.body(images.tensors)
+        fpn = tv.backbone.fpn(body)
+        r.body = [_nhwc(body[k]) for k in ("0", "1", "2", "3")]
+        r.fpn = [_nhwc(fpn[k]) for k in ("0", "1", "2", "3", "pool")]
+        feats = list(fpn.values())
+        objectness, deltas = concat_box_prediction_layers(*tv.rpn.head(feats))
+        r.objectness, r.deltas = objectness[:, 0].numpy(), deltas.numpy()
+        r.anchors = tv.rpn.anchor_generator(images, feats)[0].numpy()
+        props, _ = tv.rpn(images, fpn)
+        r.proposals = props[0].numpy()
+        pooled = tv.roi_heads.box_roi_pool(fpn, props, images.image_sizes)
+        cls, box = tv.roi_heads.box_predictor(tv.roi_heads.box_head(pooled))
+        r.box_pooled, r.cls_logits, r.box_deltas = _nhwc(pooled), cls.numpy(), box.numpy()
+        dets, _ = tv.roi_heads(fpn, props, images.image_sizes)
+        r.boxes, r.scores = dets[0]["boxes"].numpy(), dets[0]["scores"].numpy()
+        r.labels, r.mask_probs = dets[0]["labels"].numpy(), dets[0]["masks"][:, 0].numpy()
+        mask_pooled = tv.roi_heads.mask_roi_pool(fpn, [dets[0]["boxes"]], images.image_sizes)
+        mask_logits = tv.roi_heads.mask_predictor(tv.roi_heads.mask_head(mask_pooled))
+        r.mask_pooled, r.mask_logits = _nhwc(mask_pooled), _nhwc(mask_logits)
+        pasted = tv.transform.postprocess(dets, images.image_sizes, [(H, W)])
+        r.pasted = pasted[0]["masks"][:, 0].numpy()
+    state = {k: v.numpy() for k, v in tv.state_dict().items()}
+    return r, state
+
+
+@pytest.fixture(scope="module")
+def parity():
+    tv, state = _torchvision_run()
+    config = torchvision_r50_fpn.get_config()
+    config.data.num_classes = 90  # keep torchvision's 91 rows: its COCO label ids 1..90
+    config.data.image_size = (H, W)
+    converted = convert.convert(state, config.model, layout="torchvision")
+    model = mask_rcnn.build_model(config.model)
+    variables = jax.tree.map(jnp.asarray, converted.variables)
+    return types.SimpleNamespace(tv=tv, config=config, model=model, variables=variables)
+
+
+@pytest.fixture(scope="module")
+def ours(parity):
+    """Our backbone / FPN / RPN outputs on torchvision's normalised image."""
+    model, variables = parity.model, parity.variables
+
+    def features(v, x):
+        def run(m, x):
+            body = m.backbone(x, train=False)
+            feats = m.fpn(body)
+            return body, feats, m.rpn(feats)
+
+        return model.apply(v, x, method=run)
+
+    body, feats, (logits, deltas) = jax.jit(features)(variables, jnp.asarray(parity.tv.x))
+    return types.SimpleNamespace(body=body, feats=feats, logits=logits, deltas=deltas)
+
+
+def close(ours, theirs, atol, rtol=1e-5):
+    np.testing.assert_allclose(np.asarray(ours), theirs, atol=atol, rtol=rtol)
+
+
+def test_backbone_and_fpn_features(parity, ours):
+    # ~4e-6 on values up to ~3: float32 round-off after 50+ conv layers.
+    for k, level in enumerate(("c2", "c3", "c4", "c5")):
+        close(ours.body[level], parity.tv.body[k], atol=2e-5)
+    for k in range(5):
+        close(ours.feats[f"p{k + 2}"], parity.tv.fpn[k], atol=2e-5)
+
+
+def test_anchors_rpn_outputs_and_proposals(parity, ours):
+    cfg = parity.config.model
+    anchors, counts = inference.anchors_for(cfg, (H, W))
+    np.testing.assert_array_equal(anchors, parity.tv.anchors)  # rounded cell anchors: exact
+    close(ours.logits[0], parity.tv.objectness, atol=2e-5)
+    close(ours.deltas[0], parity.tv.deltas, atol=2e-5)
+    fn = jax.jit(lambda lg, d, a, s: inference.batch_proposals(cfg, lg, d, a, s, counts, train=False))
+    boxes, _, valid = fn(ours.logits, ours.deltas, jnp.asarray(anchors), jnp.array([[H, W]]))
+    n = int(valid.sum())
+    assert n == len(parity.tv.proposals) == 1000
+    close(boxes[0, :n], parity.tv.proposals, atol=2e-4)  # same boxes in the same order
+
+
+def _pool_and_heads(parity, ours, boxes, size, method):
+    """RoIAlign of `boxes` [R, 4] on our FPN features -> (pooled [R, size, size, C], head outputs)."""
+
+    def run(v, feats, b):
+        pooled = inference.pool(feats, b[None], size, parity.config.model.roi)[0]
+        return pooled, parity.model.apply(v, pooled, method=method)
+
+    return jax.jit(run)(parity.variables, ours.feats, jnp.asarray(boxes))
+
+
+def test_box_head_on_the_same_boxes(parity, ours):
+    """RoIAlign 7x7 (aligned=False, sampling 2, LevelMapper) and the box head on torchvision's
+    proposals."""
+    pooled, (logits, deltas) = _pool_and_heads(parity, ours, parity.tv.proposals, 7, MaskRCNN.box_predictions)
+    close(pooled, parity.tv.box_pooled, atol=2e-5)
+    close(logits, parity.tv.cls_logits, atol=2e-5)
+    close(deltas.reshape(len(deltas), -1), parity.tv.box_deltas, atol=2e-5)
+
+
+def test_mask_head_on_the_same_boxes(parity, ours):
+    pooled, logits = _pool_and_heads(parity, ours, parity.tv.boxes, 14, MaskRCNN.mask_logits)
+    close(pooled, parity.tv.mask_pooled, atol=2e-5)
+    close(logits, parity.tv.mask_logits, atol=2e-5)
+
+
+def test_final_detections_and_masks_are_identical(parity):
+    tv = parity.tv
+    predict = inference.make_predict_fn(parity.model, parity.config.model, (H, W))
+    dets = jax.device_get(predict(parity.variables, jnp.asarray(tv.x), jnp.array([[H, W]])))
+    n = int(dets.valid[0].sum())
+    assert n == len(tv.boxes) == 100  # the 100-detection cut is exercised
+    np.testing.assert_array_equal(dets.classes[0, :n], tv.labels)
+    close(dets.scores[0, :n], tv.scores, atol=1e-6)
+    close(dets.boxes[0, :n], tv.boxes, atol=2e-4)
+    close(dets.masks[0, :n], tv.mask_probs, atol=1e-5)
+    pasted = paste_masks_torchvision(dets.masks[0, :n], dets.boxes[0, :n], H, W)
+    close(pasted, tv.pasted, atol=1e-5)
+    np.testing.assert_array_equal(pasted > 0.5, tv.pasted > 0.5)  # torchvision's COCO threshold
+
+
+def test_our_normalisation_matches_torchvision_transform(parity):
+    """The input pipeline's normalise with the config's mean / std on 0-255 RGB pixels."""
+    pytest.importorskip("tensorflow")
+    from mrcnn_jax.data import transforms
+
+    d = parity.config.data
+    pixels = parity.tv.image.transpose(1, 2, 0) * 255.0
+    ours = transforms.normalize(pixels.astype(np.float32), d.pixel_mean, d.pixel_std, d.channel_order)
+    close(np.asarray(ours)[None], parity.tv.x, atol=1e-5)
