@@ -1,0 +1,272 @@
+"""Where the time of one training step and one predict call goes, stage by stage.
+
+    python scripts/profile_stages.py --config configs/base.py --image-size 800 1216 --batch 2 \
+        --output profile.json
+
+It profiles the real compiled programs (built as `benchmark.py` builds them: `train.train_step`
+with the config's optimizer, `inference.predict`), not re-implementations of each stage:
+
+    1. wrap the parameter-free stage functions in `jax.named_scope` at run time (no numerical
+       change): proposals (top-k, decode, NMS), nms, rpn_targets, sample_rois, mask_targets,
+       roi_align_7 / roi_align_14, losses, detections, optimizer. The Flax modules already put
+       their names in the name stack (backbone, fpn, rpn_head, box_head, mask_head).
+    2. compile, run --warmup calls, trace --runs calls with jax.profiler.
+    3. XLA:CPU records one trace event per executed HLO instruction ("thunk", stat hlo_op); map
+       each to the op_name metadata of that instruction in the compiled HLO text and sum the
+       durations per (stage, direction); direction "bwd" = ops under transpose(jvp(...)).
+Container thunks (while, conditional, call) are skipped, their bodies' thunks are counted one by
+one. XLA:CPU can run independent thunks at the same time, so the stage sum may exceed the wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import glob
+import json
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchmark  # noqa: E402  (a sibling script)
+
+# Matched against the op_name path in this order; the first hit names the stage.
+STAGES = (
+    "optimizer",
+    "nms",
+    "proposals",
+    "detections",
+    "rpn_targets",
+    "sample_rois",
+    "mask_targets",
+    "roi_align_7",
+    "roi_align_14",
+    "losses",
+    "backbone",
+    "fpn",
+    "rpn_head",
+    "box_head",
+    "mask_head",
+)
+_CONTAINER = re.compile(r"\s(while|conditional|call)\(")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = ")
+
+
+def _scoped(name, fn):
+    """fn inside jax.named_scope(name(*args) if name is callable else name)."""
+    import jax
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with jax.named_scope(name(*args, **kwargs) if callable(name) else name):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def install_scopes() -> None:
+    """Names the functional stages: module attributes are rebound to scoped wrappers, which every
+    caller picks up at trace time (they look them up through the module)."""
+    from mrcnn_jax import inference, losses, postprocess, targets
+
+    pool_name = lambda feats, rois, output_size, roi_cfg: f"roi_align_{output_size}"
+    pool = _scoped(pool_name, inference.pool)
+    proposals = _scoped("proposals", inference.batch_proposals)
+    for module in (inference, losses):  # losses imported both names from inference
+        module.pool, module.batch_proposals = pool, proposals
+    postprocess.batched_nms = _scoped("nms", postprocess.batched_nms)
+    postprocess.detections = _scoped("detections", postprocess.detections)
+    for name in ("rpn_targets", "sample_rois", "mask_targets"):
+        setattr(targets, name, _scoped(name, getattr(targets, name)))
+    for name in ("rpn_losses", "box_losses", "mask_loss"):
+        setattr(losses, name, _scoped("losses", getattr(losses, name)))
+
+
+def scoped_tx(tx):
+    """The optax transformation with its update under the 'optimizer' scope."""
+    import optax
+
+    return optax.GradientTransformation(tx.init, _scoped("optimizer", tx.update))
+
+
+def stage_of(op_name: str) -> str:
+    """op_name path -> stage name; NMS is reported under its caller (proposals.nms, ...)."""
+    for stage in STAGES:
+        if re.search(rf"(^|[/(]){stage}($|[/)])", op_name):
+            if stage == "nms":
+                return "detections.nms" if "detections" in op_name else "proposals.nms"
+            return stage
+    return "other"
+
+
+def parse_hlo(text: str) -> tuple[str, dict[str, tuple[str, bool]]]:
+    """Compiled HLO text -> (module name, {instruction: (op_name, is_container)})."""
+    module = re.search(r"HloModule ([\w.\-]+)", text).group(1)
+    info = {}
+    for line in text.splitlines():
+        m = _INSTRUCTION.match(line)
+        if m:
+            op = re.search(r'op_name="([^"]*)"', line)
+            info[m.group(1)] = (op.group(1) if op else "", bool(_CONTAINER.search(line)))
+    return module, info
+
+
+def thunk_totals(trace_dir: str, module: str) -> collections.Counter:
+    """{hlo instruction: total ns} over the trace's thunk events of `module`."""
+    from jax.profiler import ProfileData
+
+    totals = collections.Counter()
+    for path in glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True):
+        for plane in ProfileData.from_file(path).planes:
+            for line in plane.lines:
+                for event in line.events:
+                    stats = dict(event.stats)
+                    if stats.get("hlo_module") == module and "hlo_op" in stats:
+                        totals[stats["hlo_op"]] += event.duration_ns
+    return totals
+
+
+def attribute(totals, info, calls: int, top: int) -> dict:
+    """Seconds per call for each (stage, direction), and the `top` most expensive instructions."""
+    stages = collections.defaultdict(lambda: {"fwd_s": 0.0, "bwd_s": 0.0})
+    ops = []
+    for name, ns in totals.items():
+        op_name, container = info.get(name, ("", False))
+        if container:
+            continue
+        seconds = ns / 1e9 / calls
+        direction = "bwd_s" if "transpose(" in op_name else "fwd_s"
+        stages[stage_of(op_name)][direction] += seconds
+        ops.append({"instruction": name, "op_name": op_name, "s": seconds})
+    total = sum(v["fwd_s"] + v["bwd_s"] for v in stages.values())
+    rows = [
+        {"stage": k, **v, "total_s": v["fwd_s"] + v["bwd_s"],
+         "share": (v["fwd_s"] + v["bwd_s"]) / total if total else 0.0}
+        for k, v in stages.items()
+    ]
+    rows.sort(key=lambda r: -r["total_s"])
+    ops.sort(key=lambda r: -r["s"])
+    return {"thunk_sum_s": total, "stages": rows, "top_ops": ops[:top]}
+
+
+def profile(compiled, call, args, trace_root: str, tag: str) -> dict:
+    """Untraced median wall time of call(), then a trace of --runs calls attributed to stages."""
+    import jax
+
+    walls, cpus = benchmark.time_calls(call, args.warmup, args.runs)
+    trace_dir = os.path.join(trace_root, tag)
+    jax.profiler.start_trace(trace_dir)
+    for _ in range(args.runs):
+        call()
+    jax.profiler.stop_trace()
+    module, info = parse_hlo(compiled.as_text())
+    out = attribute(thunk_totals(trace_dir, module), info, args.runs, args.top)
+    return {
+        "wall_median_s": statistics.median(walls),
+        "wall_runs_s": walls,
+        "cpu_median_s": statistics.median(cpus),
+        **out,
+    }
+
+
+def profile_train(config, args, trace_root: str) -> dict:
+    import jax
+
+    batch_np = benchmark.jax_batch(
+        benchmark.examples_for(config, args, args.batch),
+        config.data.max_instances,
+        config.data.mask_crop_size,
+    )
+    step_fn, state, placed, _ = benchmark.jax_train_setup(config, batch_np, wrap_tx=scoped_tx)
+    compiled, lower_s, compile_s = benchmark._compile(step_fn, state, placed)
+    benchmark.log(f"train step compiled in {lower_s + compile_s:.1f} s")
+    holder = {"state": state}
+
+    def call():
+        holder["state"], metrics = compiled(holder["state"], placed)
+        jax.block_until_ready((holder["state"], metrics))
+
+    return {"batch": args.batch, **profile(compiled, call, args, trace_root, "train")}
+
+
+def profile_predict(config, args, trace_root: str) -> dict:
+    import jax
+
+    batch_np = benchmark.jax_batch(
+        benchmark.examples_for(config, args, 1), config.data.max_instances, config.data.mask_crop_size
+    )
+    jitted, call_args = benchmark.jax_predict_setup(config, batch_np)
+    compiled, lower_s, compile_s = benchmark._compile(jitted, *call_args)
+    benchmark.log(f"predict compiled in {lower_s + compile_s:.1f} s")
+    call = lambda: jax.block_until_ready(compiled(*call_args))
+    return {"batch": 1, **profile(compiled, call, args, trace_root, "predict")}
+
+
+def table(result: dict) -> str:
+    """A markdown table of the stages of one profiled program."""
+    lines = [
+        f"wall {result['wall_median_s']:.3f} s, CPU {result['cpu_median_s']:.3f} s (medians), "
+        f"thunk sum {result['thunk_sum_s']:.3f} s",
+        "",
+        "| stage | fwd s | bwd s | total s | share |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in result["stages"]:
+        lines.append(
+            f"| {r['stage']} | {r['fwd_s']:.3f} | {r['bwd_s']:.3f} | {r['total_s']:.3f} "
+            f"| {100 * r['share']:.1f}% |"
+        )
+    lines += ["", "| top instruction | s | op_name |", "|---|---:|---|"]
+    for op in result["top_ops"]:
+        lines.append(f"| {op['instruction']} | {op['s']:.3f} | {op['op_name'][-110:]} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/base.py")
+    p.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"))
+    p.add_argument("--batch", type=int, default=2, help="batch of the training step")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--instances", type=int, default=8)
+    p.add_argument("--score-threshold", type=float, help="default: the config's")
+    p.add_argument("--top", type=int, default=15, help="most expensive HLO instructions to list")
+    p.add_argument("--only", choices=("train", "predict"), help="profile one program")
+    p.add_argument("--trace-dir", help="keep the jax.profiler traces here (TensorBoard / xprof)")
+    p.add_argument("--output", help="also write the JSON here")
+    args = p.parse_args(argv)
+
+    benchmark.limit_threads(args.threads)
+    config = benchmark.load_config(args.config, args.image_size, args.batch, args.set)
+    if args.score_threshold is not None:
+        config.model.test.score_threshold = args.score_threshold
+    install_scopes()
+    trace_root = args.trace_dir or tempfile.mkdtemp(prefix="profile_stages_")
+    result = {
+        "setup": {"config": args.config, "overrides": args.set,
+                  "image_size": list(config.data.image_size), "batch": args.batch,
+                  "threads": args.threads, "load_avg_start": list(os.getloadavg()),
+                  "time": time.strftime("%Y-%m-%d %H:%M:%S")},
+    }
+    if args.only in (None, "train"):
+        result["train"] = profile_train(config, args, trace_root)
+        print(f"## train step, batch {args.batch}\n\n{table(result['train'])}\n", flush=True)
+    if args.only in (None, "predict"):
+        result["predict"] = profile_predict(config, args, trace_root)
+        print(f"## predict, batch 1\n\n{table(result['predict'])}\n", flush=True)
+    result["setup"]["load_avg_end"] = list(os.getloadavg())
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
