@@ -1,7 +1,7 @@
 """detectron2 model zoo `COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x` (38.6 box / 35.2 mask AP)
 with its inference as close as a fixed-shape graph allows.
 
-Weights: `python -m mrcnn_jax.convert --source=detectron2 --input=model_final_f10217.pkl
+Weights: `python -m mrcnn_jax.convert --source=detectron2 --input=model_final_a54504.pkl
 --allow_pickle --workdir=DIR`; for R101-FPN add `--config.model.depth=101` to both the conversion
 and the evaluation (docs/weights.md). Values from detectron2's `Base-RCNN-FPN.yaml` and
 `config/defaults.py`; the training fields are its 1x schedule (the base config).

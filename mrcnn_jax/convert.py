@@ -1,7 +1,7 @@
 """Import published PyTorch Mask R-CNN weights (torchvision, detectron2) as an orbax checkpoint.
 
     python -m mrcnn_jax.convert --source=torchvision --input=maskrcnn_resnet50_fpn_coco.pth --workdir=DIR
-    python -m mrcnn_jax.convert --source=detectron2 --input=model_final_f10217.pkl --allow_pickle \\
+    python -m mrcnn_jax.convert --source=detectron2 --input=model_final_a54504.pkl --allow_pickle \\
         --workdir=DIR
 
 | --source    | file (read from disk, nothing is downloaded)                 | what it fills  |
@@ -57,6 +57,7 @@ from mrcnn_jax.ops.anchors import base_anchors
 
 SOURCES = ("torchvision", "detectron2")
 INFO_FILE = "conversion.json"  # written next to the checkpoint: what was converted from where
+CONFIG_FILE = "config.json"  # the target config, in the format of `main.save_config`
 
 # The 80 COCO category ids (ten of 1..90 are unused). torchvision's COCO models predict the ids
 # themselves (91 rows with background 0); our labels are 1..80 in sorted id order (coco_utils).
@@ -663,7 +664,8 @@ def convert_file(
     class_map: str = "auto",
 ) -> Converted:
     """What `python -m mrcnn_jax.convert` does: read `input_path`, convert it for `config`
-    (default: `default_config(source)`), write the checkpoint into `workdir`."""
+    (default: `default_config(source)`), write the checkpoint, conversion.json and config.json
+    into `workdir`."""
     config = config if config is not None else default_config(source)
     if source == "torchvision":
         tensors, layout = read_torch_state_dict(input_path), "torchvision"
@@ -689,6 +691,10 @@ def convert_file(
         "class_rows": None if rows is None else list(rows),
     }
     save_converted(converted, workdir, info)
+    # The config the weights were converted for, as `main` writes it: `predict.Predictor.from_workdir`
+    # and `predict.load_config` read it back.
+    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
     return converted
 
 

@@ -19,7 +19,7 @@ from mrcnn_jax import convert, inference, postprocess
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# A few (name, shape) pairs as they appear in detectron2's model_final_f10217.pkl (R50-FPN 1x).
+# A few (name, shape) pairs of detectron2's R50-FPN Mask R-CNN state dict (model zoo 1x / 3x files).
 REAL_DETECTRON2 = {
     "backbone.bottom_up.stem.conv1.weight": (64, 3, 7, 7),
     "backbone.bottom_up.stem.conv1.norm.running_var": (64,),
@@ -186,7 +186,7 @@ def d2_converted(d2_r50):
 def test_detectron2_r50_fpn_real_names_fill_every_variable(d2_r50, d2_converted):
     for name, shape in REAL_DETECTRON2.items():
         assert d2_r50[name].shape == shape, name
-    assert len(d2_r50) == 307  # model_final_f10217.pkl holds 307 weight tensors
+    assert len(d2_r50) == 307  # the R50-FPN Mask R-CNN's weight tensors in detectron2's names
     out, config = d2_converted
     assert out.kind == "detector" and out.layout == "detectron2" and out.dropped == ()
     got = {k: v.shape for k, v in flat(out.variables).items()}
@@ -440,6 +440,10 @@ def test_converted_checkpoint_loads_and_fine_tunes_with_other_classes(tmp_path):
         np.testing.assert_array_equal(flat(loaded)[k], x, err_msg=k)
     info = (tmp_path / "converted" / convert.INFO_FILE).read_text()
     assert '"kind": "detector"' in info and '"sha256"' in info
+    from mrcnn_jax import predict
+
+    saved = predict.load_config(os.path.join(workdir, convert.CONFIG_FILE))
+    assert saved.model.depth == 18 and saved.model.stride_in_1x1 and saved.data.num_classes == 2
     with pytest.raises(FileExistsError):
         convert.save_converted(out, workdir)
 
