@@ -21,7 +21,6 @@ import re
 
 import numpy as np
 import tensorflow_datasets as tfds
-from etils import epath
 
 from mrcnn_jax.data import coco_utils
 
@@ -133,27 +132,10 @@ def build_example(meta: dict, anns: list[dict], loaded, label_of: dict, log: coc
     }
 
 
-class CocoFolder(tfds.core.GeneratorBasedBuilder):
+class CocoFolder(coco_utils.InstancesBuilder):
     """COCO-format folder; build it as `CocoFolder(config=coco_folder_config(root, split), ...)`."""
 
-    VERSION = tfds.core.Version("1.0.0")
-
-    @tfds.core.utils.classproperty
-    @classmethod
-    def code_path(cls) -> epath.Path:
-        # TFDS would look this file up with the `importlib_resources` backport, not a dependency.
-        return epath.Path(__file__)
-
     RELEASE_NOTES = {"1.0.0": "Instances with compressed-RLE masks, repaired annotations."}
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__,
-            features=coco_utils.example_features(),
-            metadata=tfds.core.MetadataDict(),
-            disable_shuffling=True,  # image-id order kept: the pipeline shuffles by index
-        )
 
     def _split_generators(self, dl_manager):
         del dl_manager  # the data is already on disk

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import inspect
 import io
 import json
 import logging
@@ -30,6 +31,7 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import tensorflow_datasets as tfds
+from etils import epath
 from pycocotools import mask as mask_utils
 
 logger = logging.getLogger(__name__)
@@ -119,6 +121,29 @@ def example_features() -> tfds.features.FeaturesDict:
 
 
 # ------------------------------------------------------------------------------ annotation file
+
+
+class InstancesBuilder(tfds.core.GeneratorBasedBuilder):
+    """What the shapes and COCO-folder builders share: the feature spec of `example_features`,
+    examples kept in index order (the pipeline shuffles by index), the module docstring as the
+    description. Abstract, so TFDS does not register it."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls) -> epath.Path:
+        # TFDS would look the builder's file up with the `importlib_resources` backport, not a dependency.
+        return epath.Path(inspect.getfile(cls))
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=inspect.getmodule(type(self)).__doc__,
+            features=example_features(),
+            metadata=tfds.core.MetadataDict(),
+            disable_shuffling=True,
+        )
 
 
 def load_annotation_file(path: str) -> dict:

@@ -20,7 +20,6 @@ import math
 
 import numpy as np
 import tensorflow_datasets as tfds
-from etils import epath
 
 from mrcnn_jax.data import coco_utils
 
@@ -148,27 +147,10 @@ def make_example(seed: int, split: str, index: int, size: int) -> dict:
     }
 
 
-class Shapes(tfds.core.GeneratorBasedBuilder):
+class Shapes(coco_utils.InstancesBuilder):
     """The synthetic `shapes` dataset: `Shapes(config=shapes_config(...), data_dir=...)`."""
 
-    VERSION = tfds.core.Version("1.0.0")
-
-    @tfds.core.utils.classproperty
-    @classmethod
-    def code_path(cls) -> epath.Path:
-        # TFDS would look this file up with the `importlib_resources` backport, not a dependency.
-        return epath.Path(__file__)
-
     RELEASE_NOTES = {"1.0.0": "Circles, squares and triangles with exact occlusion-aware masks."}
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__,
-            features=coco_utils.example_features(),
-            metadata=tfds.core.MetadataDict(),
-            disable_shuffling=True,  # examples stay in index order: the pipeline shuffles by index
-        )
 
     def _split_generators(self, dl_manager):
         del dl_manager  # nothing to download
