@@ -6,11 +6,9 @@ XLA_FLAGS=--xla_force_host_platform_device_count=8 (`python -m tests.test_parall
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import numpy as np
+
+from tests.multidevice import run_on_devices
 
 DEVICES = 8
 GLOBAL_BATCH = 16  # 2 examples per device
@@ -18,22 +16,7 @@ STEPS = 3
 
 
 def test_pmap_and_mesh_match_one_device():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {
-        **os.environ,
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES}",
-        "JAX_PLATFORMS": "cpu",
-    }
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.test_parallel"],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert "parallel equivalence: ok" in proc.stdout
+    assert "parallel equivalence: ok" in run_on_devices("tests.test_parallel", DEVICES, 300)
 
 
 # ----------------------------------------------------------------------------- the subprocess

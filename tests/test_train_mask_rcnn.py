@@ -7,15 +7,12 @@ subprocess (`python -m tests.test_train_mask_rcnn`).
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import jax
 import numpy as np
 
 from configs import tiny
 from mrcnn_jax import losses, mask_rcnn, train
+from tests.multidevice import run_on_devices
 
 DEVICES = 8
 
@@ -57,18 +54,8 @@ def test_loss_goes_down_on_tiny_shapes(tmp_path):
 
 
 def test_pmap_and_mesh_match_one_device():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {
-        **os.environ,
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES}",
-        "JAX_PLATFORMS": "cpu",
-    }
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.test_train_mask_rcnn"],
-        cwd=root, env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert "mask r-cnn parallel equivalence: ok" in proc.stdout
+    out = run_on_devices("tests.test_train_mask_rcnn", DEVICES)
+    assert "mask r-cnn parallel equivalence: ok" in out
 
 
 def _one_step(kind: str, batch):
