@@ -30,7 +30,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from mrcnn_jax.ops.masks import paste_masks
+from mrcnn_jax.ops.masks import paste_masks, paste_masks_torchvision
 
 log = logging.getLogger(__name__)
 
@@ -74,14 +74,27 @@ def _unpad(dets, batch, index: int) -> dict:
     }
 
 
-def _paste_chunks(probs: np.ndarray, boxes: np.ndarray, height: int, width: int, threshold: float):
+def _paste(probs, boxes, height: int, width: int, threshold: float, kind: str) -> np.ndarray:
+    """[k, M, M] probabilities -> [k, height, width] bool with the `kind` family's paste:
+    detectron2 grid-samples and keeps `>= threshold`; torchvision resizes into the (expanded,
+    integer) box and its COCO evaluation keeps `> threshold`."""
+    if kind == "detectron2":
+        return paste_masks(probs, boxes, height, width, threshold, xp=np)
+    if kind == "torchvision":
+        return paste_masks_torchvision(probs, boxes, height, width, xp=np) > threshold
+    raise ValueError(f"config.model.test.mask_paste must be detectron2 or torchvision, got {kind!r}")
+
+
+def _paste_chunks(probs, boxes, height: int, width: int, threshold: float, kind: str = "detectron2"):
     """Yields [k, height, width] bool masks, `_PASTE_CHUNK` detections at a time."""
     for start in range(0, len(boxes), _PASTE_CHUNK):
         end = start + _PASTE_CHUNK
-        yield paste_masks(probs[start:end], boxes[start:end], height, width, threshold, xp=np)
+        yield _paste(probs[start:end], boxes[start:end], height, width, threshold, kind)
 
 
-def image_detections(dets, batch, index: int, mask_threshold: float = 0.5) -> dict:
+def image_detections(
+    dets, batch, index: int, mask_threshold: float = 0.5, mask_paste: str = "detectron2"
+) -> dict:
     """One example's detections at original resolution, e.g. for `visualize.overlay`.
 
     -> {"boxes": [n, 4] xyxy original pixels, "scores": [n], "classes": [n] contiguous labels,
@@ -91,7 +104,9 @@ def image_detections(dets, batch, index: int, mask_threshold: float = 0.5) -> di
     masks = None
     if u["probs"] is not None:
         chunks = list(
-            _paste_chunks(u["probs"], u["boxes"], u["height"], u["width"], mask_threshold)
+            _paste_chunks(
+                u["probs"], u["boxes"], u["height"], u["width"], mask_threshold, mask_paste
+            )
         )
         masks = np.concatenate(chunks) if chunks else np.zeros((0, u["height"], u["width"]), bool)
     return {"boxes": u["boxes"], "scores": u["scores"], "classes": u["classes"], "masks": masks}
@@ -108,7 +123,11 @@ def encode_masks(masks: np.ndarray) -> list[dict]:
 
 
 def detections_to_coco(
-    dets, batch: Mapping, label_to_category_id: Mapping[int, int], mask_threshold: float = 0.5
+    dets,
+    batch: Mapping,
+    label_to_category_id: Mapping[int, int],
+    mask_threshold: float = 0.5,
+    mask_paste: str = "detectron2",
 ) -> list[dict]:
     """Padded detections of one batch -> COCO results, one dict per real detection.
 
@@ -140,7 +159,9 @@ def detections_to_coco(
             for box, score, label in zip(u["boxes"], u["scores"], u["classes"], strict=True)
         ]
         if u["probs"] is not None:
-            chunks = _paste_chunks(u["probs"], u["boxes"], u["height"], u["width"], mask_threshold)
+            chunks = _paste_chunks(
+                u["probs"], u["boxes"], u["height"], u["width"], mask_threshold, mask_paste
+            )
             rles = [rle for chunk in chunks for rle in encode_masks(chunk)]
             for result, rle in zip(image_results, rles, strict=True):
                 result["segmentation"] = rle
@@ -248,6 +269,7 @@ def run_evaluation(
     label_to_category_id: Mapping[int, int],
     mask_threshold: float = 0.5,
     results_path: str | None = None,
+    mask_paste: str = "detectron2",
     on_batch: Callable[[object, dict], None] | None = None,
 ) -> tuple[dict[str, float], list[dict]]:
     """Streams `batches` through `predict_fn(batch) -> Detections` and scores them with COCOeval.
@@ -269,7 +291,9 @@ def run_evaluation(
             dets = _merge_devices(dets)
         host = _host_batch(batch, pmapped)
         has_masks = has_masks or _field(dets, "masks") is not None
-        results.extend(detections_to_coco(dets, host, label_to_category_id, mask_threshold))
+        results.extend(
+            detections_to_coco(dets, host, label_to_category_id, mask_threshold, mask_paste)
+        )
         if on_batch is not None:
             on_batch(dets, host)
         num_images += int(host["example_valid"].sum())
@@ -359,6 +383,8 @@ def evaluate_model(config, model, variables, workdir: str, step: int, summary_wr
             dets, {**batch, "example_valid": keep}, overlay_dir, info.class_names,
             pixel_mean=config.data.pixel_mean, pixel_std=config.data.pixel_std,
             channel_order=config.data.channel_order,
+            mask_threshold=config.model.test.mask_threshold,
+            mask_paste=config.model.test.mask_paste,
         )
 
     metrics, _ = run_evaluation(
@@ -367,6 +393,7 @@ def evaluate_model(config, model, variables, workdir: str, step: int, summary_wr
         pipeline.coco_ground_truth(config),
         info.label_to_category_id,
         mask_threshold=config.model.test.mask_threshold,
+        mask_paste=config.model.test.mask_paste,
         results_path=os.path.join(workdir, f"results_step_{int(step)}.json"),
         on_batch=pictures if remaining[0] > 0 else None,
     )

@@ -109,8 +109,9 @@ class Predictor:
             "example_valid": np.ones((1,), bool),
         }
         dets = self._predict(self.variables, batch["images"], batch["image_sizes"])
+        test = self.config.model.test
         d = evaluate.image_detections(
-            _numpy(dets), batch, 0, self.config.model.test.mask_threshold
+            _numpy(dets), batch, 0, test.mask_threshold, test.mask_paste
         )
         return Prediction(
             boxes=d["boxes"],

@@ -569,8 +569,12 @@ def _initial_variables(config, model, key, resuming: bool) -> dict[str, Any]:
 
     variables = mask_rcnn.init_variables(model, key, tuple(config.data.image_size))
     if config.train.init_checkpoint and not resuming:
+        from mrcnn_jax import convert
+
+        # Class-dependent layers of another class count, or everything past an ImageNet
+        # backbone, keep their fresh values; anything else must fit exactly.
         loaded = ckpt_lib.load_weights(config.train.init_checkpoint)
-        variables = ckpt_lib.merge_weights(variables, loaded)
+        variables = convert.merge_pretrained(variables, loaded)
         logging.info("initialised the weights from %s", config.train.init_checkpoint)
     return variables
 

@@ -179,6 +179,7 @@ def example_overlay(
     channel_order: str = "RGB",
     score_threshold: float = 0.5,
     mask_threshold: float = 0.5,
+    mask_paste: str = "detectron2",
 ) -> np.ndarray:
     """The overlay of batch example `index` at its original size -> [orig H, orig W, 3] uint8.
 
@@ -191,7 +192,7 @@ def example_overlay(
     resized = np.asarray(batch["images"][index])[:h, :w]
     picture = Image.fromarray(denormalize(resized, pixel_mean, pixel_std, channel_order))
     picture = np.asarray(picture.resize((ow, oh), Image.Resampling.BILINEAR), np.uint8)
-    d = image_detections(dets, batch, index, mask_threshold)
+    d = image_detections(dets, batch, index, mask_threshold, mask_paste)
     return overlay(
         picture, d["boxes"], d["masks"], d["classes"], d["scores"], class_names, score_threshold
     )

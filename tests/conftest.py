@@ -8,6 +8,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402
 
+# With torch installed, importing tensorflow before torchvision (which loads triton) crashes the
+# process; taking torchvision first, when it exists, avoids that for every test module.
+try:
+    import torchvision  # noqa: F401
+except ImportError:
+    pass
+
 
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", default=False, help="run slow tests")

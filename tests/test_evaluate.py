@@ -612,3 +612,27 @@ def test_run_evaluation_hands_each_batch_to_on_batch():
         np.testing.assert_array_equal(batch["image_ids"], expected_batch["image_ids"])
         assert batch["images"].shape == (2, 8, 8, 3)
         np.testing.assert_array_equal(dets.boxes, expected_dets.boxes)
+
+
+def test_mask_paste_kind_selects_the_family_definition():
+    from mrcnn_jax.ops.masks import paste_masks, paste_masks_torchvision
+
+    rng = np.random.default_rng(0)
+    probs = rng.uniform(size=(1, 2, 28, 28)).astype(np.float32)
+    dets = {
+        "boxes": np.array([[[4.0, 6.0, 40.0, 30.0], [10.0, 10.0, 20.5, 44.0]]], np.float32),
+        "scores": np.array([[0.9, 0.8]], np.float32),
+        "classes": np.array([[1, 2]], np.int32),
+        "valid": np.array([[True, True]]),
+        "masks": probs,
+    }
+    batch = {"scales": np.array([2.0], np.float32), "orig_sizes": np.array([[30, 25]], np.int32)}
+    boxes = dets["boxes"][0] / 2.0
+    boxes = np.clip(boxes, 0, [25, 30, 25, 30])
+    d2 = evaluate.image_detections(dets, batch, 0, 0.5, "detectron2")["masks"]
+    tv = evaluate.image_detections(dets, batch, 0, 0.5, "torchvision")["masks"]
+    np.testing.assert_array_equal(d2, paste_masks(probs[0], boxes, 30, 25, 0.5, xp=np))
+    np.testing.assert_array_equal(tv, paste_masks_torchvision(probs[0], boxes, 30, 25, xp=np) > 0.5)
+    assert not np.array_equal(d2, tv)
+    with pytest.raises(ValueError, match="mask_paste"):
+        evaluate.image_detections(dets, batch, 0, 0.5, "caffe2")
