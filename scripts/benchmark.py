@@ -228,6 +228,20 @@ def jax_variables(model, config, key, weights_npz: str | None):
     return checkpoint.merge_weights(jax.device_get(variables), loaded)
 
 
+def xla_memory_mb(compiled) -> dict:
+    """XLA's own accounting of a compiled program (MiB): temporaries, arguments, outputs, code;
+    empty when the backend does not report it."""
+    try:
+        stats = compiled.memory_analysis()
+    except (AttributeError, NotImplementedError, RuntimeError):
+        return {}
+    if stats is None:
+        return {}
+    fields = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes",
+              "generated_code_size_in_bytes")
+    return {f.replace("_size_in_bytes", "_mb"): getattr(stats, f) / 2**20 for f in fields}
+
+
 def jax_predict_setup(config, batch_np: dict, weights_npz: str | None = None):
     """(jitted predict, its arguments) exactly as `inference.make_predict_fn` builds them, with the
     jit exposed so lower() and compile() can be timed apart."""
@@ -275,6 +289,7 @@ def jax_predict(config, args, batch: int) -> dict:
     out.update(
         lower_s=lower_s,
         compile_s=compile_s,
+        xla_memory=xla_memory_mb(compiled),
         paste_s=statistics.median(paste_walls),
         end_to_end_s=out["median_s"] + statistics.median(paste_walls),
         end_to_end_cpu_s=out["cpu_median_s"] + statistics.median(paste_cpus),
@@ -328,7 +343,9 @@ def jax_train(config, args, batch: int) -> dict:
 
     out = summary(time_calls(run, args.warmup, args.runs), batch)
     metrics = placement.get_metrics(holder["metrics"])
-    out.update(lower_s=lower_s, compile_s=compile_s, loss=metrics["loss"])
+    out.update(
+        lower_s=lower_s, compile_s=compile_s, xla_memory=xla_memory_mb(compiled), loss=metrics["loss"]
+    )
     return out
 
 

@@ -14,6 +14,9 @@ with the config's optimizer, `inference.predict`), not re-implementations of eac
     3. XLA:CPU records one trace event per executed HLO instruction ("thunk", stat hlo_op); map
        each to the op_name metadata of that instruction in the compiled HLO text and sum the
        durations per (stage, direction); direction "bwd" = ops under transpose(jvp(...)).
+       Instructions XLA creates without metadata (mostly weight gradients) are named after their
+       inputs (`_from_operands`): at a module boundary a weight gradient can land on the
+       neighbouring stage (the FPN's output2 dW on the RPN head, whose cotangent feeds it).
 Container thunks (while, conditional, call) are skipped, their bodies' thunks are counted one by
 one. XLA:CPU can run independent thunks at the same time, so the stage sum may exceed the wall time.
 """
@@ -53,8 +56,11 @@ STAGES = (
     "box_head",
     "mask_head",
 )
+MODULES = ("backbone", "fpn", "rpn_head", "box_head", "mask_head")  # the Flax parts
 _CONTAINER = re.compile(r"\s(while|conditional|call)\(")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = ")
+_OPERAND = re.compile(r"%([\w.\-]+)")
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+) \(.*\) -> .*\{\s*$")
 
 
 def _scoped(name, fn):
@@ -104,15 +110,56 @@ def stage_of(op_name: str) -> str:
     return "other"
 
 
-def parse_hlo(text: str) -> tuple[str, dict[str, tuple[str, bool]]]:
-    """Compiled HLO text -> (module name, {instruction: (op_name, is_container)})."""
+def _from_operands(name: str, info: dict, operands: dict, depth: int = 4) -> str:
+    """op_name for an unnamed instruction, e.g. a weight gradient (activation x cotangent) or a
+    strided conv's window-dilated weight gradient, from the instructions that feed it (breadth
+    first, up to `depth` levels): a model module first (a predictor's cotangent comes from the
+    loss), then any named stage; wrapped in transpose(...) (backward) when a cotangent is met."""
+    found, frontier, seen = [], [name], {name}
+    for _ in range(depth):
+        frontier = [o for n in frontier for o in operands.get(n, ()) if o in info and o not in seen]
+        seen.update(frontier)
+        found += [info[o][0] for o in frontier if info[o][0]]
+        if any(stage_of(o) in MODULES for o in found):
+            break
+    backward = any("transpose(" in o for o in found)
+    found.sort(key=lambda o: (stage_of(o) not in MODULES, "transpose(" not in o, stage_of(o) == "other"))
+    op_name = found[0] if found else ""
+    return f"transpose({op_name})" if backward and "transpose(" not in op_name else op_name
+
+
+def parse_hlo(text: str) -> tuple[str, dict[str, tuple[str, bool, str]]]:
+    """Compiled HLO text -> (module name, {instruction: (op_name, is_container, HLO line)}).
+
+    An instruction without metadata (some fusions, copies) takes the op_name of the computation it
+    calls (its root's, else the first one there), else one from its inputs (`_from_operands`).
+    """
     module = re.search(r"HloModule ([\w.\-]+)", text).group(1)
-    info = {}
+    info, calls, named, operands = {}, {}, {}, {}
+    computation = None
     for line in text.splitlines():
+        header = _COMPUTATION.match(line)
+        if header:
+            computation = header.group(1)
         m = _INSTRUCTION.match(line)
-        if m:
-            op = re.search(r'op_name="([^"]*)"', line)
-            info[m.group(1)] = (op.group(1) if op else "", bool(_CONTAINER.search(line)))
+        if header or not m:
+            continue
+        op = re.search(r'op_name="([^"]*)"', line)
+        op_name = op.group(1) if op else ""
+        info[m.group(1)] = (op_name, bool(_CONTAINER.search(line)), line.strip())
+        if op_name and (line.lstrip().startswith("ROOT") or computation not in named):
+            named[computation] = op_name
+        called = re.search(r"calls=%?([\w.\-]+)", line)
+        if called:
+            calls[m.group(1)] = called.group(1)
+        operands[m.group(1)] = _OPERAND.findall(line.split("=", 1)[1])
+    unnamed = [n for n, v in info.items() if not v[0] or stage_of(v[0]) == "other"]
+    for name in unnamed:
+        op_name, container, line = info[name]
+        op_name = op_name or named.get(calls.get(name), "")
+        if stage_of(op_name) == "other":  # still anonymous, or a name such as flat_args[3]
+            op_name = _from_operands(name, info, operands) or op_name
+        info[name] = (op_name, container, line)
     return module, info
 
 
@@ -136,13 +183,14 @@ def attribute(totals, info, calls: int, top: int) -> dict:
     stages = collections.defaultdict(lambda: {"fwd_s": 0.0, "bwd_s": 0.0})
     ops = []
     for name, ns in totals.items():
-        op_name, container = info.get(name, ("", False))
+        op_name, container, line = info.get(name, ("", False, ""))
         if container:
             continue
         seconds = ns / 1e9 / calls
         direction = "bwd_s" if "transpose(" in op_name else "fwd_s"
         stages[stage_of(op_name)][direction] += seconds
-        ops.append({"instruction": name, "op_name": op_name, "s": seconds})
+        # The HLO line up to its operands: shape and opcode, for instructions without a name.
+        ops.append({"instruction": name, "op_name": op_name, "s": seconds, "hlo": line[:200]})
     total = sum(v["fwd_s"] + v["bwd_s"] for v in stages.values())
     rows = [
         {"stage": k, **v, "total_s": v["fwd_s"] + v["bwd_s"],
@@ -164,7 +212,10 @@ def profile(compiled, call, args, trace_root: str, tag: str) -> dict:
     for _ in range(args.runs):
         call()
     jax.profiler.stop_trace()
-    module, info = parse_hlo(compiled.as_text())
+    text = compiled.as_text()
+    with open(os.path.join(trace_root, f"{tag}.hlo.txt"), "w") as f:
+        f.write(text)  # the compiled HLO, to look up instructions by name
+    module, info = parse_hlo(text)
     out = attribute(thunk_totals(trace_dir, module), info, args.runs, args.top)
     return {
         "wall_median_s": statistics.median(walls),
@@ -182,7 +233,9 @@ def profile_train(config, args, trace_root: str) -> dict:
         config.data.max_instances,
         config.data.mask_crop_size,
     )
-    step_fn, state, placed, _ = benchmark.jax_train_setup(config, batch_np, wrap_tx=scoped_tx)
+    step_fn, state, placed, _ = benchmark.jax_train_setup(
+        config, batch_np, args.weights_npz, wrap_tx=scoped_tx
+    )
     compiled, lower_s, compile_s = benchmark._compile(step_fn, state, placed)
     benchmark.log(f"train step compiled in {lower_s + compile_s:.1f} s")
     holder = {"state": state}
@@ -200,7 +253,7 @@ def profile_predict(config, args, trace_root: str) -> dict:
     batch_np = benchmark.jax_batch(
         benchmark.examples_for(config, args, 1), config.data.max_instances, config.data.mask_crop_size
     )
-    jitted, call_args = benchmark.jax_predict_setup(config, batch_np)
+    jitted, call_args = benchmark.jax_predict_setup(config, batch_np, args.weights_npz)
     compiled, lower_s, compile_s = benchmark._compile(jitted, *call_args)
     benchmark.log(f"predict compiled in {lower_s + compile_s:.1f} s")
     call = lambda: jax.block_until_ready(compiled(*call_args))
@@ -223,7 +276,8 @@ def table(result: dict) -> str:
         )
     lines += ["", "| top instruction | s | op_name |", "|---|---:|---|"]
     for op in result["top_ops"]:
-        lines.append(f"| {op['instruction']} | {op['s']:.3f} | {op['op_name'][-110:]} |")
+        what = op["op_name"][-110:] or op["hlo"][:110]
+        lines.append(f"| {op['instruction']} | {op['s']:.3f} | {what} |")
     return "\n".join(lines)
 
 
@@ -238,6 +292,8 @@ def main(argv: list[str]) -> None:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--instances", type=int, default=8)
     p.add_argument("--score-threshold", type=float, help="default: the config's")
+    p.add_argument("--torchvision-weights", action="store_true",
+                   help="start from torchvision's random init (as benchmark.py --compare-torchvision)")
     p.add_argument("--top", type=int, default=15, help="most expensive HLO instructions to list")
     p.add_argument("--only", choices=("train", "predict"), help="profile one program")
     p.add_argument("--trace-dir", help="keep the jax.profiler traces here (TensorBoard / xprof)")
@@ -250,10 +306,18 @@ def main(argv: list[str]) -> None:
         config.model.test.score_threshold = args.score_threshold
     install_scopes()
     trace_root = args.trace_dir or tempfile.mkdtemp(prefix="profile_stages_")
+    os.makedirs(trace_root, exist_ok=True)
+    args.weights_npz = None
+    if args.torchvision_weights:
+        args.weights_npz = os.path.join(trace_root, "torchvision_weights.npz")
+        exported = benchmark.torch_export_weights(config, args, 1)
+        if not exported["shared"]:
+            raise SystemExit(f"cannot use torchvision's weights: {exported['reason']}")
     result = {
         "setup": {"config": args.config, "overrides": args.set,
                   "image_size": list(config.data.image_size), "batch": args.batch,
-                  "threads": args.threads, "load_avg_start": list(os.getloadavg()),
+                  "threads": args.threads, "torchvision_weights": args.torchvision_weights,
+                  "load_avg_start": list(os.getloadavg()),
                   "time": time.strftime("%Y-%m-%d %H:%M:%S")},
     }
     if args.only in (None, "train"):

@@ -60,6 +60,7 @@ def test_smoke_run_tiny(tmp_path):
     _check_timing(train, 1)
     for entry in (predict, train):
         assert entry["lower_s"] > 0 and entry["compile_s"] > 0
+        assert entry["xla_memory"]["temp_mb"] > 0 and entry["xla_memory"]["argument_mb"] > 0
     assert predict["end_to_end_s"] >= predict["median_s"] and predict["paste_s"] >= 0
     assert 0 <= predict["num_detections"] <= 10  # tiny: detections_per_image = 10
     assert math.isfinite(train["loss"])
@@ -158,3 +159,83 @@ def test_ratios_and_targets():
     # compile 10 + 55 s > 60 s; train 0.75 > 0.6; predict 0.375 <= 0.5; memory 0.9 <= 1.
     assert met == {"train_compile": False, "predict_compile": True, "predict_latency": True,
                    "train_step": False, "train_peak_rss": True}
+
+
+# ----------------------------------------------------------------------------- profile_stages.py
+
+_ps_spec = importlib.util.spec_from_file_location(
+    "profile_stages_script", os.path.join(ROOT, "scripts", "profile_stages.py")
+)
+ps = importlib.util.module_from_spec(_ps_spec)
+_ps_spec.loader.exec_module(ps)
+
+_HLO = """HloModule jit_step, entry_computation_layout={(f32[4]{0})->f32[4]{0}}
+
+%fused_computation.1 (param_0: f32[4]) -> f32[4] {
+  %param_0 = f32[4]{0} parameter(0)
+  ROOT %tanh.1 = f32[4]{0} tanh(%param_0), metadata={op_name="jit(s)/jvp(M.m)/mask_head/fcn1/tanh"}
+}
+
+%empty_computation (param_0.1: f32[4], param_1.1: f32[4]) -> f32[4] {
+  %param_0.1 = f32[4]{0} parameter(0)
+  %param_1.1 = f32[4]{0} parameter(1)
+  ROOT %multiply.1 = f32[4]{0} multiply(%param_0.1, %param_1.1)
+}
+
+%body (p: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %p = (s32[], f32[4]{0}) parameter(0)
+  %add.3 = f32[4]{0} add(%x, %x), metadata={op_name="jit(s)/proposals/vmap(nms)/while/body/add"}
+}
+
+ENTRY %main.9 (Arg_0.1: f32[4]) -> f32[4] {
+  %Arg_0.1 = f32[4]{0} parameter(0)
+  %conv.2 = f32[4]{0} convolution(%a, %a), metadata={op_name="jit(s)/transpose(jvp(M.f))/backbone/conv1/conv"}
+  %fusion.1 = f32[4]{0} fusion(%conv.2), kind=kLoop, calls=%fused_computation.1
+  %while.5 = (s32[], f32[4]{0}) while(%t), body=%body, metadata={op_name="jit(s)/proposals/vmap(nms)/while"}
+  ROOT %wgrad = f32[4]{0} fusion(%fusion.1, %conv.2), kind=kCustom, calls=%empty_computation
+}
+"""
+
+
+def test_parse_hlo_names_every_instruction():
+    module, info = ps.parse_hlo(_HLO)
+    assert module == "jit_step"
+    assert info["conv.2"][0] == "jit(s)/transpose(jvp(M.f))/backbone/conv1/conv"
+    assert info["fusion.1"][0] == "jit(s)/jvp(M.m)/mask_head/fcn1/tanh"  # from the called root
+    assert info["while.5"][1] and not info["add.3"][1]  # only the while is a container
+    # No metadata anywhere: a forward module activation x a backbone cotangent -> backward work
+    # of a module (the cotangent's, it ranks first among module stages).
+    assert info["wgrad"][0] == info["conv.2"][0] and ps.stage_of(info["wgrad"][0]) == "backbone"
+    assert "multiply" in info["multiply.1"][2]
+
+
+@pytest.mark.parametrize(
+    "op_name, stage",
+    [
+        ("jit(f)/jvp(MaskRCNN.features)/backbone/layer1_0/conv1/conv_general_dilated", "backbone"),
+        ("jit(f)/transpose(jvp(MaskRCNN.mask_logits))/mask_head/deconv/transpose", "mask_head"),
+        ("jit(f)/proposals/vmap(nms)/while/body/and", "proposals.nms"),
+        ("jit(predict)/detections/vmap(nms)/while/body/and", "detections.nms"),
+        ("jit(f)/transpose(jvp(roi_align_14))/vmap()/while/body/add", "roi_align_14"),
+        ("jit(f)/optimizer/div", "optimizer"),
+        ("jit(f)/psum", "other"),
+        ("", "other"),
+    ],
+)
+def test_stage_of(op_name, stage):
+    assert ps.stage_of(op_name) == stage
+
+
+def test_attribute_sums_per_stage_and_call():
+    _, info = ps.parse_hlo(_HLO)
+    totals = {"conv.2": 4e9, "fusion.1": 2e9, "while.5": 9e9, "add.3": 1e9, "wgrad": 1e9}
+    out = ps.attribute(totals, info, calls=2, top=2)
+    rows = {r["stage"]: r for r in out["stages"]}
+    assert set(rows) == {"backbone", "mask_head", "proposals.nms"}  # the while is not counted
+    assert rows["backbone"]["bwd_s"] == pytest.approx(2.5) and rows["backbone"]["fwd_s"] == 0
+    assert rows["mask_head"]["fwd_s"] == pytest.approx(1.0)
+    assert rows["proposals.nms"]["fwd_s"] == pytest.approx(0.5)
+    assert out["thunk_sum_s"] == pytest.approx(4.0)
+    assert [r["stage"] for r in out["stages"]] == ["backbone", "mask_head", "proposals.nms"]
+    assert [op["instruction"] for op in out["top_ops"]] == ["conv.2", "fusion.1"]
+    assert sum(r["share"] for r in out["stages"]) == pytest.approx(1.0)
