@@ -25,6 +25,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from mrcnn_jax.ops import conv as conv_ops
+
 # detectron2 c2_xavier_fill == kaiming_uniform(a=1): U(-sqrt(3 / fan_in), sqrt(3 / fan_in)), bias 0
 # (torchvision's FPN uses the same kaiming_uniform_(a=1)).
 xavier_fill = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
@@ -57,6 +59,7 @@ class FPN(nn.Module):
             kernel_init=xavier_fill,
             bias_init=nn.initializers.zeros,
             dtype=self.dtype,
+            conv_general_dilated=conv_ops.conv_general_dilated,
             name=name,
         )
         inner = None

@@ -32,6 +32,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from mrcnn_jax.ops import conv as conv_ops
+
 # detectron2 FastRCNNConvFCHead: c2_xavier_fill = kaiming_uniform(a=1) = U(+-sqrt(3 / fan_in)).
 xavier_fill = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
 # detectron2 c2_msra_fill: kaiming_normal(fan_out, relu), std = sqrt(2 / fan_out).
@@ -142,6 +144,7 @@ class MaskHead(nn.Module):
                 kernel_init=msra_fill,
                 bias_init=nn.initializers.zeros,
                 dtype=self.dtype,
+                conv_general_dilated=conv_ops.conv_general_dilated,
                 name=f"mask_fcn{i}",
             )
             x = nn.relu(conv(x))
@@ -153,6 +156,7 @@ class MaskHead(nn.Module):
             kernel_init=nn.initializers.normal(0.001),
             bias_init=nn.initializers.zeros,
             dtype=self.dtype,
+            conv_general_dilated=conv_ops.conv_general_dilated,
             name="predictor",
         )(x)
         return x.reshape(lead + x.shape[1:])

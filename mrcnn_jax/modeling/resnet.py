@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from mrcnn_jax.modeling.norm import NormKind, make_norm
+from mrcnn_jax.ops import conv as conv_ops
 
 # (block type, blocks per stage) for torchvision / detectron2 depths.
 STAGE_BLOCKS = {
@@ -64,6 +65,7 @@ def _conv(features: int, k: int, stride: int, dtype: Any, name: str) -> nn.Conv:
         use_bias=False,
         kernel_init=conv_init,
         dtype=dtype,
+        conv_general_dilated=conv_ops.conv_general_dilated,
         name=name,
     )
 

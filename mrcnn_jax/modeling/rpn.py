@@ -26,6 +26,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from mrcnn_jax.ops import conv as conv_ops
+
 # torchvision RPNHead and detectron2 StandardRPNHead: normal(std=0.01), bias 0.
 rpn_init = nn.initializers.normal(stddev=0.01)
 
@@ -53,7 +55,12 @@ class RPNHead(nn.Module):
         self, feats: Mapping[str, jnp.ndarray] | Sequence[jnp.ndarray]
     ) -> tuple[jnp.ndarray, jnp.ndarray]:
         a = self.num_anchors
-        conv_kw = dict(kernel_init=rpn_init, bias_init=nn.initializers.zeros, dtype=self.dtype)
+        conv_kw = dict(
+            kernel_init=rpn_init,
+            bias_init=nn.initializers.zeros,
+            dtype=self.dtype,
+            conv_general_dilated=conv_ops.conv_general_dilated,
+        )
         conv = nn.Conv(self.channels, (3, 3), padding=((1, 1), (1, 1)), name="conv", **conv_kw)
         objectness = nn.Conv(a, (1, 1), name="objectness", **conv_kw)
         deltas = nn.Conv(4 * a, (1, 1), name="deltas", **conv_kw)

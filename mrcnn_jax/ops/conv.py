@@ -1,0 +1,108 @@
+"""Convolution with its weight gradient computed as dense matmuls.
+
+XLA:CPU's convolution weight gradients run at 2-15 GFLOP/s on the 2-core machine, against
+100-150 GFLOP/s for forward convolutions (docs/performance.md: the RPN head's 3x3 weight gradient
+on P2 alone took 9.4 s of a 24 s R50-FPN train step). The same gradient is a sum over the kh*kw
+kernel taps of `x_tap^T @ dy`, one [C, N*OH*OW] x [N*OH*OW, O] matmul each:
+
+    dW[a, b] = xpad[:, a::s, b::s, :][:, :OH, :OW].reshape(-1, C).T @ dy.reshape(-1, O)
+
+`conv_general_dilated` is a drop-in for `lax.conv_general_dilated` (flax's `nn.Conv(...,
+conv_general_dilated=...)` hook): NHWC / HWIO convolutions with explicit padding, no dilation and
+no groups keep XLA's forward pass and input gradient and take the matmul weight gradient; anything
+else goes to `lax.conv_general_dilated` unchanged. Parameters and outputs are the same, gradients
+agree to float round-off (tests/ops/test_conv.py).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _conv(x, w, strides, padding):
+    return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_NHWC)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv_nhwc(x: jnp.ndarray, w: jnp.ndarray, strides, padding) -> jnp.ndarray:
+    """x: [N, H, W, C], w: [kh, kw, C, O], strides (sh, sw), padding ((lo, hi), (lo, hi))."""
+    return _conv(x, w, strides, padding)
+
+
+def _fwd(x, w, strides, padding):
+    return _conv(x, w, strides, padding), (x, w)
+
+
+def _bwd(strides, padding, residuals, g):
+    x, w = residuals
+    dx = jax.vjp(lambda x_: _conv(x_, w, strides, padding), x)[1](g)[0]
+    kh, kw, c, o = w.shape
+    n, oh, ow, _ = g.shape
+    sh, sw = strides
+    xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+    g2 = g.reshape(-1, o)
+    taps = []
+    for a in range(kh):
+        for b in range(kw):
+            limit = (n, a + sh * (oh - 1) + 1, b + sw * (ow - 1) + 1, c)
+            tap = lax.slice(xp, (0, a, b, 0), limit, (1, sh, sw, 1)).reshape(-1, c)
+            taps.append(jnp.einsum("mc,mo->co", tap, g2, preferred_element_type=jnp.float32))
+    return dx, jnp.stack(taps).reshape(kh, kw, c, o).astype(w.dtype)
+
+
+conv_nhwc.defvjp(_fwd, _bwd)
+
+
+def _is_nhwc(dimension_numbers) -> bool:
+    if dimension_numbers is None:
+        return False
+    if isinstance(dimension_numbers, lax.ConvDimensionNumbers):
+        return (
+            tuple(dimension_numbers.lhs_spec) == (0, 3, 1, 2)
+            and tuple(dimension_numbers.rhs_spec) == (3, 2, 0, 1)
+            and tuple(dimension_numbers.out_spec) == (0, 3, 1, 2)
+        )
+    return tuple(dimension_numbers) == _NHWC
+
+
+def conv_general_dilated(
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count=1,
+    **kwargs,
+):
+    """`lax.conv_general_dilated` with the matmul weight gradient where it applies (see above)."""
+    plain = all(d is None or all(v == 1 for v in d) for d in (lhs_dilation, rhs_dilation))
+    if padding == "VALID" or (padding == "SAME" and rhs.shape[0] == rhs.shape[1] == 1):
+        padding = ((0, 0), (0, 0))  # flax's default for 1x1 convs
+    if (
+        lhs.ndim == 4
+        and plain
+        and feature_group_count == 1
+        and not isinstance(padding, str)
+        and _is_nhwc(dimension_numbers)
+    ):
+        pads = tuple(tuple(int(v) for v in p) for p in padding)
+        return conv_nhwc(lhs, rhs, tuple(int(s) for s in window_strides), pads)
+    return lax.conv_general_dilated(
+        lhs,
+        rhs,
+        window_strides,
+        padding,
+        lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count,
+        **kwargs,
+    )

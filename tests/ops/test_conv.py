@@ -1,0 +1,69 @@
+"""The matmul weight-gradient convolution equals lax's convolution and its gradients."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from mrcnn_jax.ops import conv as conv_ops
+
+DN = ("NHWC", "HWIO", "NHWC")
+
+
+@pytest.mark.parametrize(
+    "k, stride, pad, hw",
+    [(3, 1, 1, 9), (3, 2, 1, 9), (1, 1, 0, 7), (1, 2, 0, 8), (7, 2, 3, 16), (3, 2, 1, 10)],
+)
+def test_forward_and_gradients_match_lax(k, stride, pad, hw):
+    rng = np.random.default_rng(k * 10 + stride)
+    x = jnp.asarray(rng.normal(size=(2, hw, hw + 1, 5)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(k, k, 5, 6)), jnp.float32)
+    padding = ((pad, pad), (pad, pad))
+
+    def ref(x, w):
+        return lax.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=DN)
+
+    def ours(x, w):
+        return conv_ops.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=DN)
+
+    np.testing.assert_allclose(ours(x, w), ref(x, w), rtol=1e-5, atol=1e-5)
+    cot = jnp.asarray(rng.normal(size=ref(x, w).shape), jnp.float32)
+    g_ref = jax.grad(lambda x, w: jnp.sum(ref(x, w) * cot), argnums=(0, 1))(x, w)
+    g_ours = jax.jit(jax.grad(lambda x, w: jnp.sum(ours(x, w) * cot), argnums=(0, 1)))(x, w)
+    for a, b in zip(g_ours, g_ref, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "kw", [dict(kernel_size=(3, 3), padding=((1, 1), (1, 1))), dict(kernel_size=(1, 1))]
+)
+def test_flax_conv_hook_same_params_and_gradients(kw):
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 8, 4)), jnp.float32)
+    plain = nn.Conv(3, **kw)
+    fast = nn.Conv(3, conv_general_dilated=conv_ops.conv_general_dilated, **kw)
+    params = plain.init(jax.random.key(0), x)
+    assert jax.tree.map(jnp.shape, fast.init(jax.random.key(0), x)) == jax.tree.map(
+        jnp.shape, params
+    )
+
+    def loss(module, p):
+        return jnp.sum(jnp.sin(module.apply(p, x)))
+
+    g1 = jax.grad(lambda p: loss(plain, p))(params)
+    g2 = jax.grad(lambda p: loss(fast, p))(params)
+    for a, b in zip(jax.tree.leaves(g2), jax.tree.leaves(g1), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_unsupported_forms_fall_back_to_lax():
+    x = jnp.ones((1, 6, 6, 4))
+    w = jnp.ones((3, 3, 2, 4))  # grouped
+    out = conv_ops.conv_general_dilated(
+        x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=DN, feature_group_count=2
+    )
+    ref = lax.conv_general_dilated(
+        x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=DN, feature_group_count=2
+    )
+    np.testing.assert_allclose(out, ref)
