@@ -81,7 +81,7 @@ def _paste(probs, boxes, height: int, width: int, threshold: float, kind: str) -
     if kind == "detectron2":
         return paste_masks(probs, boxes, height, width, threshold, xp=np)
     if kind == "torchvision":
-        return paste_masks_torchvision(probs, boxes, height, width, xp=np) > threshold
+        return paste_masks_torchvision(probs, boxes, height, width, threshold=threshold, xp=np)
     raise ValueError(f"config.model.test.mask_paste must be detectron2 or torchvision, got {kind!r}")
 
 

@@ -242,6 +242,20 @@ def xla_memory_mb(compiled) -> dict:
     return {f.replace("_size_in_bytes", "_mb"): getattr(stats, f) / 2**20 for f in fields}
 
 
+def xla_gflops(compiled) -> float | None:
+    """XLA's count of the floating-point operations of one call of a compiled program, in GFLOP
+    (a multiply-add is 2), or None when the backend does not report it."""
+    try:
+        cost = compiled.cost_analysis()
+    except (AttributeError, NotImplementedError, RuntimeError):
+        return None
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    if not cost or "flops" not in cost:
+        return None
+    return float(cost["flops"]) / 1e9
+
+
 def jax_predict_setup(config, batch_np: dict, weights_npz: str | None = None):
     """(jitted predict, its arguments) exactly as `inference.make_predict_fn` builds them, with the
     jit exposed so lower() and compile() can be timed apart."""
@@ -290,6 +304,7 @@ def jax_predict(config, args, batch: int) -> dict:
         lower_s=lower_s,
         compile_s=compile_s,
         xla_memory=xla_memory_mb(compiled),
+        xla_gflop=xla_gflops(compiled),
         paste_s=statistics.median(paste_walls),
         end_to_end_s=out["median_s"] + statistics.median(paste_walls),
         end_to_end_cpu_s=out["cpu_median_s"] + statistics.median(paste_cpus),
@@ -344,7 +359,11 @@ def jax_train(config, args, batch: int) -> dict:
     out = summary(time_calls(run, args.warmup, args.runs), batch)
     metrics = placement.get_metrics(holder["metrics"])
     out.update(
-        lower_s=lower_s, compile_s=compile_s, xla_memory=xla_memory_mb(compiled), loss=metrics["loss"]
+        lower_s=lower_s,
+        compile_s=compile_s,
+        xla_memory=xla_memory_mb(compiled),
+        xla_gflop=xla_gflops(compiled),
+        loss=metrics["loss"],
     )
     return out
 
@@ -514,6 +533,24 @@ def run_worker(name: str, args) -> dict:
     after_imports = peak_rss_mb()
     out = fn(config, args, batch)
     out.update(peak_rss_mb=peak_rss_mb(), rss_after_imports_mb=after_imports)
+    if not name.startswith("torchvision"):
+        grad = os.environ.get("MRCNN_JAX_CONV_WEIGHT_GRAD", "auto")
+        out.update(accelerator_memory(), conv_weight_grad=grad)
+    return out
+
+
+def accelerator_memory() -> dict:
+    """The JAX device's kind and, where the backend reports it (GPU, TPU), its peak memory in MiB."""
+    import jax
+
+    device = jax.devices()[0]
+    out = {"device": f"{device.platform}: {device.device_kind}"}
+    try:
+        stats = device.memory_stats() or {}
+    except (AttributeError, NotImplementedError, RuntimeError):
+        stats = {}
+    if "peak_bytes_in_use" in stats:
+        out["device_peak_mb"] = stats["peak_bytes_in_use"] / 2**20
     return out
 
 

@@ -12,17 +12,33 @@ conv_general_dilated=...)` hook): NHWC / HWIO convolutions with explicit padding
 no groups keep XLA's forward pass and input gradient and take the matmul weight gradient; anything
 else goes to `lax.conv_general_dilated` unchanged. Parameters and outputs are the same, gradients
 agree to float round-off (tests/ops/test_conv.py).
+
+Which weight gradient is used is decided when a function is traced, from the environment variable
+`MRCNN_JAX_CONV_WEIGHT_GRAD`: `auto` (the default: the matmul form on the CPU backend only, where
+it wins; GPUs and TPUs keep their native convolution kernels), `matmul` or `xla` (force one).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
+ENV_VAR = "MRCNN_JAX_CONV_WEIGHT_GRAD"
+
+
+def matmul_weight_grad_enabled() -> bool:
+    """Whether functions traced now take the matmul weight gradient (see the module docstring)."""
+    mode = os.environ.get(ENV_VAR, "auto").strip().lower()
+    if mode == "auto":
+        return jax.default_backend() == "cpu"
+    if mode in ("matmul", "xla"):
+        return mode == "matmul"
+    raise ValueError(f"{ENV_VAR}={mode!r}: expected auto, matmul or xla")
 
 
 def _conv(x, w, strides, padding):
@@ -87,7 +103,8 @@ def conv_general_dilated(
     if padding == "VALID" or (padding == "SAME" and rhs.shape[0] == rhs.shape[1] == 1):
         padding = ((0, 0), (0, 0))  # flax's default for 1x1 convs
     if (
-        lhs.ndim == 4
+        matmul_weight_grad_enabled()
+        and lhs.ndim == 4
         and plain
         and feature_group_count == 1
         and not isinstance(padding, str)

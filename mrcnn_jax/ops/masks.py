@@ -162,9 +162,43 @@ def paste_masks(masks, boxes, height: int, width: int, threshold: float | None =
     u = (px[None, :] - x1[:, None]) / bw[:, None] * m - 0.5
     v = (py[None, :] - y1[:, None]) / bh[:, None] * m - 0.5
     wx, wy = _tent_weights(u, m, ok, xp), _tent_weights(v, m, ok, xp)
-    mm = _matmul(xp)
-    probs = mm(mm(wy, masks), xp.swapaxes(wx, 1, 2))
-    return probs if threshold is None else probs >= threshold
+    return _separable_paste(wy, masks, wx, xp, None if threshold is None else (lambda p: p >= threshold))
+
+
+def _footprint(weights):
+    """weights [N, S, M] (numpy) -> per-box [lo, hi) of the rows with a nonzero weight ([0, 0) if none)."""
+    nonzero = np.any(weights != 0, axis=2)  # [N, S]
+    any_ = nonzero.any(axis=1)
+    lo = np.where(any_, np.argmax(nonzero, axis=1), 0)
+    hi = np.where(any_, nonzero.shape[1] - np.argmax(nonzero[:, ::-1], axis=1), 0)
+    return lo, hi
+
+
+def _separable_paste(wy, masks, wx, xp, compare=None):
+    """Per box Wy [H, M] @ mask [M, M] @ Wx[W, M]^T -> [N, H, W] float32, or bool `compare(probs)`.
+
+    Under jax: two batched matmuls over the whole image (static shapes). In numpy (host evaluation
+    at each image's own size): only on the rows and columns where the box's weights are nonzero,
+    the rest of the image is exactly 0 (compare(0) when thresholding), and a bool result is written
+    directly, never as a full float32 image; 100 detections at 800 x 1216 paste in ~15 ms instead
+    of 0.1-0.3 s spent multiplying zeros (docs/performance.md).
+    """
+    if xp is not np:
+        mm = _matmul(xp)
+        probs = mm(mm(wy, masks), xp.swapaxes(wx, 1, 2))
+        return probs if compare is None else compare(probs)
+    shape = (masks.shape[0], wy.shape[1], wx.shape[1])
+    if compare is None:
+        out = np.zeros(shape, np.float32)
+    else:
+        out = np.full(shape, bool(compare(np.float32(0.0))), bool)
+    (ylo, yhi), (xlo, xhi) = _footprint(wy), _footprint(wx)
+    for i in range(masks.shape[0]):
+        if yhi[i] > ylo[i] and xhi[i] > xlo[i]:
+            rows = wy[i, ylo[i] : yhi[i]] @ masks[i]
+            probs = rows @ wx[i, xlo[i] : xhi[i]].T
+            out[i, ylo[i] : yhi[i], xlo[i] : xhi[i]] = probs if compare is None else compare(probs)
+    return out
 
 
 def _torchvision_axis_weights(lo, hi, size: int, m: int, padding: int, xp):
@@ -194,9 +228,12 @@ def _torchvision_axis_weights(lo, hi, size: int, m: int, padding: int, xp):
     return xp.where(inside[:, :, None], w, 0.0).astype(np.float32)
 
 
-def paste_masks_torchvision(masks, boxes, height: int, width: int, padding: int = 1, *, xp=None):
+def paste_masks_torchvision(
+    masks, boxes, height: int, width: int, padding: int = 1, threshold: float | None = None, *, xp=None
+):
     """torchvision's `paste_masks_in_image` at fixed shape: masks [N, M, M], boxes [N, 4] xyxy pixels
-    -> probabilities [N, height, width] float32 (torchvision's evaluation then keeps prob > 0.5).
+    -> probabilities [N, height, width] float32, or with `threshold` the bool masks prob > threshold
+    (torchvision's COCO evaluation keeps prob > 0.5).
 
     As torchvision: pad the mask with `padding` zeros, scale the box about its centre by
     (M + 2 padding) / M, truncate it to int64 (toward zero), resize the padded mask bilinearly
@@ -218,5 +255,4 @@ def paste_masks_torchvision(masks, boxes, height: int, width: int, padding: int 
     y0, y1 = (xp.trunc(v).astype(np.int32) for v in (y_c - h_half, y_c + h_half))
     wx = _torchvision_axis_weights(x0, x1, width, m, padding, xp)
     wy = _torchvision_axis_weights(y0, y1, height, m, padding, xp)
-    mm = _matmul(xp)
-    return mm(mm(wy, masks), xp.swapaxes(wx, 1, 2))
+    return _separable_paste(wy, masks, wx, xp, None if threshold is None else (lambda p: p > threshold))

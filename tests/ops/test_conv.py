@@ -12,6 +12,16 @@ from mrcnn_jax.ops import conv as conv_ops
 DN = ("NHWC", "HWIO", "NHWC")
 
 
+@pytest.fixture(autouse=True)
+def _matmul_path(monkeypatch):
+    """The matmul weight gradient on any backend, so these tests check it also off the CPU."""
+    monkeypatch.setenv(conv_ops.ENV_VAR, "matmul")
+
+
+def _uses_custom_vjp(fn, *args) -> bool:
+    return "custom_vjp" in str(jax.make_jaxpr(fn)(*args))
+
+
 @pytest.mark.parametrize(
     "k, stride, pad, hw",
     [(3, 1, 1, 9), (3, 2, 1, 9), (1, 1, 0, 7), (1, 2, 0, 8), (7, 2, 3, 16), (3, 2, 1, 10)],
@@ -28,6 +38,7 @@ def test_forward_and_gradients_match_lax(k, stride, pad, hw):
     def ours(x, w):
         return conv_ops.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=DN)
 
+    assert _uses_custom_vjp(ours, x, w)
     np.testing.assert_allclose(ours(x, w), ref(x, w), rtol=1e-5, atol=1e-5)
     cot = jnp.asarray(rng.normal(size=ref(x, w).shape), jnp.float32)
     g_ref = jax.grad(lambda x, w: jnp.sum(ref(x, w) * cot), argnums=(0, 1))(x, w)
@@ -67,3 +78,19 @@ def test_unsupported_forms_fall_back_to_lax():
         x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=DN, feature_group_count=2
     )
     np.testing.assert_allclose(out, ref)
+
+
+def test_environment_selects_the_weight_gradient(monkeypatch):
+    x, w = jnp.ones((1, 6, 6, 4)), jnp.ones((3, 3, 4, 2))
+
+    def ours(x, w):
+        return conv_ops.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=DN)
+
+    assert _uses_custom_vjp(ours, x, w)
+    monkeypatch.setenv(conv_ops.ENV_VAR, "xla")
+    assert not _uses_custom_vjp(ours, x, w)
+    monkeypatch.setenv(conv_ops.ENV_VAR, "auto")
+    assert _uses_custom_vjp(ours, x, w) == (jax.default_backend() == "cpu")
+    monkeypatch.setenv(conv_ops.ENV_VAR, "fast")
+    with pytest.raises(ValueError, match=conv_ops.ENV_VAR):
+        ours(x, w)

@@ -1,5 +1,6 @@
 """Mask crops, in-graph mask targets and mask pasting against plain-loop numpy references."""
 
+import functools
 import math
 
 import jax
@@ -265,6 +266,36 @@ def test_paste_masks_torchvision_matches_reference_both_paths():
     np.testing.assert_allclose(out_np, ref, atol=1e-5)
     jitted = jax.jit(paste_masks_torchvision, static_argnums=(2, 3))
     np.testing.assert_allclose(jitted(jnp.asarray(masks), jnp.asarray(boxes), h, w), out_np, atol=1e-6)
+
+
+def test_host_paste_on_box_footprint_equals_full_image_product():
+    """The numpy path computes only the rows / columns a box's weights reach; the rest must be 0
+    exactly as the full-image product (the jit path) gives, for boxes inside, across the border,
+    wholly outside, degenerate and sub-pixel."""
+    rng = np.random.default_rng(11)
+    h, w, m = 40, 53, 7
+    boxes = np.concatenate(
+        [
+            _boxes(rng, 6, h, w),
+            np.array(
+                [[-10, -5, 12, 9], [45, 30, 70, 60], [60, 50, 80, 70], [5, 5, 5, 20], [10, 10, 9, 12],
+                 [3.2, 4.1, 3.7, 4.3], [0, 0, w, h]],
+                F32,
+            ),
+        ]
+    )
+    masks = rng.uniform(size=(len(boxes), m, m)).astype(F32)
+    for paste in (functools.partial(paste_masks, threshold=None), paste_masks_torchvision):
+        host = paste(masks, boxes, h, w)
+        full = np.asarray(jax.jit(paste, static_argnums=(2, 3))(jnp.asarray(masks), jnp.asarray(boxes), h, w))
+        np.testing.assert_allclose(host, full, atol=1e-6)
+        np.testing.assert_array_equal(host == 0, np.abs(full) < 1e-12)
+    # Thresholded host pastes write bool masks directly: the same as thresholding the probabilities.
+    probs_d2 = paste_masks(masks, boxes, h, w, threshold=None)
+    probs_tv = paste_masks_torchvision(masks, boxes, h, w)
+    for t in (0.5, 0.2, 0.0):
+        np.testing.assert_array_equal(paste_masks(masks, boxes, h, w, threshold=t), probs_d2 >= t)
+        np.testing.assert_array_equal(paste_masks_torchvision(masks, boxes, h, w, threshold=t), probs_tv > t)
 
 
 @pytest.mark.parametrize("shape", ["rect", "frac_rect", "disc"])
