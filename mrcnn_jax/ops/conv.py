@@ -63,13 +63,22 @@ def _bwd(strides, padding, residuals, g):
     sh, sw = strides
     xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
     g2 = g.reshape(-1, o)
-    taps = []
-    for a in range(kh):
-        for b in range(kw):
-            limit = (n, a + sh * (oh - 1) + 1, b + sw * (ow - 1) + 1, c)
-            tap = lax.slice(xp, (0, a, b, 0), limit, (1, sh, sw, 1)).reshape(-1, c)
-            taps.append(jnp.einsum("mc,mo->co", tap, g2, preferred_element_type=jnp.float32))
-    return dx, jnp.stack(taps).reshape(kh, kw, c, o).astype(w.dtype)
+    span = (n, sh * (oh - 1) + 1, sw * (ow - 1) + 1, c)
+
+    def tap_grad(_, ab):
+        # One tap at a time (a scan, not kh * kw independent slices), so at most one [N*OH*OW, C]
+        # copy of the input is alive: unrolled, XLA kept all of them and the train step's
+        # temporaries doubled.
+        window = lax.dynamic_slice(xp, (0, ab[0], ab[1], 0), span)
+        tap = window[:, ::sh, ::sw, :].reshape(-1, c)
+        return None, jnp.einsum("mc,mo->co", tap, g2, preferred_element_type=jnp.float32)
+
+    if kh * kw == 1:
+        dw = tap_grad(None, jnp.zeros((2,), jnp.int32))[1][None]
+    else:
+        offsets = jnp.array([(a, b) for a in range(kh) for b in range(kw)], jnp.int32)
+        dw = lax.scan(tap_grad, None, offsets)[1]
+    return dx, dw.reshape(kh, kw, c, o).astype(w.dtype)
 
 
 conv_nhwc.defvjp(_fwd, _bwd)
