@@ -47,6 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
     m.width_per_group = 64
     m.fpn_channels = 256
     m.dtype = "float32"  # compute dtype; "bfloat16" for mixed precision (params stay float32)
+    m.remat_backbone = False  # recompute ResNet blocks in the backward pass: less memory, more compute
 
     m.anchor_sizes = (32, 64, 128, 256, 512)  # one per level P2..P6
     m.anchor_strides = (4, 8, 16, 32, 64)

@@ -52,6 +52,7 @@ class MaskRCNN(nn.Module):
     num_mask_convs: int = 4
     axis_name: str | None = None
     dtype: jnp.dtype = jnp.float32
+    remat_backbone: bool = False
 
     def setup(self):
         self.backbone = ResNet(
@@ -61,6 +62,7 @@ class MaskRCNN(nn.Module):
             width_per_group=self.width_per_group,
             axis_name=self.axis_name,
             dtype=self.dtype,
+            remat=self.remat_backbone,
         )
         self.fpn = FPN(channels=self.fpn_channels, dtype=self.dtype)
         self.rpn_head = RPNHead(
@@ -116,6 +118,7 @@ def build_model(model_cfg: ml_collections.ConfigDict, axis_name: str | None = No
         num_mask_convs=model_cfg.roi.num_mask_convs,
         axis_name=axis_name if norm == NormKind.SYNC_BN else None,
         dtype=jnp.dtype(model_cfg.dtype),
+        remat_backbone=model_cfg.remat_backbone,
     )
 
 

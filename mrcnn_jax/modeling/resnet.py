@@ -140,6 +140,9 @@ class ResNet(nn.Module):
     width_per_group: bottleneck inner width at res2 (64 = standard; doubles each stage).
     axis_name:       device axis for NormKind.SYNC_BN.
     dtype:           compute dtype (params stay float32).
+    remat:           rematerialise each residual block in the backward pass (`nn.remat`): only the
+                     block inputs are kept for the gradient, the rest is recomputed; less memory
+                     for one more forward pass of the backbone. Parameters are unchanged.
 
     The stem output (after the max-pool) is sown as intermediates["stem"].
     """
@@ -150,6 +153,7 @@ class ResNet(nn.Module):
     width_per_group: int = 64
     axis_name: str | None = None
     dtype: Any = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> dict[str, jnp.ndarray]:
@@ -178,9 +182,10 @@ class ResNet(nn.Module):
 
     def _block(self, kind: str, planes: int, strides: int, norm: NormKind, name: str) -> nn.Module:
         common = dict(strides=strides, norm=norm, axis_name=self.axis_name, dtype=self.dtype)
+        wrap = (lambda cls: nn.remat(cls, static_argnums=(2,))) if self.remat else (lambda cls: cls)
         if kind == "basic":
-            return BasicBlock(features=planes, name=name, **common)
-        return Bottleneck(
+            return wrap(BasicBlock)(features=planes, name=name, **common)
+        return wrap(Bottleneck)(
             features=planes * self.width_per_group // 64,
             out_features=planes * BOTTLENECK_EXPANSION,
             stride_in_1x1=self.stride_in_1x1,
