@@ -422,36 +422,71 @@ def torchvision_model(config):
 def _torch_inputs(config, args, batch: int, with_targets: bool):
     import torch
 
+    dev = torch.device(args.torch_device)
     ex = examples_for(config, args, batch)
-    images = [torch.from_numpy(np.ascontiguousarray(im.transpose(2, 0, 1))) for im in ex["images"]]
+    images = [
+        torch.from_numpy(np.ascontiguousarray(im.transpose(2, 0, 1))).to(dev) for im in ex["images"]
+    ]
     if not with_targets:
         return images, None
     h, w = config.data.image_size
     targets = [
         {
-            "boxes": torch.from_numpy(boxes),
-            "labels": torch.from_numpy(classes.astype(np.int64)),
-            "masks": torch.from_numpy(full_image_masks(boxes, h, w)),
+            "boxes": torch.from_numpy(boxes).to(dev),
+            "labels": torch.from_numpy(classes.astype(np.int64)).to(dev),
+            "masks": torch.from_numpy(full_image_masks(boxes, h, w)).to(dev),
         }
         for boxes, classes in zip(ex["boxes"], ex["classes"], strict=True)
     ]
     return images, targets
 
 
+def _torch_context(args):
+    """Autocast to bfloat16 with --torch-amp (torchvision's mixed precision), else nothing."""
+    import contextlib
+
+    import torch
+
+    if not args.torch_amp:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(args.torch_device).type, dtype=torch.bfloat16)
+
+
+def _torch_sync(args) -> None:
+    import torch
+
+    if torch.device(args.torch_device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _torch_device_memory(args) -> dict:
+    import torch
+
+    dev = torch.device(args.torch_device)
+    if dev.type != "cuda":
+        return {}
+    return {
+        "device": f"cuda: {torch.cuda.get_device_name(dev)}",
+        "device_peak_mb": torch.cuda.max_memory_allocated(dev) / 2**20,
+    }
+
+
 def torch_predict(config, args, batch: int) -> dict:
     import torch
 
     torch.manual_seed(config.seed)
-    model = torchvision_model(config).eval()
+    model = torchvision_model(config).eval().to(args.torch_device)
     images, _ = _torch_inputs(config, args, batch, with_targets=False)
     outputs = []
 
     def run():
-        with torch.inference_mode():
+        with torch.inference_mode(), _torch_context(args):
             outputs[:] = model(images)
+        _torch_sync(args)
 
     out = summary(time_calls(run, args.warmup, args.runs), batch)
     out["num_detections"] = int(len(outputs[0]["boxes"]))
+    out.update(_torch_device_memory(args))
     return out
 
 
@@ -460,7 +495,7 @@ def torch_train(config, args, batch: int) -> dict:
     import torch
 
     torch.manual_seed(config.seed)
-    model = torchvision_model(config).train()
+    model = torchvision_model(config).train().to(args.torch_device)
     images, targets = _torch_inputs(config, args, batch, with_targets=True)
     tc = config.train
     lr = tc.base_lr * batch / tc.lr_reference_batch * tc.warmup_factor  # our schedule at step 0
@@ -469,14 +504,16 @@ def torch_train(config, args, batch: int) -> dict:
     last = {}
 
     def run():
-        loss = sum(model(images, targets).values())
+        with _torch_context(args):
+            loss = sum(model(images, targets).values())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        last["loss"] = float(loss.detach())
+        last["loss"] = float(loss.detach())  # waits for the device
 
     out = summary(time_calls(run, args.warmup, args.runs), batch)
     out["loss"] = last["loss"]
+    out.update(_torch_device_memory(args))
     return out
 
 
@@ -654,6 +691,7 @@ def run_all(args, argv: list[str], tmpdir: str) -> dict:
             else args.score_threshold,
             "warmup": args.warmup,
             "runs": args.runs,
+            "torchvision": {"device": args.torch_device, "bfloat16_autocast": args.torch_amp},
         },
         "jax": {},
     }
@@ -693,6 +731,9 @@ def parse_args(argv: list[str]):
     p.add_argument("--measure", nargs="+", choices=MEASURES, default=list(MEASURES),
                    help="what to measure (predict_batch only when --batch > 1)")
     p.add_argument("--compare-torchvision", action="store_true")
+    p.add_argument("--torch-device", default="cpu", help="torchvision's device, e.g. cuda")
+    p.add_argument("--torch-amp", action="store_true",
+                   help="torchvision under bfloat16 autocast (compare with --set model.dtype=bfloat16)")
     p.add_argument("--no-shared-weights", dest="shared_weights", action="store_false",
                    help="with --compare-torchvision: each side keeps its own random init")
     p.add_argument("--weights-npz", help=argparse.SUPPRESS)  # set by the parent for its workers
