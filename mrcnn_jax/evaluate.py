@@ -103,12 +103,15 @@ def image_detections(
     u = _unpad(dets, batch, index)
     masks = None
     if u["probs"] is not None:
-        chunks = list(
-            _paste_chunks(
-                u["probs"], u["boxes"], u["height"], u["width"], mask_threshold, mask_paste
-            )
+        # Filled column-major, as the paste writes it (a plain copy per chunk); returned as the
+        # [n, H, W] view of that buffer.
+        masks_wh = np.zeros((len(u["boxes"]), u["width"], u["height"]), bool)
+        chunks = _paste_chunks(
+            u["probs"], u["boxes"], u["height"], u["width"], mask_threshold, mask_paste
         )
-        masks = np.concatenate(chunks) if chunks else np.zeros((0, u["height"], u["width"]), bool)
+        for start, chunk in zip(range(0, len(masks_wh), _PASTE_CHUNK), chunks, strict=False):
+            masks_wh[start : start + len(chunk)] = np.transpose(chunk, (0, 2, 1))
+        masks = masks_wh.transpose(0, 2, 1)
     return {"boxes": u["boxes"], "scores": u["scores"], "classes": u["classes"], "masks": masks}
 
 
@@ -116,7 +119,11 @@ def encode_masks(masks: np.ndarray) -> list[dict]:
     """[n, H, W] bool -> n compressed COCO RLEs {"size": [H, W], "counts": str} (JSON-ready)."""
     if len(masks) == 0:
         return []
-    rles = mask_utils.encode(np.asfortranarray(np.transpose(masks, (1, 2, 0)).astype(np.uint8)))
+    # [H, W, n] column-major uint8 for pycocotools; the host paste already stores each mask
+    # column-major, so for its bool output this is a view, not a copy.
+    hwn = np.transpose(masks, (1, 2, 0))
+    hwn = hwn.view(np.uint8) if hwn.dtype == bool else hwn.astype(np.uint8)
+    rles = mask_utils.encode(np.asfortranarray(hwn))
     for rle in rles:
         rle["counts"] = rle["counts"].decode("ascii")
     return rles
@@ -138,35 +145,49 @@ def detections_to_coco(
     the original image and dropped when empty. Each result has image_id, category_id, score,
     bbox [x, y, w, h] original pixels and, with masks, segmentation (compressed RLE, str counts).
     """
-    example_valid = np.asarray(batch["example_valid"], bool)
-    image_ids = np.asarray(batch["image_ids"])
     results = []
-    for b in np.nonzero(example_valid)[0]:
-        u = _unpad(dets, batch, int(b))
-        image_id = int(image_ids[b])
-        image_results = [
-            {
-                "image_id": image_id,
-                "category_id": int(label_to_category_id[int(label)]),
-                "score": float(score),
-                "bbox": [
-                    float(box[0]),
-                    float(box[1]),
-                    float(box[2] - box[0]),
-                    float(box[3] - box[1]),
-                ],
-            }
-            for box, score, label in zip(u["boxes"], u["scores"], u["classes"], strict=True)
-        ]
-        if u["probs"] is not None:
-            chunks = _paste_chunks(
-                u["probs"], u["boxes"], u["height"], u["width"], mask_threshold, mask_paste
+    for b in np.nonzero(np.asarray(batch["example_valid"], bool))[0]:
+        results.extend(
+            _image_to_coco(
+                dets,
+                batch,
+                int(b),
+                label_to_category_id=label_to_category_id,
+                mask_threshold=mask_threshold,
+                mask_paste=mask_paste,
             )
-            rles = [rle for chunk in chunks for rle in encode_masks(chunk)]
-            for result, rle in zip(image_results, rles, strict=True):
-                result["segmentation"] = rle
-        results.extend(image_results)
+        )
     return results
+
+
+def _image_to_coco(
+    dets, batch, b: int, *, label_to_category_id, mask_threshold: float, mask_paste: str
+) -> list[dict]:
+    """The COCO results of example `b` of a batch (see `detections_to_coco`)."""
+    u = _unpad(dets, batch, b)
+    image_id = int(np.asarray(batch["image_ids"])[b])
+    image_results = [
+        {
+            "image_id": image_id,
+            "category_id": int(label_to_category_id[int(label)]),
+            "score": float(score),
+            "bbox": [
+                float(box[0]),
+                float(box[1]),
+                float(box[2] - box[0]),
+                float(box[3] - box[1]),
+            ],
+        }
+        for box, score, label in zip(u["boxes"], u["scores"], u["classes"], strict=True)
+    ]
+    if u["probs"] is not None:
+        chunks = _paste_chunks(
+            u["probs"], u["boxes"], u["height"], u["width"], mask_threshold, mask_paste
+        )
+        rles = [rle for chunk in chunks for rle in encode_masks(chunk)]
+        for result, rle in zip(image_results, rles, strict=True):
+            result["segmentation"] = rle
+    return image_results
 
 
 @contextlib.contextmanager

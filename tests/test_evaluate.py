@@ -340,6 +340,25 @@ def test_masks_pasted_at_the_original_size():
     np.testing.assert_allclose(one["boxes"], [[10, 5, 65, 45], [0, 0, 20, 20]])
 
 
+def test_encode_masks_reads_any_layout():
+    """The host paste stores masks column-major (a transposed view); C-order masks and uint8 masks
+    must encode to the same RLEs, which decode back to the masks."""
+    from mrcnn_jax.ops.masks import paste_masks
+
+    rng = np.random.default_rng(8)
+    probs = rng.uniform(size=(5, 28, 28)).astype(np.float32)
+    boxes = np.array([[3, 4, 40, 30], [0, 0, 50, 61], [10, 20, 11, 22], [-5, 40, 20, 70], [30, 2, 49, 9]],
+                     np.float32)
+    pasted = paste_masks(probs, boxes, 61, 50, 0.5)
+    assert pasted.shape == (5, 61, 50) and not pasted.flags.c_contiguous
+    c_order = np.ascontiguousarray(pasted)
+    rles = evaluate.encode_masks(pasted)
+    assert rles == evaluate.encode_masks(c_order) == evaluate.encode_masks(c_order.astype(np.uint8))
+    for rle, mask in zip(rles, c_order, strict=True):
+        np.testing.assert_array_equal(mask_utils.decode(rle).astype(bool), mask)
+    assert evaluate.encode_masks(np.zeros((0, 61, 50), bool)) == []
+
+
 def test_results_json_loads_with_loadres(tmp_path):
     gt = make_gt(shapes=False)
     batch, dets = _fake_batches(gt, batch_size=4, num_detections=6)[0]

@@ -187,7 +187,9 @@ def _separable_paste(wy, masks, wx, xp, compare=None):
         mm = _matmul(xp)
         probs = mm(mm(wy, masks), xp.swapaxes(wx, 1, 2))
         return probs if compare is None else compare(probs)
-    shape = (masks.shape[0], wy.shape[1], wx.shape[1])
+    # Stored as [N, W, H] and returned as its [N, H, W] transpose: each mask is then column-major,
+    # the layout COCO's RLE encoder reads, so encoding needs no 3-D transposing copy.
+    shape = (masks.shape[0], wx.shape[1], wy.shape[1])
     if compare is None:
         out = np.zeros(shape, np.float32)
     else:
@@ -197,8 +199,8 @@ def _separable_paste(wy, masks, wx, xp, compare=None):
         if yhi[i] > ylo[i] and xhi[i] > xlo[i]:
             rows = wy[i, ylo[i] : yhi[i]] @ masks[i]
             probs = rows @ wx[i, xlo[i] : xhi[i]].T
-            out[i, ylo[i] : yhi[i], xlo[i] : xhi[i]] = probs if compare is None else compare(probs)
-    return out
+            out[i, xlo[i] : xhi[i], ylo[i] : yhi[i]] = (probs if compare is None else compare(probs)).T
+    return out.transpose(0, 2, 1)
 
 
 def _torchvision_axis_weights(lo, hi, size: int, m: int, padding: int, xp):
