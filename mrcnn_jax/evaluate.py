@@ -109,7 +109,7 @@ def image_detections(
         chunks = _paste_chunks(
             u["probs"], u["boxes"], u["height"], u["width"], mask_threshold, mask_paste
         )
-        for start, chunk in zip(range(0, len(masks_wh), _PASTE_CHUNK), chunks, strict=False):
+        for start, chunk in zip(range(0, len(masks_wh), _PASTE_CHUNK), chunks, strict=True):
             masks_wh[start : start + len(chunk)] = np.transpose(chunk, (0, 2, 1))
         masks = masks_wh.transpose(0, 2, 1)
     return {"boxes": u["boxes"], "scores": u["scores"], "classes": u["classes"], "masks": masks}
@@ -145,49 +145,35 @@ def detections_to_coco(
     the original image and dropped when empty. Each result has image_id, category_id, score,
     bbox [x, y, w, h] original pixels and, with masks, segmentation (compressed RLE, str counts).
     """
+    example_valid = np.asarray(batch["example_valid"], bool)
+    image_ids = np.asarray(batch["image_ids"])
     results = []
-    for b in np.nonzero(np.asarray(batch["example_valid"], bool))[0]:
-        results.extend(
-            _image_to_coco(
-                dets,
-                batch,
-                int(b),
-                label_to_category_id=label_to_category_id,
-                mask_threshold=mask_threshold,
-                mask_paste=mask_paste,
+    for b in np.nonzero(example_valid)[0]:
+        u = _unpad(dets, batch, int(b))
+        image_id = int(image_ids[b])
+        image_results = [
+            {
+                "image_id": image_id,
+                "category_id": int(label_to_category_id[int(label)]),
+                "score": float(score),
+                "bbox": [
+                    float(box[0]),
+                    float(box[1]),
+                    float(box[2] - box[0]),
+                    float(box[3] - box[1]),
+                ],
+            }
+            for box, score, label in zip(u["boxes"], u["scores"], u["classes"], strict=True)
+        ]
+        if u["probs"] is not None:
+            chunks = _paste_chunks(
+                u["probs"], u["boxes"], u["height"], u["width"], mask_threshold, mask_paste
             )
-        )
+            rles = [rle for chunk in chunks for rle in encode_masks(chunk)]
+            for result, rle in zip(image_results, rles, strict=True):
+                result["segmentation"] = rle
+        results.extend(image_results)
     return results
-
-
-def _image_to_coco(
-    dets, batch, b: int, *, label_to_category_id, mask_threshold: float, mask_paste: str
-) -> list[dict]:
-    """The COCO results of example `b` of a batch (see `detections_to_coco`)."""
-    u = _unpad(dets, batch, b)
-    image_id = int(np.asarray(batch["image_ids"])[b])
-    image_results = [
-        {
-            "image_id": image_id,
-            "category_id": int(label_to_category_id[int(label)]),
-            "score": float(score),
-            "bbox": [
-                float(box[0]),
-                float(box[1]),
-                float(box[2] - box[0]),
-                float(box[3] - box[1]),
-            ],
-        }
-        for box, score, label in zip(u["boxes"], u["scores"], u["classes"], strict=True)
-    ]
-    if u["probs"] is not None:
-        chunks = _paste_chunks(
-            u["probs"], u["boxes"], u["height"], u["width"], mask_threshold, mask_paste
-        )
-        rles = [rle for chunk in chunks for rle in encode_masks(chunk)]
-        for result, rle in zip(image_results, rles, strict=True):
-            result["segmentation"] = rle
-    return image_results
 
 
 @contextlib.contextmanager
