@@ -85,6 +85,11 @@ def get_config() -> ml_collections.ConfigDict:
     h.mask_conv_dim = 256
     h.num_mask_convs = 4
     h.max_mask_rois = 128  # positives per image that get a mask target (512 x 25%)
+    # The mask head runs on blocks of this many of the max_mask_rois slots, skipping blocks with no
+    # positive (fixed shapes, work that follows the positives; 0: one pass over all slots), and
+    # with mask_head_remat recomputes a block's activations in the backward pass.
+    h.mask_head_chunk = 16
+    h.mask_head_remat = True
     h.canonical_size = 224
     h.canonical_level = 4
     # FPN level of a RoI: "detectron2" floor(4 + log2(sqrt(area) / 224 + 1e-8)); "torchvision"

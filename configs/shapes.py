@@ -36,6 +36,7 @@ def get_config():
     m.rpn.post_nms_topk_test = 100
     m.roi.batch_size_per_image = 64
     m.roi.max_mask_rois = 16
+    m.roi.mask_head_chunk = 8
     m.roi.fc_dim = 256
     m.roi.mask_conv_dim = 64
     m.roi.num_mask_convs = 2

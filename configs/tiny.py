@@ -27,6 +27,7 @@ def get_config():
     m.rpn.post_nms_topk_test = 32
     m.roi.batch_size_per_image = 32
     m.roi.max_mask_rois = 8
+    m.roi.mask_head_chunk = 4
     m.roi.fc_dim = 64
     m.roi.mask_conv_dim = 32
     m.roi.num_mask_convs = 1
