@@ -204,12 +204,13 @@ def log(message: str) -> None:
 # ----------------------------------------------------------------------------- JAX workers
 
 
-def _compile(jitted, *args) -> tuple[Callable, float, float]:
-    """(compiled, trace+lower seconds, XLA compile seconds) of a jitted / pmapped function."""
+def _compile(jitted, *args, options=None) -> tuple[Callable, float, float]:
+    """(compiled, trace+lower seconds, XLA compile seconds) of a jitted / pmapped function,
+    compiled with the XLA compiler `options`."""
     start = time.perf_counter()
     lowered = jitted.lower(*args)
     traced = time.perf_counter()
-    compiled = lowered.compile()
+    compiled = lowered.compile(compiler_options=options)
     return compiled, traced - start, time.perf_counter() - traced
 
 
@@ -340,8 +341,14 @@ def jax_train(config, args, batch: int) -> dict:
     batch_np = jax_batch(
         examples_for(config, args, batch), config.data.max_instances, config.data.mask_crop_size
     )
+    from mrcnn_jax import train
+
     step_fn, state, placed, placement = jax_train_setup(config, batch_np, args.weights_npz)
-    compiled, lower_s, compile_s = _compile(step_fn, state, placed)
+    # As Placement.compile does: the backend's compiler options, then the freed heap returned.
+    compiled, lower_s, compile_s = _compile(
+        step_fn, state, placed, options=train.compiler_options()
+    )
+    train.release_host_memory()
     log(f"jax train batch {batch}: lower {lower_s:.1f} s, compile {compile_s:.1f} s")
     holder = {"state": state, "metrics": None}
 

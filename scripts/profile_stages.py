@@ -236,7 +236,11 @@ def profile_train(config, args, trace_root: str) -> dict:
     step_fn, state, placed, _ = benchmark.jax_train_setup(
         config, batch_np, args.weights_npz, wrap_tx=scoped_tx
     )
-    compiled, lower_s, compile_s = benchmark._compile(step_fn, state, placed)
+    from mrcnn_jax import train
+
+    compiled, lower_s, compile_s = benchmark._compile(
+        step_fn, state, placed, options=train.compiler_options()
+    )
     benchmark.log(f"train step compiled in {lower_s + compile_s:.1f} s")
     holder = {"state": state}
 

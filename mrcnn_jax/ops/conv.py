@@ -9,7 +9,8 @@ kernel taps of `x_tap^T @ dy`, one [C, N*OH*OW] x [N*OH*OW, O] matmul each:
 
 `conv_general_dilated` is a drop-in for `lax.conv_general_dilated` (flax's `nn.Conv(...,
 conv_general_dilated=...)` hook): NHWC / HWIO convolutions with explicit padding, no dilation and
-no groups keep XLA's forward pass and input gradient and take the matmul weight gradient; anything
+no groups keep XLA's forward pass, take the matmul weight gradient and, at stride 1, an input
+gradient written as a plain convolution (`_input_grad`); anything
 else goes to `lax.conv_general_dilated` unchanged. Parameters and outputs are the same, gradients
 agree to float round-off (tests/ops/test_conv.py).
 
@@ -55,9 +56,25 @@ def _fwd(x, w, strides, padding):
     return _conv(x, w, strides, padding), (x, w)
 
 
+def _input_grad(x, w, strides, padding, g):
+    """dx of the convolution. Stride 1 with 'same'-like padding (0 <= pad <= k - 1): a plain
+    NHWC / HWIO convolution of g with the flipped kernel, its in / out channels swapped, and
+    padding k - 1 - pad. Written out rather than left to XLA's transpose rule, whose
+    kernel-layout convolution (b01f_01oi) XLA:CPU does not hand to its fast convolution library
+    inside a conditional (the chunked mask head, losses.mask_head_on_positives): 37 against
+    ~150 GFLOP/s. Anything else: the transpose rule."""
+    kh, kw = w.shape[:2]
+    same_like = all(0 <= p <= k - 1 for (lo, hi), k in zip(padding, (kh, kw)) for p in (lo, hi))
+    if tuple(strides) != (1, 1) or not same_like:
+        return jax.vjp(lambda x_: _conv(x_, w, strides, padding), x)[1](g)[0]
+    w_t = jnp.swapaxes(jnp.flip(w, (0, 1)), 2, 3)
+    pads = tuple((k - 1 - lo, k - 1 - hi) for (lo, hi), k in zip(padding, (kh, kw)))
+    return _conv(g, w_t, (1, 1), pads).astype(x.dtype)
+
+
 def _bwd(strides, padding, residuals, g):
     x, w = residuals
-    dx = jax.vjp(lambda x_: _conv(x_, w, strides, padding), x)[1](g)[0]
+    dx = _input_grad(x, w, strides, padding, g)
     kh, kw, c, o = w.shape
     n, oh, ow, _ = g.shape
     sh, sw = strides

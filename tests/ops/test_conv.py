@@ -25,13 +25,17 @@ def _uses_custom_vjp(fn, *args) -> bool:
 
 @pytest.mark.parametrize(
     "k, stride, pad, hw",
-    [(3, 1, 1, 9), (3, 2, 1, 9), (1, 1, 0, 7), (1, 2, 0, 8), (7, 2, 3, 16), (3, 2, 1, 10)],
+    [(3, 1, 1, 9), (3, 2, 1, 9), (1, 1, 0, 7), (1, 2, 0, 8), (7, 2, 3, 16), (3, 2, 1, 10),
+     # stride 1, asymmetric / partial padding (the written-out input gradient), and a padding
+     # beyond k - 1 (the transpose rule)
+     (3, 1, (0, 2), 9), (5, 1, (1, 3), 11), (3, 1, (3, 0), 8)],
 )
 def test_forward_and_gradients_match_lax(k, stride, pad, hw):
     rng = np.random.default_rng(k * 10 + stride)
     x = jnp.asarray(rng.normal(size=(2, hw, hw + 1, 5)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(k, k, 5, 6)), jnp.float32)
-    padding = ((pad, pad), (pad, pad))
+    lo, hi = (pad, pad) if isinstance(pad, int) else pad
+    padding = ((lo, hi), (hi, lo))
 
     def ref(x, w):
         return lax.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=DN)
