@@ -63,12 +63,14 @@ def _input_grad(x, w, strides, padding, g):
     kernel-layout convolution (b01f_01oi) XLA:CPU does not hand to its fast convolution library
     inside a conditional (the chunked mask head, losses.mask_head_on_positives): 37 against
     ~150 GFLOP/s. Anything else: the transpose rule."""
-    kh, kw = w.shape[:2]
-    same_like = all(0 <= p <= k - 1 for (lo, hi), k in zip(padding, (kh, kw)) for p in (lo, hi))
+    sizes = w.shape[:2]
+    same_like = all(
+        0 <= p <= k - 1 for (lo, hi), k in zip(padding, sizes, strict=True) for p in (lo, hi)
+    )
     if tuple(strides) != (1, 1) or not same_like:
         return jax.vjp(lambda x_: _conv(x_, w, strides, padding), x)[1](g)[0]
     w_t = jnp.swapaxes(jnp.flip(w, (0, 1)), 2, 3)
-    pads = tuple((k - 1 - lo, k - 1 - hi) for (lo, hi), k in zip(padding, (kh, kw)))
+    pads = tuple((k - 1 - lo, k - 1 - hi) for (lo, hi), k in zip(padding, sizes, strict=True))
     return _conv(g, w_t, (1, 1), pads).astype(x.dtype)
 
 
