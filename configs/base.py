@@ -87,7 +87,8 @@ def get_config() -> ml_collections.ConfigDict:
     h.max_mask_rois = 128  # positives per image that get a mask target (512 x 25%)
     # The mask head runs on blocks of this many of the max_mask_rois slots, skipping blocks with no
     # positive (fixed shapes, work that follows the positives; 0: one pass over all slots), and
-    # with mask_head_remat recomputes a block's activations in the backward pass.
+    # with mask_head_remat recomputes a block's activations in the backward pass
+    # (inference.mask_head_on_valid).
     h.mask_head_chunk = 16
     h.mask_head_remat = True
     h.canonical_size = 224
@@ -100,6 +101,7 @@ def get_config() -> ml_collections.ConfigDict:
     t.score_threshold = 0.05
     t.nms_iou = 0.5
     t.detections_per_image = 100
+    t.mask_head_chunk = 25  # the mask head runs on blocks of 25 detections, skipping empty blocks
     t.pre_nms_topk = 5000  # (RoI, class) candidates entering the final NMS; bounds its cost
     t.mask_threshold = 0.5
     t.min_size = 0.0  # detections keep boxes with both sides > min_size (after clipping)

@@ -41,6 +41,7 @@ def get_config():
     m.roi.mask_conv_dim = 64
     m.roi.num_mask_convs = 2
     m.test.detections_per_image = 20
+    m.test.mask_head_chunk = 5
     m.test.pre_nms_topk = 1000
 
     t = c.train

@@ -32,6 +32,7 @@ def get_config():
     m.roi.mask_conv_dim = 32
     m.roi.num_mask_convs = 1
     m.test.detections_per_image = 10
+    m.test.mask_head_chunk = 5
     m.test.pre_nms_topk = 200
 
     t = c.train

@@ -82,6 +82,45 @@ def batch_proposals(model_cfg, logits, deltas, anchors, image_sizes, level_count
     )
 
 
+def mask_head_on_valid(head, pooled, valid, chunk: int, *, remat: bool = False):
+    """Mask logits [B, K, S, S, C'] of pooled RoIs [B, K, s, s, C] of which only the `valid`
+    [B, K] ones matter (the sampled positives in training, the detections at inference).
+
+    chunk = 0 runs `head` on all B x K RoIs. chunk > 0 scans over the K slots in blocks of
+    `chunk` (K padded to a multiple of it; chunk >= K is one block), every image's j-th block at
+    once so that a batch sharded over devices stays sharded, and runs the head on a block only
+    when one of its RoIs is valid; a skipped block gives zero logits. The valid rows are the same
+    as with one pass, so a loss that ignores the others has the same value and gradients; the
+    work follows the number of valid RoIs (the positives come first in training: torchvision and
+    detectron2 run their mask head on the positives only) while every shape stays fixed. remat
+    recomputes a block's activations in the backward pass instead of keeping them (K x 28 x 28 x
+    256 floats per image fewer).
+    """
+    b, k = valid.shape
+    if chunk <= 0:
+        out = head(pooled.reshape(b * k, *pooled.shape[2:]))
+        return out.reshape(b, k, *out.shape[1:])
+    chunk = min(chunk, k)
+    blocks = -(-k // chunk)
+    if blocks * chunk != k:  # padding slots: never valid, so never computed
+        extra = blocks * chunk - k
+        pooled = jnp.pad(pooled, ((0, 0), (0, extra)) + ((0, 0),) * (pooled.ndim - 2))
+        valid = jnp.pad(valid, ((0, 0), (0, extra)))
+    run = jax.checkpoint(head) if remat else head
+    out_spec = jax.eval_shape(head, pooled[:, :chunk].reshape(b * chunk, *pooled.shape[2:]))
+
+    def body(_, block):
+        x, v = block  # [B, chunk, s, s, C], [B, chunk]
+        x = x.reshape(b * chunk, *x.shape[2:])
+        skip = lambda x: jnp.zeros(out_spec.shape, out_spec.dtype)
+        return None, jax.lax.cond(jnp.any(v), run, skip, x)
+
+    to_blocks = lambda a: jnp.swapaxes(a.reshape(b, blocks, chunk, *a.shape[2:]), 0, 1)
+    _, out = jax.lax.scan(body, None, (to_blocks(pooled), to_blocks(valid)))
+    out = out.reshape(blocks, b, chunk, *out.shape[2:])  # [blocks, B, chunk, S, S, C']
+    return jnp.swapaxes(out, 0, 1).reshape(b, blocks * chunk, *out.shape[3:])[:, :k]
+
+
 def predict(
     variables: dict,
     images: jnp.ndarray,
@@ -121,11 +160,12 @@ def predict(
         image_sizes,
     )
     mask_in = pool(feats, boxes, roi.mask_pool_size, roi)
-    d = boxes.shape[1]
-    mask_logits = model.apply(
-        variables, mask_in.reshape(b * d, *mask_in.shape[2:]), method=MaskRCNN.mask_logits
+    mask_logits = mask_head_on_valid(
+        functools.partial(model.apply, variables, method=MaskRCNN.mask_logits),
+        mask_in,
+        valid,
+        test.mask_head_chunk,
     )
-    mask_logits = mask_logits.reshape(b, d, *mask_logits.shape[1:])
     # The mask of each detection is read from its predicted class's channel.
     chosen = jnp.take_along_axis(mask_logits, classes[:, :, None, None, None], axis=-1)[..., 0]
     masks = jax.nn.sigmoid(chosen.astype(jnp.float32))

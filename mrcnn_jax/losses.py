@@ -21,7 +21,7 @@ import ml_collections
 import optax
 
 from mrcnn_jax import targets as tgt
-from mrcnn_jax.inference import anchors_for, batch_proposals, pool
+from mrcnn_jax.inference import anchors_for, batch_proposals, mask_head_on_valid, pool
 from mrcnn_jax.mask_rcnn import MaskRCNN
 from mrcnn_jax.ops.matching import MatchLabel
 
@@ -64,42 +64,6 @@ def mask_loss(mask_logits, classes, mask_targets, valid):
     bce = optax.sigmoid_binary_cross_entropy(chosen, mask_targets)
     per_roi = jnp.mean(bce, axis=(1, 2))
     return jnp.sum(jnp.where(valid, per_roi, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
-
-
-def mask_head_on_positives(head, pooled, valid, chunk: int, *, remat: bool = False):
-    """Mask logits [B, Km, S, S, K+1] of pooled RoIs [B, Km, s, s, C] whose rows past each image's
-    positives (`valid` [B, Km] False, a suffix: positives are sampled first) are padding.
-
-    chunk = 0 runs `head` on all B x Km RoIs. chunk > 0 (a divisor of Km) scans over the Km slots
-    in blocks of `chunk` (every image's j-th block at once, so a batch sharded over devices stays
-    sharded) and runs the head on a block only when some image has a positive in it; skipped
-    blocks give zero logits, which the loss ignores, so loss and gradients are those of the full
-    pass. The work follows the number of positives (torchvision and detectron2 run their mask head
-    on the positives only) while every shape stays fixed. remat recomputes a block's activations
-    in the backward pass instead of keeping them: Km x 28 x 28 x 256 floats per image fewer.
-    """
-    b, km = valid.shape
-    if chunk <= 0:
-        out = head(pooled.reshape(b * km, *pooled.shape[2:]))
-        return out.reshape(b, km, *out.shape[1:])
-    if km % chunk:
-        raise ValueError(
-            f"config.model.roi.mask_head_chunk={chunk} must divide model.roi.max_mask_rois={km}"
-        )
-    blocks = km // chunk
-    run = jax.checkpoint(head) if remat else head
-    out_spec = jax.eval_shape(head, pooled[:, :chunk].reshape(b * chunk, *pooled.shape[2:]))
-
-    def body(_, block):
-        x, v = block  # [B, chunk, s, s, C], [B, chunk]
-        x = x.reshape(b * chunk, *x.shape[2:])
-        skip = lambda x: jnp.zeros(out_spec.shape, out_spec.dtype)
-        return None, jax.lax.cond(jnp.any(v), run, skip, x)
-
-    to_blocks = lambda a: jnp.swapaxes(a.reshape(b, blocks, chunk, *a.shape[2:]), 0, 1)
-    _, out = jax.lax.scan(body, None, (to_blocks(pooled), to_blocks(valid)))
-    out = out.reshape(blocks, b, chunk, *out.shape[2:])  # [blocks, B, chunk, S, S, K+1]
-    return jnp.swapaxes(out, 0, 1).reshape(b, km, *out.shape[3:])
 
 
 def _per_image_targets(model_cfg, anchors, batch, keys, proposals_and_valid):
@@ -180,8 +144,12 @@ def make_loss_fn(model: MaskRCNN, model_cfg: ml_collections.ConfigDict, image_si
         )
         m_pooled = pool(feats, m_rois, roi.mask_pool_size, roi)
         head = functools.partial(model.apply, variables, method=MaskRCNN.mask_logits)
-        m_logits = mask_head_on_positives(
-            head, m_pooled, m_valid, roi.mask_head_chunk, remat=roi.mask_head_remat
+        m_logits = mask_head_on_valid(
+            head,
+            m_pooled,
+            m_valid,
+            roi.mask_head_chunk,
+            remat=roi.mask_head_remat,
         ).astype(jnp.float32)
         mask = jax.vmap(mask_loss)(m_logits, m_classes, m_targets, m_valid)
 

@@ -1,4 +1,4 @@
-"""The mask head on blocks of positive RoIs (`losses.mask_head_on_positives`) computes what one
+"""The mask head on blocks of positive RoIs (`inference.mask_head_on_valid`) computes what one
 pass over every slot computes, skips the blocks with no positive, and keeps shapes fixed."""
 
 import jax
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from mrcnn_jax import losses, mask_rcnn
+from mrcnn_jax import inference, losses, mask_rcnn
 from mrcnn_jax.data.synthetic import make_batch
 
 
@@ -25,7 +25,7 @@ def test_matches_one_pass_on_positives_with_same_gradients(chunk, remat):
     w, pooled, valid, head = _head_and_inputs()
 
     def loss(w, chunk):
-        out = losses.mask_head_on_positives(
+        out = inference.mask_head_on_valid(
             lambda x: head(w, x), pooled, valid, chunk, remat=remat
         )
         return jnp.sum(jnp.where(valid[:, :, None, None, None], out**2, 0.0)), out
@@ -51,21 +51,25 @@ def test_skipped_blocks_do_not_run_the_head():
         return head(w, x)
 
     out = jax.jit(
-        lambda p, v: losses.mask_head_on_positives(counting_head, p, v, 2)
+        lambda p, v: inference.mask_head_on_valid(counting_head, p, v, 2)
     )(pooled, valid)
     jax.block_until_ready(out)
     assert len(calls) == 2  # slots 0-1 and 2-3 hold positives; 4-5 and 6-7 none
     calls.clear()
     jax.block_until_ready(jax.jit(
-        lambda p, v: losses.mask_head_on_positives(counting_head, p, v, 2)
+        lambda p, v: inference.mask_head_on_valid(counting_head, p, v, 2)
     )(pooled, jnp.zeros_like(valid)))
     assert not calls
 
 
-def test_chunk_must_divide_the_mask_rois():
-    w, pooled, valid, head = _head_and_inputs()
-    with pytest.raises(ValueError, match="mask_head_chunk=3.*max_mask_rois=8"):
-        losses.mask_head_on_positives(lambda x: head(w, x), pooled, valid, 3)
+def test_a_chunk_that_does_not_divide_the_slots_pads_the_last_block():
+    w, pooled, valid, head = _head_and_inputs(positives=(8, 3))
+    one_pass = inference.mask_head_on_valid(lambda x: head(w, x), pooled, valid, 0)
+    for chunk in (3, 5, 100):  # 3 blocks of 3 (one padding slot), 2 of 5, one of 8
+        out = inference.mask_head_on_valid(lambda x: head(w, x), pooled, valid, chunk)
+        assert out.shape == one_pass.shape
+        v = np.asarray(valid)
+        np.testing.assert_allclose(np.asarray(out)[v], np.asarray(one_pass)[v], rtol=1e-6)
 
 
 def test_loss_and_gradients_of_the_model_do_not_depend_on_the_chunking():
@@ -94,3 +98,27 @@ def test_loss_and_gradients_of_the_model_do_not_depend_on_the_chunking():
         np.testing.assert_allclose(total, total0, rtol=1e-5)
         for g, g0 in zip(jax.tree.leaves(grads), jax.tree.leaves(grads0), strict=True):
             np.testing.assert_allclose(g, g0, rtol=1e-4, atol=1e-6)
+
+
+def test_predicted_masks_do_not_depend_on_the_chunking():
+    config = tiny.get_config()
+    config.model.test.score_threshold = 0.0  # random weights: let detections through
+    model = mask_rcnn.build_model(config.model)
+    variables = mask_rcnn.init_variables(model, jax.random.key(0), config.data.image_size)
+    batch = make_batch(config, 2)
+    results = {}
+    for chunk in (0, 3, 5):
+        cfg = tiny.get_config()
+        cfg.model.test.score_threshold = 0.0
+        cfg.model.test.mask_head_chunk = chunk
+        predict_fn = inference.make_predict_fn(model, cfg.model, cfg.data.image_size)
+        results[chunk] = jax.device_get(
+            predict_fn(variables, batch["images"], batch["image_sizes"])
+        )
+    ref = results[0]
+    v = np.asarray(ref.valid)
+    assert v.any()
+    for chunk in (3, 5):
+        out = results[chunk]
+        np.testing.assert_array_equal(out.valid, ref.valid)
+        np.testing.assert_allclose(out.masks[v], ref.masks[v], rtol=1e-5, atol=1e-6)
