@@ -20,6 +20,8 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from mrcnn_jax import runtime
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and outputs go here.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "predict"], "What to do.")
@@ -92,6 +94,7 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> str:
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    runtime.set_default_xla_flags()  # before JAX creates its backends
     config, workdir, mode = _CONFIG.value, _WORKDIR.value, _MODE.value
     validate_config(config)  # before any device work or compilation
     if mode == "predict" and not _INPUT.value:

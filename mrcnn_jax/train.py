@@ -20,7 +20,6 @@ The loss contract (`losses.make_loss_fn` and the tests' own models follow it):
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import functools
 import json
@@ -46,6 +45,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mrcnn_jax import checkpoint as ckpt_lib
+from mrcnn_jax import runtime
 
 PMAP_AXIS = "batch"  # axis name of the pmapped train step (sync BN modules use it too)
 MESH_AXIS = "data"  # the 1-D device mesh axis the batch is sharded over
@@ -318,61 +318,18 @@ class Placement:
         return {k: float(v) for k, v in metrics.items()}
 
     def compile(self, step_fn: Callable[..., Any]) -> Callable[[TrainState, Batch], Any]:
-        """step_fn: `train_step` with its keywords bound except `axis_name`.
-
-        On the CPU backend the program is compiled with `CPU_COMPILER_OPTIONS` (see there), and
-        the heap its compilation freed is handed back to the OS (`release_host_memory`).
-        """
+        """step_fn: `train_step` with its keywords bound except `axis_name`."""
         if self.kind == "pmap":
             fn = functools.partial(step_fn, axis_name=PMAP_AXIS)
-            staged = jax.pmap(fn, axis_name=PMAP_AXIS, donate_argnums=(0,))
-        else:
-            replicated = NamedSharding(self.mesh, P())
-            data = NamedSharding(self.mesh, P(MESH_AXIS))
-            staged = jax.jit(
-                step_fn,
-                in_shardings=(replicated, data),
-                out_shardings=(replicated, replicated),
-                donate_argnums=(0,),
-            )
-        options = compiler_options()
-        return _CompiledPerSignature(staged, options) if options else staged
-
-
-# XLA:CPU's default concurrency-optimised scheduler orders the train step's instructions so that
-# more of them can run at once, at the price of keeping more buffers alive: for R50-FPN at 800 x
-# 1216, batch 2, 3.84 GiB of temporaries against 2.58 GiB with the memory-minimising scheduler,
-# for the same step time on 2 cores (docs/performance.md).
-CPU_COMPILER_OPTIONS = {"xla_cpu_enable_concurrency_optimized_scheduler": False}
-
-
-def compiler_options(backend: str | None = None) -> dict[str, Any]:
-    """XLA options the train step is compiled with on `backend` (default: JAX's default one)."""
-    return dict(CPU_COMPILER_OPTIONS) if (backend or jax.default_backend()) == "cpu" else {}
-
-
-class _CompiledPerSignature:
-    """A jitted / pmapped function compiled ahead of time with XLA `options`, once per input
-    signature (tree structure, shapes, dtypes), as jax.jit would (jax.pmap takes no compiler
-    options). `lower` is the staged function's."""
-
-    def __init__(self, staged, options: Mapping[str, Any]):
-        self._staged = staged
-        self._options = dict(options)
-        self._compiled: dict[Any, Any] = {}
-
-    def lower(self, *args):
-        return self._staged.lower(*args)
-
-    def __call__(self, *args):
-        leaves, tree = jax.tree.flatten(args)
-        key = (tree, tuple((np.shape(x), getattr(x, "dtype", type(x))) for x in leaves))
-        compiled = self._compiled.get(key)
-        if compiled is None:
-            compiled = self._staged.lower(*args).compile(compiler_options=self._options)
-            self._compiled[key] = compiled
-            release_host_memory()
-        return compiled(*args)
+            return jax.pmap(fn, axis_name=PMAP_AXIS, donate_argnums=(0,))
+        replicated = NamedSharding(self.mesh, P())
+        data = NamedSharding(self.mesh, P(MESH_AXIS))
+        return jax.jit(
+            step_fn,
+            in_shardings=(replicated, data),
+            out_shardings=(replicated, replicated),
+            donate_argnums=(0,),
+        )
 
 
 def make_placement(parallelism: str, devices=None) -> Placement:
@@ -396,21 +353,6 @@ def compile_train_step(
 
 
 # ----------------------------------------------------------------------------- host side
-
-
-def release_host_memory() -> bool:
-    """Hands the C heap's free pages back to the OS (glibc `malloc_trim`); True if it could.
-
-    Compiling a program and initialising the weights leave a few hundred MB to a GB of freed
-    but still resident heap behind (XLA and LLVM work buffers), which the training step's own
-    buffers do not reuse: on the CPU backend that memory adds to the training peak (R50-FPN,
-    800 x 1216: 0.6 GiB, docs/performance.md). A no-op (False) off glibc.
-    """
-    libc = ctypes.CDLL(None)
-    trim = getattr(libc, "malloc_trim", None)
-    if trim is None:
-        return False
-    return bool(trim(0))
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -560,6 +502,8 @@ def train_loop(
         with stop_on_sigterm() as sigterm:
             for step, batch in zip(range(start + 1, num_steps + 1), batches(start), strict=False):
                 placed, metrics = step_fn(placed, placement.put_batch(batch))
+                if step == start + 1:  # the step is compiled (and dispatched) now
+                    runtime.release_host_memory()
                 flush()
                 pending = (step, metrics)
                 stopped = _any_process(sigterm.is_set())

@@ -204,13 +204,12 @@ def log(message: str) -> None:
 # ----------------------------------------------------------------------------- JAX workers
 
 
-def _compile(jitted, *args, options=None) -> tuple[Callable, float, float]:
-    """(compiled, trace+lower seconds, XLA compile seconds) of a jitted / pmapped function,
-    compiled with the XLA compiler `options`."""
+def _compile(jitted, *args) -> tuple[Callable, float, float]:
+    """(compiled, trace+lower seconds, XLA compile seconds) of a jitted / pmapped function."""
     start = time.perf_counter()
     lowered = jitted.lower(*args)
     traced = time.perf_counter()
-    compiled = lowered.compile(compiler_options=options)
+    compiled = lowered.compile()
     return compiled, traced - start, time.perf_counter() - traced
 
 
@@ -341,14 +340,11 @@ def jax_train(config, args, batch: int) -> dict:
     batch_np = jax_batch(
         examples_for(config, args, batch), config.data.max_instances, config.data.mask_crop_size
     )
-    from mrcnn_jax import train
+    from mrcnn_jax import runtime
 
     step_fn, state, placed, placement = jax_train_setup(config, batch_np, args.weights_npz)
-    # As Placement.compile does: the backend's compiler options, then the freed heap returned.
-    compiled, lower_s, compile_s = _compile(
-        step_fn, state, placed, options=train.compiler_options()
-    )
-    train.release_host_memory()
+    compiled, lower_s, compile_s = _compile(step_fn, state, placed)
+    runtime.release_host_memory()  # as train_loop does once its step is compiled
     log(f"jax train batch {batch}: lower {lower_s:.1f} s, compile {compile_s:.1f} s")
     holder = {"state": state, "metrics": None}
 
@@ -559,6 +555,9 @@ def run_worker(name: str, args) -> dict:
 
         torch.set_num_threads(args.threads)
     else:
+        from mrcnn_jax import runtime
+
+        runtime.set_default_xla_flags()  # as the command line does, before JAX starts
         import jax  # noqa: F401
 
         from mrcnn_jax import evaluate, inference, losses, mask_rcnn, train  # noqa: F401

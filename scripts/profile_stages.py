@@ -236,11 +236,7 @@ def profile_train(config, args, trace_root: str) -> dict:
     step_fn, state, placed, _ = benchmark.jax_train_setup(
         config, batch_np, args.weights_npz, wrap_tx=scoped_tx
     )
-    from mrcnn_jax import train
-
-    compiled, lower_s, compile_s = benchmark._compile(
-        step_fn, state, placed, options=train.compiler_options()
-    )
+    compiled, lower_s, compile_s = benchmark._compile(step_fn, state, placed)
     benchmark.log(f"train step compiled in {lower_s + compile_s:.1f} s")
     holder = {"state": state}
 
@@ -304,6 +300,9 @@ def main(argv: list[str]) -> None:
     p.add_argument("--output", help="also write the JSON here")
     args = p.parse_args(argv)
 
+    from mrcnn_jax import runtime
+
+    runtime.set_default_xla_flags()  # the programs as benchmark.py and the command line build them
     benchmark.limit_threads(args.threads)
     config = benchmark.load_config(args.config, args.image_size, args.batch, args.set)
     if args.score_threshold is not None:

@@ -6,7 +6,6 @@ test_checkpoint.py and test_parallel.py.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import io
 import json
@@ -503,51 +502,3 @@ def test_train_and_evaluate_resumes_evaluates_and_fine_tunes(tmp_path, stand_ins
     np.testing.assert_array_equal(
         variables["batch_stats"]["bn1"]["var"], resumed.model_state["batch_stats"]["bn1"]["var"]
     )
-
-
-def _resident_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-@pytest.mark.skipif(
-    not (os.path.exists("/proc/self/statm") and hasattr(ctypes.CDLL(None), "malloc_trim")),
-    reason="needs Linux with glibc",
-)
-def test_release_host_memory_returns_freed_heap_to_the_os():
-    libc = ctypes.CDLL(None)
-    libc.malloc.restype = ctypes.c_void_p
-    libc.free.argtypes = [ctypes.c_void_p]
-    libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
-    chunk, count = 4096, 64 * 1024  # 256 MiB in small heap chunks (below the mmap threshold)
-    blocks = []
-    for _ in range(count):
-        p = libc.malloc(chunk)
-        libc.memset(p, 1, chunk)  # touch it: resident
-        blocks.append(p)
-    keep = blocks.pop()  # the top chunk stays, so free() alone cannot shrink the heap
-    for p in blocks:
-        libc.free(p)
-    before = _resident_mb()
-    assert train.release_host_memory()
-    after = _resident_mb()
-    libc.free(keep)
-    assert before - after > 128, (before, after)
-
-
-def test_cpu_step_is_compiled_with_the_memory_lean_scheduler_once_per_signature():
-    assert train.compiler_options("cpu") == train.CPU_COMPILER_OPTIONS
-    assert train.compiler_options("gpu") == {} and train.compiler_options("tpu") == {}
-    placement = train.make_placement("mesh")
-    step = placement.compile(lambda state, batch: (state + jnp.sum(batch), jnp.mean(batch)))
-    assert isinstance(step, train._CompiledPerSignature)  # the tests run on the CPU backend
-    state = jax.device_put(jnp.float32(0), jax.sharding.NamedSharding(placement.mesh, train.P()))
-    state, m = step(state, placement.put_batch(np.ones((2, 3), np.float32)))
-    state, m = step(state, placement.put_batch(np.full((2, 3), 2.0, np.float32)))
-    assert float(state) == 18.0 and float(m) == 2.0 and len(step._compiled) == 1
-    state, _ = step(state, placement.put_batch(np.ones((2, 5), np.float32)))  # a new signature
-    assert float(state) == 28.0 and len(step._compiled) == 2
-    # The options reach XLA: an unknown one is refused.
-    bad = train._CompiledPerSignature(jax.jit(lambda x: x + 1), {"xla_no_such_option": 1})
-    with pytest.raises(Exception, match="xla_no_such_option"):
-        bad(jnp.ones(2))
