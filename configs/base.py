@@ -64,6 +64,9 @@ def get_config() -> ml_collections.ConfigDict:
     r.post_nms_topk_train = 1000  # per image (detectron2 FPN); torchvision: 2000
     r.post_nms_topk_test = 1000
     r.nms_iou = 0.7
+    # Anchors matched to the gt this many at a time: bounds the [max_instances, anchors] IoU matrix
+    # of the RPN targets (0: all at once).
+    r.match_anchor_chunk = 16384
     r.min_size = 0.0  # proposals keep boxes with both sides > min_size
     r.sigmoid_scores = False  # rank / NMS proposals by sigmoid(logit) (torchvision), not the logit
     r.smooth_l1_beta = 0.0  # 0 = L1

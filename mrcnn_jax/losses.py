@@ -77,6 +77,7 @@ def _per_image_targets(model_cfg, anchors, batch, keys, proposals_and_valid):
         batch_size_per_image=rpn.batch_size_per_image,
         positive_fraction=rpn.positive_fraction,
         box_weights=tuple(rpn.box_weights),
+        anchor_chunk=rpn.match_anchor_chunk,
     )
     roi_fn = functools.partial(
         tgt.sample_rois,

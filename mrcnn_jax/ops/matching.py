@@ -12,6 +12,8 @@ import enum
 import jax
 import jax.numpy as jnp
 
+from mrcnn_jax.ops import boxes as box_ops
+
 
 class MatchLabel(enum.IntEnum):
     """Label of a prediction (anchor / proposal) after matching or sampling."""
@@ -46,9 +48,19 @@ def match(
     if num_gt == 0:  # static shape: nothing to match
         zeros = jnp.zeros((num_pred,), jnp.int32)
         return zeros, jnp.full((num_pred,), int(MatchLabel.NEGATIVE), jnp.int32)
-    iou = iou.astype(jnp.float32)
+    masked = _masked(iou, gt_valid)
+    highest = jnp.max(masked, axis=1) if allow_low_quality else None
+    return _match_masked(masked, gt_valid, highest, fg_threshold, bg_threshold)
+
+
+def _masked(iou: jnp.ndarray, gt_valid: jnp.ndarray) -> jnp.ndarray:
     # IoU is in [0, 1], so -1 keeps padded gt out of every max / argmax.
-    masked = jnp.where(gt_valid[:, None], iou, -1.0)
+    return jnp.where(gt_valid[:, None], iou.astype(jnp.float32), -1.0)
+
+
+def _match_masked(masked, gt_valid, highest, fg_threshold, bg_threshold):
+    """`match` on a masked [G, N] IoU matrix, given each gt's highest IoU over ALL predictions
+    ([G]; None: no low-quality matches)."""
     matched = jnp.argmax(masked, axis=0).astype(jnp.int32)
     best = jnp.max(masked, axis=0)
     labels = jnp.where(
@@ -56,14 +68,47 @@ def match(
         int(MatchLabel.POSITIVE),
         jnp.where(best >= bg_threshold, int(MatchLabel.IGNORE), int(MatchLabel.NEGATIVE)),
     ).astype(jnp.int32)
-    if allow_low_quality:
-        highest = jnp.max(masked, axis=1, keepdims=True)  # [G, 1]; -1 for padded gt
-        is_best = (masked == highest) & (highest > 0.0)
+    if highest is not None:  # [G]; -1 for padded gt
+        is_best = (masked == highest[:, None]) & (highest[:, None] > 0.0)
         labels = jnp.where(jnp.any(is_best, axis=0), int(MatchLabel.POSITIVE), labels)
     any_gt = jnp.any(gt_valid)
     matched = jnp.where(any_gt, matched, 0)
     labels = jnp.where(any_gt, labels, int(MatchLabel.NEGATIVE))
     return matched, labels
+
+
+def match_boxes(
+    gt_boxes: jnp.ndarray,
+    boxes: jnp.ndarray,
+    gt_valid: jnp.ndarray,
+    fg_threshold: float,
+    bg_threshold: float,
+    allow_low_quality: bool,
+    chunk: int = 0,
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """`match(pairwise_iou(gt_boxes, boxes), ...)` for gt_boxes [G, 4] and boxes [N, 4], without
+    the [G, N] matrix when chunk > 0: the boxes are taken `chunk` at a time, once for each gt's
+    highest IoU (the low-quality rule needs it over all of them) and once to match, so memory is
+    [G, chunk] and the IoU is computed twice. For the RPN (N ~ 250k anchors at 800 x 1216, G =
+    max_instances) the full matrix and its masks are ~0.2 GB per image of the training step's
+    temporaries. Same results as the full matrix (tests/ops/test_matching.py)."""
+    num_gt, num = gt_boxes.shape[0], boxes.shape[0]
+    if chunk <= 0 or chunk >= num or num_gt == 0:
+        iou = box_ops.pairwise_iou(gt_boxes, boxes)
+        return match(iou, gt_valid, fg_threshold, bg_threshold, allow_low_quality)
+    blocks = -(-num // chunk)
+    # Padding boxes are all-zero (IoU 0 with everything): they never raise a gt's highest IoU
+    # above 0 and their own matches are cut off below.
+    padded = jnp.pad(boxes, ((0, blocks * chunk - num), (0, 0))).reshape(blocks, chunk, 4)
+    block_masked = lambda b: _masked(box_ops.pairwise_iou(gt_boxes, b), gt_valid)
+    highest = None
+    if allow_low_quality:
+        highest = jnp.max(jax.lax.map(lambda b: jnp.max(block_masked(b), axis=1), padded), axis=0)
+    matched, labels = jax.lax.map(
+        lambda b: _match_masked(block_masked(b), gt_valid, highest, fg_threshold, bg_threshold),
+        padded,
+    )
+    return matched.reshape(-1)[:num], labels.reshape(-1)[:num]
 
 
 def _first_k(priority: jnp.ndarray, eligible: jnp.ndarray, k: int, limit: jnp.ndarray):

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mrcnn_jax.ops import boxes as box_ops
-from mrcnn_jax.ops.matching import MatchLabel, match, sample_indices, subsample
+from mrcnn_jax.ops.matching import MatchLabel, match, match_boxes, sample_indices, subsample
 
 POS, NEG, IGN = int(MatchLabel.POSITIVE), int(MatchLabel.NEGATIVE), int(MatchLabel.IGNORE)
 
@@ -69,6 +69,32 @@ def test_match_random_boxes(seed, low_quality):
     iou = np.asarray(box_ops.pairwise_iou(jnp.asarray(gt), jnp.asarray(preds)))
     _check_match(iou, gt_valid, 0.7, 0.3, low_quality)
     _check_match(iou, gt_valid, 0.5, 0.5, low_quality)
+
+
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    low_quality=st.booleans(),
+    chunk=st.sampled_from([1, 3, 7, 16, 64]),
+)
+@settings(max_examples=40, deadline=None)
+def test_match_boxes_in_chunks_equals_the_full_matrix(seed, low_quality, chunk):
+    """Boxes repeated across chunks (ties for a gt's highest IoU in several chunks), a gt that
+    overlaps nothing, padded gt: the chunked matcher agrees with the loop reference exactly."""
+    rng = np.random.default_rng(seed)
+    gt = _random_boxes(rng, 6, 64)
+    gt[5] = [500, 500, 510, 510]  # overlaps no prediction
+    base = _random_boxes(rng, 15, 64)
+    base[:3] = gt[:3]
+    preds = np.concatenate([base, base[rng.permutation(15)], _random_boxes(rng, 11, 64)])
+    gt_valid = rng.random(6) < 0.8
+    gt[~gt_valid] = 0.0
+    iou = np.asarray(box_ops.pairwise_iou(jnp.asarray(gt), jnp.asarray(preds)))
+    fn = jax.jit(match_boxes, static_argnums=(3, 4, 5, 6))
+    m, lab = fn(jnp.asarray(gt), jnp.asarray(preds), jnp.asarray(gt_valid), 0.7, 0.3, low_quality,
+                chunk)
+    rm, rl = _match_reference(iou, gt_valid, np.float32(0.7), np.float32(0.3), low_quality)
+    np.testing.assert_array_equal(np.asarray(lab), rl)
+    np.testing.assert_array_equal(np.asarray(m), rm)
 
 
 @given(
