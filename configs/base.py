@@ -139,4 +139,8 @@ def get_config() -> ml_collections.ConfigDict:
     e.batch_size = 8
     e.max_examples = 0  # 0 = the whole split
     e.num_overlays = 8  # overlay PNGs of the first eval images written to WORKDIR/overlays_STEP
+    # Processes that paste the masks at full resolution and encode them for COCO while the device
+    # predicts the next batches (0: in the main process). Worth it when the accelerator outruns one
+    # host core: ~0.05 s per image of 100 detections.
+    e.paste_workers = 0
     return c

@@ -8,6 +8,7 @@ as uncompressed RLE (as COCO stores crowds).
 
 import json
 import math
+import os
 import struct
 import tracemalloc
 
@@ -655,3 +656,30 @@ def test_mask_paste_kind_selects_the_family_definition():
     assert not np.array_equal(d2, tv)
     with pytest.raises(ValueError, match="mask_paste"):
         evaluate.image_detections(dets, batch, 0, 0.5, "caffe2")
+
+
+def test_run_evaluation_in_paste_worker_processes_gives_the_same_results():
+    gt, images = _many_images(12)
+    pairs = _fake_batches(gt, batch_size=4, num_detections=10, images=images)
+    runs = {
+        workers: evaluate.run_evaluation(
+            _predict_from(pairs), (b for b, _ in pairs), gt, LABEL_TO_CAT, paste_workers=workers
+        )
+        for workers in (0, 2)
+    }
+    (m0, r0), (m2, r2) = runs[0], runs[2]
+    assert len(r0) == 12 * 8 and r0 == r2  # same results, same order
+    assert m0 == m2 and m0["segm/AP"] == pytest.approx(1.0)
+
+
+def test_paste_workers_run_single_threaded_blas_and_leave_the_parent_env_alone():
+    before = os.environ.get("OPENBLAS_NUM_THREADS")
+    pool = evaluate._converter_pool(2)
+    try:
+        pids = {pool.submit(os.getpid).result() for _ in range(8)}
+        assert os.getpid() not in pids and len(pids) <= 2
+        assert pool.submit(os.getenv, "OPENBLAS_NUM_THREADS").result() == "1"
+    finally:
+        pool.shutdown()
+    assert os.environ.get("OPENBLAS_NUM_THREADS") == before
+    assert evaluate._converter_pool(0) is None
