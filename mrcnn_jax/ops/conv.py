@@ -10,8 +10,8 @@ kernel taps of `x_tap^T @ dy`, one [C, N*OH*OW] x [N*OH*OW, O] matmul each:
 `conv_general_dilated` is a drop-in for `lax.conv_general_dilated` (flax's `nn.Conv(...,
 conv_general_dilated=...)` hook): NHWC / HWIO convolutions with explicit padding, no dilation and
 no groups keep XLA's forward pass, take the matmul weight gradient and, at stride 1, an input
-gradient written as a plain convolution (`_input_grad`); anything
-else goes to `lax.conv_general_dilated` unchanged. Parameters and outputs are the same, gradients
+gradient written as a plain convolution (`_input_grad`); anything else goes to
+`lax.conv_general_dilated` unchanged. Parameters and outputs are the same, gradients
 agree to float round-off (tests/ops/test_conv.py).
 
 Which weight gradient is used is decided when a function is traced, from the environment variable
@@ -61,7 +61,7 @@ def _input_grad(x, w, strides, padding, g):
     NHWC / HWIO convolution of g with the flipped kernel, its in / out channels swapped, and
     padding k - 1 - pad. Written out rather than left to XLA's transpose rule, whose
     kernel-layout convolution (b01f_01oi) XLA:CPU does not hand to its fast convolution library
-    inside a conditional (the chunked mask head, losses.mask_head_on_positives): 37 against
+    inside a conditional (the chunked mask head, inference.mask_head_on_valid): 37 against
     ~150 GFLOP/s. Anything else: the transpose rule."""
     sizes = w.shape[:2]
     same_like = all(
