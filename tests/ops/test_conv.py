@@ -99,3 +99,24 @@ def test_environment_selects_the_weight_gradient(monkeypatch):
     monkeypatch.setenv(conv_ops.ENV_VAR, "fast")
     with pytest.raises(ValueError, match=conv_ops.ENV_VAR):
         ours(x, w)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_pointwise_forward_is_a_matmul_and_training_keeps_the_convolution(stride):
+    rng = np.random.default_rng(stride)
+    x = jnp.asarray(rng.normal(size=(2, 8, 10, 5)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(1, 1, 5, 7)), jnp.float32)
+
+    def ours(x, w):
+        return conv_ops.conv_general_dilated(x, w, (stride, stride), "VALID", dimension_numbers=DN)
+
+    ref = lax.conv_general_dilated(x, w, (stride, stride), "VALID", dimension_numbers=DN)
+    np.testing.assert_allclose(jax.jit(ours)(x, w), ref, rtol=1e-5, atol=1e-5)
+    # Inference: a dot, no convolution. Under differentiation: XLA's convolution forward.
+    primal = str(jax.make_jaxpr(ours)(x, w))
+    assert "dot_general" in primal and "conv_general_dilated" not in primal
+    trained = str(jax.make_jaxpr(jax.grad(lambda w: jnp.sum(ours(x, w))))(w))
+    assert "conv_general_dilated" in trained
+    # 3x3 convolutions are never turned into matmuls.
+    w3 = jnp.asarray(rng.normal(size=(3, 3, 5, 7)), jnp.float32)
+    assert "conv_general_dilated" in str(jax.make_jaxpr(ours)(x, w3))
