@@ -143,4 +143,11 @@ def get_config() -> ml_collections.ConfigDict:
     # predicts the next batches (0: in the main process). Worth it when the accelerator outruns one
     # host core: ~0.05 s per image of 100 detections.
     e.paste_workers = 0
+    # Paste the masks and find their run lengths on the device (evaluate.make_device_mask_runs), so
+    # the host only compresses run lengths: "auto" (on a GPU / TPU, not on the CPU backend, where
+    # the host paste is faster), "on" or "off". Original images up to canvas (h, w) are pasted
+    # there, bigger ones (and masks of more than max_runs runs) on the host.
+    e.device_masks = "auto"
+    e.device_mask_canvas = (1024, 1024)
+    e.device_mask_max_runs = 4096
     return c

@@ -77,6 +77,10 @@ def validate_config(config: ml_collections.ConfigDict, reference=None) -> None:
 
         reference = base.get_config()
     errors = config_errors(config.to_dict(), reference.to_dict())
+    if not errors:  # the keys fit: check the values the type check cannot
+        from mrcnn_jax import evaluate
+
+        errors = evaluate.eval_config_errors(config.eval)
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
 

@@ -2,13 +2,14 @@
 COCO results (full-resolution mask pasting + RLE), in-process and with paste worker processes.
 
     python scripts/benchmark_eval_host.py --image-size 800 1216 --detections 100 --images 64 \
-        --batch 16 --workers 0 2 8
+        --batch 16 --workers 0 2 8 [--device-masks]
 
 The detections are synthetic (random boxes of 20-400 px, random 28 x 28 mask probabilities) and
 come from a predict function that returns them at once, so the figure is the host's rate alone:
 what an accelerator that predicts faster than that waits for. The ground truth has the images and
 no annotations, which keeps COCOeval's own share small; it is timed again on its own and taken
-out of the figure.
+out of the figure. With --device-masks, one more run pastes the masks and finds their run starts
+on the default JAX device (`eval.device_masks`); the host then only compresses run lengths.
 """
 
 from __future__ import annotations
@@ -20,6 +21,29 @@ import sys
 import time
 
 import numpy as np
+
+
+def blobs(rng, shape) -> np.ndarray:
+    """[*shape, 28, 28] float32 mask probabilities: one round blob each (an object's mask has a
+    few runs per image column; uniform noise would have hundreds)."""
+    yy, xx = np.mgrid[:28, :28]
+    cy, cx, r = (rng.uniform(8, 20, (*shape, 1, 1)) for _ in range(3))
+    return np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r**2)).astype(np.float32)
+
+
+def differences(reference: list[dict], results: list[dict]) -> dict:
+    """How results differ from the first run's: masks and pixels (the device's float32 paste can
+    round a probability at the threshold the other way), and any other field."""
+    from pycocotools import mask as mask_utils
+
+    masks = pixels = other = 0
+    for a, b in zip(reference, results, strict=True):
+        other += any(a[k] != b[k] for k in a if k != "segmentation")
+        if a.get("segmentation") != b.get("segmentation"):
+            masks += 1
+            pa, pb = (mask_utils.decode(r["segmentation"]) for r in (a, b))
+            pixels += int(np.sum(pa != pb))
+    return {"masks_differing": masks, "pixels_differing": pixels, "other_fields_differing": other}
 
 
 def synthetic(num_images: int, batch: int, size, detections: int, seed: int = 0):
@@ -36,7 +60,7 @@ def synthetic(num_images: int, batch: int, size, detections: int, seed: int = 0)
             "scores": rng.uniform(0.05, 1, (batch, detections)).astype(np.float32),
             "classes": rng.integers(1, 81, (batch, detections)).astype(np.int32),
             "valid": np.ones((batch, detections), bool),
-            "masks": rng.uniform(0, 1, (batch, detections, 28, 28)).astype(np.float32),
+            "masks": blobs(rng, (batch, detections)),
         }
         host = {
             "image_ids": np.arange(start, start + batch),
@@ -55,6 +79,10 @@ def main(argv):
     p.add_argument("--images", type=int, default=64)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    p.add_argument("--device-masks", action="store_true",
+                   help="also time evaluate.make_device_mask_runs (pasting + run starts on the "
+                   "default JAX device, canvas = image size), workers 0")
+    p.add_argument("--max-runs", type=int, default=4096)
     p.add_argument("--output")
     args = p.parse_args(argv)
 
@@ -72,16 +100,31 @@ def main(argv):
     labels = {c: c for c in range(1, 81)}
     result = {"setup": {**vars(args), "cpus": os.cpu_count(), "load_avg": list(os.getloadavg())},
               "runs": []}
-    for workers in args.workers:
+    modes = [("host", w) for w in args.workers]
+    if args.device_masks:
+        import jax
+
+        mask_runs = evaluate.make_device_mask_runs(args.image_size, 0.5, args.max_runs)
+        start = time.perf_counter()
+        h0, d0 = pairs[0]
+        jax.block_until_ready(mask_runs(d0["boxes"], d0["masks"], h0["scales"], h0["orig_sizes"]))
+        result["setup"]["device"] = str(jax.devices()[0])
+        result["setup"]["device_compile_s"] = time.perf_counter() - start
+        modes.append(("device", 0))
+    reference = None
+    for mode, workers in modes:
+        fn = predict if mode == "host" else evaluate._with_mask_runs(predict, mask_runs)
         start = time.perf_counter()
         _, results = evaluate.run_evaluation(
-            predict, (h for h, _ in pairs), gt, labels, paste_workers=workers
+            fn, (h for h, _ in pairs), gt, labels, paste_workers=workers
         )
         total = time.perf_counter() - start
+        reference = results if reference is None else reference
         start = time.perf_counter()  # COCOeval's share, measured again on the same results
         evaluate.coco_evaluate(gt, results, evaluate.IOU_TYPES)
         coco_s = time.perf_counter() - start
-        run = {"workers": workers, "convert_s": total - coco_s,
+        run = {"masks": mode, "workers": workers, "convert_s": total - coco_s,
+               **differences(reference, results),
                "images_per_s": args.images / (total - coco_s), "results": len(results),
                "cocoeval_s": coco_s}
         result["runs"].append(run)

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
+from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,9 +49,23 @@ def test_train_writes_checkpoint_metrics_results(trained):
 
 def test_eval_mode_on_the_checkpoint(trained):
     workdir, data_dir = trained
-    _run(f"--workdir={workdir}", f"--config.data.data_dir={data_dir}", "--mode=eval", cwd=ROOT)
+    results_path = os.path.join(workdir, "results_step_4.json")
+    during_training = json.load(open(results_path))  # masks pasted on the host (CPU: "auto")
+    # Evaluating again, with the masks pasted and run-length coded by the device, gives the
+    # same results.
+    _run(f"--workdir={workdir}", f"--config.data.data_dir={data_dir}", "--mode=eval",
+         "--config.eval.device_masks=on", cwd=ROOT)
     evals = [json.loads(x) for x in open(os.path.join(workdir, "eval_metrics.jsonl"))]
     assert len(evals) >= 2 and evals[-1]["step"] == 4
+    again = json.load(open(results_path))
+    assert len(again) == len(during_training)
+    for a, b in zip(again, during_training, strict=True):
+        assert {k: v for k, v in a.items() if k != "segmentation"} == {
+            k: v for k, v in b.items() if k != "segmentation"
+        }
+        pa, pb = (mask_utils.decode(r["segmentation"]) for r in (a, b))
+        assert pa.shape == pb.shape and np.sum(pa != pb) <= 2  # float rounding at the threshold
+    assert evals[-1] == evals[-2]
 
 
 def test_predict_mode_on_a_folder(trained, tmp_path):

@@ -683,3 +683,73 @@ def test_paste_workers_run_single_threaded_blas_and_leave_the_parent_env_alone()
         pool.shutdown()
     assert os.environ.get("OPENBLAS_NUM_THREADS") == before
     assert evaluate._converter_pool(0) is None
+
+
+def _smooth_detections(rng, batch, d, size):
+    """Detections with blob-shaped 28 x 28 masks (so pasted masks have realistic runs)."""
+    h, w = size
+    xy = rng.uniform(0, [w - 8, h - 8], (batch, d, 2))
+    wh = rng.uniform(4, [w / 2, h / 2], (batch, d, 2))
+    boxes = np.concatenate([xy, xy + wh], -1).astype(np.float32)
+    yy, xx = np.mgrid[:28, :28]
+    cy, cx, r = (rng.uniform(8, 20, (batch, d, 1, 1)) for _ in range(3))
+    masks = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r**2)).astype(np.float32)
+    return Detections(
+        boxes,
+        rng.uniform(0.1, 1, (batch, d)).astype(np.float32),
+        rng.integers(1, 4, (batch, d)).astype(np.int32),
+        rng.uniform(size=(batch, d)) < 0.8,
+        masks,
+    )
+
+
+@pytest.mark.parametrize("kind", ["detectron2", "torchvision"])
+def test_device_mask_runs_give_the_host_results(kind):
+    rng = np.random.default_rng(3)
+    dets = _smooth_detections(rng, 3, 12, (64, 80))
+    # Image 0 is scaled down, image 1 is bigger than the canvas (host fallback), image 2 is a
+    # dummy; max_runs is small enough that some masks overflow (host fallback too).
+    batch = _batch([1, 2, 0], [2.0, 1.0, 1.0], [(32, 40), (70, 90), (8, 8)], [True, True, False])
+    fn = evaluate.make_device_mask_runs((64, 80), 0.5, max_runs=20, mask_paste=kind)
+    starts, num = fn(dets.boxes, dets.masks, batch["scales"], batch["orig_sizes"])
+    num = np.asarray(num)
+    assert np.all(num[1] == 21)  # too big for the canvas
+    assert np.any(num[0] > 20) and np.any(num[0] <= 20)  # some overflow, some on the device
+    with_runs = {
+        "boxes": dets.boxes, "scores": dets.scores, "classes": dets.classes, "valid": dets.valid,
+        "masks": dets.masks, "mask_run_starts": np.asarray(starts), "mask_run_num": num,
+    }
+    host = evaluate.detections_to_coco(dets, batch, LABEL_TO_CAT, 0.5, kind)
+    device = evaluate.detections_to_coco(with_runs, batch, LABEL_TO_CAT, 0.5, kind)
+    assert len(host) == len(device) > 0
+    assert device == host
+
+
+def test_run_evaluation_with_device_mask_runs_scores_as_the_host():
+    gt, images = _many_images(8)
+    pairs = _fake_batches(gt, batch_size=4, num_detections=10, images=images)
+    mask_runs = evaluate.make_device_mask_runs((256, 256), 0.5, max_runs=512)
+    predict = evaluate._with_mask_runs(_predict_from(pairs), mask_runs)
+    assert "mask_run_starts" in predict(pairs[0][0])
+    m_host, r_host = evaluate.run_evaluation(
+        _predict_from(pairs), (b for b, _ in pairs), gt, LABEL_TO_CAT
+    )
+    m_dev, r_dev = evaluate.run_evaluation(predict, (b for b, _ in pairs), gt, LABEL_TO_CAT)
+    assert r_dev == r_host and m_dev == m_host and m_dev["segm/AP"] == pytest.approx(1.0)
+
+
+def test_device_masks_setting():
+    from configs import base
+
+    eval_cfg = base.get_config().eval
+    assert eval_cfg.device_masks == "auto"
+    assert evaluate.device_masks_enabled(eval_cfg, backend="gpu")
+    assert evaluate.device_masks_enabled(eval_cfg, backend="tpu")
+    assert not evaluate.device_masks_enabled(eval_cfg, backend="cpu")
+    eval_cfg.device_masks = "on"
+    assert evaluate.device_masks_enabled(eval_cfg, backend="cpu")
+    eval_cfg.device_masks = "off"
+    assert not evaluate.device_masks_enabled(eval_cfg, backend="gpu")
+    eval_cfg.device_mask_max_runs = 0
+    with pytest.raises(ValueError, match="eval.device_mask_max_runs"):
+        evaluate.device_masks_enabled(eval_cfg)

@@ -127,3 +127,13 @@ def test_overrides_of_unknown_or_mistyped_keys_are_refused(parse_flags):
         parse_flags(config, "--workdir=/tmp/x", "--config.train.bogus=1")
     with pytest.raises(flags.IllegalFlagValueError, match="many"):
         parse_flags(config, "--workdir=/tmp/x", "--config.train.num_steps=many")
+
+
+def test_eval_device_mask_values_are_checked():
+    config = base.get_config()
+    config.eval.device_masks = "yes"
+    config.eval.device_mask_canvas = (640, 0)
+    with pytest.raises(main.ConfigError) as err:
+        main.validate_config(config)
+    names = sorted(line.split(":")[0].strip() for line in str(err.value).splitlines()[1:])
+    assert names == ["eval.device_mask_canvas", "eval.device_masks"]

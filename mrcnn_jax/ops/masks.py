@@ -258,3 +258,59 @@ def paste_masks_torchvision(
     wx = _torchvision_axis_weights(x0, x1, width, m, padding, xp)
     wy = _torchvision_axis_weights(y0, y1, height, m, padding, xp)
     return _separable_paste(wy, masks, wx, xp, None if threshold is None else (lambda p: p > threshold))
+
+
+def mask_run_starts(masks, height, width, max_runs: int, max_per_column: int = 16):
+    """Where COCO's run-length encoding of each mask starts a new run, computed at fixed shape.
+
+    masks: [K, Hc, Wc] bool on a canvas at least as big as the image; height, width: the image's
+    size (ints or int32 scalars, may be traced). Only the top-left height x width region is read,
+    in COCO's column-major order, p = x * height + y.
+    Returns (starts [K, max_runs] int32, num [K] int32): the positions p where a pixel differs
+    from the one before it (before p = 0 counts as 0, so a mask whose first pixel is set starts
+    with p = 0), ascending, padded with height * width; num is how many there are. The
+    uncompressed RLE is then counts = diff([0, *starts[:num], height * width]), which
+    `pycocotools.mask.frPyObjects` compresses (evaluate.runs_to_rles). A mask that does not fit
+    (more than max_runs starts, or more than max_per_column in one image column) gets
+    num = max_runs + 1 and only partial starts: the caller encodes it some other way.
+
+    No scatter and no scan over the pixels (an accelerator does both slowly): the first
+    max_per_column starts of every column are found by max_per_column first-True reductions
+    along the column, and output slot j reads its column from the running start counts.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    k, hc, wc = masks.shape
+    height = jnp.asarray(height, jnp.int32)
+    width = jnp.asarray(width, jnp.int32)
+    v = jnp.swapaxes(masks, 1, 2)  # [K, Wc, Hc]: one image column per row, as COCO reads it
+    ys, xs = jnp.arange(hc, dtype=jnp.int32), jnp.arange(wc, dtype=jnp.int32)
+    inside = (xs[:, None] < width) & (ys[None, :] < height)
+    v = v & inside
+    above = jnp.pad(v[:, :, :-1], ((0, 0), (0, 0), (1, 0)))  # pixel y - 1 of the same column
+    col_end = jax.lax.dynamic_index_in_dim(v, height - 1, axis=2, keepdims=False)  # [K, Wc]
+    prev_col_end = jnp.pad(col_end[:, :-1], ((0, 0), (1, 0)))  # last pixel of column x - 1
+    prev = jnp.where(ys[None, None, :] == 0, prev_col_end[:, :, None], above)
+    change = (v != prev) & inside  # [K, Wc, Hc]
+    per_column = change.sum(axis=2, dtype=jnp.int32)  # [K, Wc]
+    num = per_column.sum(axis=1)
+
+    def next_start(after, _):  # the first start below row `after` of every column (hc: none)
+        later = change & (ys > after[..., None])
+        row = jnp.where(later.any(axis=2), jnp.argmax(later, axis=2).astype(jnp.int32), hc)
+        return row, row
+
+    first = jnp.full((k, wc), -1, jnp.int32)
+    rows = jnp.moveaxis(jax.lax.scan(next_start, first, None, length=max_per_column)[1], 0, 2)
+
+    ends = jnp.cumsum(per_column, axis=1)  # [K, Wc] starts up to and including column x
+    slots = jnp.arange(max_runs, dtype=jnp.int32)
+    col = jax.vmap(lambda e: jnp.searchsorted(e, slots, side="right"))(ends)
+    col = jnp.minimum(col, wc - 1).astype(jnp.int32)  # [K, max_runs]
+    rank = slots - (jnp.take_along_axis(ends, col, 1) - jnp.take_along_axis(per_column, col, 1))
+    rank = jnp.clip(rank, 0, max_per_column - 1)
+    row = jnp.take_along_axis(rows.reshape(k, wc * max_per_column), col * max_per_column + rank, 1)
+    starts = jnp.where(slots < num[:, None], col * height + row, height * width).astype(jnp.int32)
+    fits = (num <= max_runs) & jnp.all(per_column <= max_per_column, axis=1)
+    return starts, jnp.where(fits, num, max_runs + 1).astype(jnp.int32)

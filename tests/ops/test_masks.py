@@ -10,6 +10,7 @@ import pytest
 
 from mrcnn_jax.ops.masks import (
     crop_and_resize,
+    mask_run_starts,
     mask_targets_from_crops,
     paste_masks,
     paste_masks_torchvision,
@@ -335,3 +336,36 @@ def test_paste_matches_torch_implementations():
     grid = torch.stack([gx[:, None, :].expand(-1, h, -1), gy[:, :, None].expand(-1, -1, w)], dim=3)
     d2 = torch.nn.functional.grid_sample(tm, grid, align_corners=False)[:, 0].numpy()
     np.testing.assert_allclose(paste_masks(masks, boxes, h, w, threshold=None), d2, atol=1e-5)
+
+
+@pytest.mark.parametrize("height, width", [(1, 1), (5, 7), (13, 4), (16, 9)])
+def test_mask_run_starts_give_coco_rles(height, width):
+    from mrcnn_jax import evaluate
+
+    rng = np.random.default_rng(height * 100 + width)
+    masks = rng.uniform(size=(6, height, width)) < rng.uniform(0.2, 0.8, (6, 1, 1))
+    masks[0], masks[1] = True, False
+    masks[2] = np.arange(width)[None, :] % 2 == 0  # a run per column
+    # Canvas bigger than the image, with garbage outside it that must not be read.
+    canvas = rng.uniform(size=(6, 16, 9)) < 0.5
+    canvas[:, :height, :width] = masks
+    starts, num = jax.jit(mask_run_starts, static_argnums=3)(canvas, height, width, 160)
+    starts, num = np.asarray(starts), np.asarray(num)
+    assert starts.shape == (6, 160) and num.max() <= height * width
+    assert num[1] == 0 and num[0] == 1 and starts[0, 0] == 0
+    for i in range(6):
+        assert np.all(np.diff(starts[i, : num[i]]) > 0) and np.all(starts[i, num[i] :] == height * width)
+    expected = evaluate.encode_masks(masks)
+    assert evaluate.runs_to_rles(starts, num, height, width) == expected
+
+    # Traced sizes (one compile for every image) give the same. A mask that does not fit says so
+    # with num = max_runs + 1: too many starts in all, or in one column.
+    traced = jax.jit(lambda c, h, w: mask_run_starts(c, h, w, 3))(canvas, height, width)
+    np.testing.assert_array_equal(traced[1], np.where(num > 3, 4, num))
+    np.testing.assert_array_equal(traced[0], starts[:, :3])
+    column_cap = jax.jit(lambda c: mask_run_starts(c, height, width, 160, max_per_column=2))(canvas)
+    col_major = masks.transpose(0, 2, 1).reshape(6, -1).astype(int)  # COCO's pixel order
+    flags = np.diff(col_major, axis=1, prepend=0) != 0
+    too_many = (flags.reshape(6, width, height).sum(axis=2) > 2).any(axis=1)
+    assert too_many.any() == (height > 2)
+    np.testing.assert_array_equal(column_cap[1], np.where(too_many, 161, num))
