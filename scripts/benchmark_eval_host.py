@@ -81,8 +81,10 @@ def main(argv):
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     p.add_argument("--device-masks", action="store_true",
                    help="also time evaluate.make_device_mask_runs (pasting + run starts on the "
-                   "default JAX device, canvas = image size), workers 0")
+                   "default JAX device, canvas = image size)")
     p.add_argument("--max-runs", type=int, default=4096)
+    p.add_argument("--device-workers", type=int, nargs="+", default=[0],
+                   help="paste workers of the --device-masks runs (they then only compress runs)")
     p.add_argument("--output")
     args = p.parse_args(argv)
 
@@ -110,7 +112,7 @@ def main(argv):
         jax.block_until_ready(mask_runs(d0["boxes"], d0["masks"], h0["scales"], h0["orig_sizes"]))
         result["setup"]["device"] = str(jax.devices()[0])
         result["setup"]["device_compile_s"] = time.perf_counter() - start
-        modes.append(("device", 0))
+        modes += [("device", w) for w in args.device_workers]
     reference = None
     for mode, workers in modes:
         fn = predict if mode == "host" else evaluate._with_mask_runs(predict, mask_runs)

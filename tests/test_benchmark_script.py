@@ -239,3 +239,20 @@ def test_attribute_sums_per_stage_and_call():
     assert [r["stage"] for r in out["stages"]] == ["backbone", "mask_head", "proposals.nms"]
     assert [op["instruction"] for op in out["top_ops"]] == ["conv.2", "fusion.1"]
     assert sum(r["share"] for r in out["stages"]) == pytest.approx(1.0)
+
+
+def test_eval_host_benchmark_device_masks_smoke(tmp_path):
+    """scripts/benchmark_eval_host.py: host and device-mask runs give the same results."""
+    spec = importlib.util.spec_from_file_location(
+        "benchmark_eval_host", os.path.join(ROOT, "scripts", "benchmark_eval_host.py")
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "eval_host.json"
+    script.main(["--image-size", "96", "128", "--detections", "6", "--images", "4", "--batch", "2",
+                 "--workers", "0", "--device-masks", "--output", str(out)])
+    runs = json.loads(out.read_text())["runs"]
+    assert [(r["masks"], r["workers"]) for r in runs] == [("host", 0), ("device", 0)]
+    assert runs[0]["results"] == runs[1]["results"] == 4 * 6
+    assert runs[1]["other_fields_differing"] == 0 and runs[1]["pixels_differing"] <= 1
+    assert all(r["images_per_s"] > 0 for r in runs)
