@@ -146,7 +146,8 @@ def get_config() -> ml_collections.ConfigDict:
     # Paste the masks and find their run lengths on the device (evaluate.make_device_mask_runs), so
     # the host only compresses run lengths: "auto" (on a GPU / TPU, not on the CPU backend, where
     # the host paste is faster), "on" or "off". Original images up to canvas (h, w) are pasted
-    # there, bigger ones (and masks of more than max_runs runs) on the host.
+    # there, bigger ones (and masks of more than max_runs runs, or of more than 16 run starts in
+    # one image column) on the host.
     e.device_masks = "auto"
     e.device_mask_canvas = (1024, 1024)
     e.device_mask_max_runs = 4096

@@ -236,8 +236,9 @@ def make_device_mask_runs(
 
     The masks are pasted on a fixed canvas [Hc, Wc] = `canvas` (one compile), image by image
     (`lax.map`: D x Hc x Wc float32 at a time). An image bigger than the canvas, or a mask with
-    more than max_runs runs, gets num = max_runs + 1 and is pasted on the host instead, so the
-    results do not depend on these sizes."""
+    more than max_runs runs or more than 16 run starts in one image column, gets
+    num = max_runs + 1 and is pasted on the host instead, so the results do not depend on these
+    sizes."""
     import jax.numpy as jnp
     from jax import lax
 
@@ -257,9 +258,7 @@ def make_device_mask_runs(
             pasted = paste_masks(probs, boxes, hc, wc, mask_threshold, xp=jnp)
         else:
             pasted = paste_masks_torchvision(probs, boxes, hc, wc, threshold=mask_threshold, xp=jnp)
-        starts, num = mask_run_starts(pasted, height, width, max_runs)
-        fits = (height <= hc) & (width <= wc)
-        return starts, jnp.where(fits, num, max_runs + 1)
+        return mask_run_starts(pasted, height, width, max_runs)
 
     @jax.jit
     def fn(boxes, masks, scales, orig_sizes):
@@ -511,16 +510,20 @@ def format_metrics_table(metrics: Mapping[str, float]) -> str:
 
 def eval_config_errors(eval_cfg) -> list[str]:
     """What is wrong with the device-mask keys of `config.eval` (empty when nothing)."""
+    def positive_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
     errors = []
-    if eval_cfg.device_masks not in ("auto", "on", "off"):
-        errors.append(f"eval.device_masks: expected auto, on or off, got {eval_cfg.device_masks!r}")
-    canvas = tuple(eval_cfg.device_mask_canvas)
-    if len(canvas) != 2 or not all(isinstance(v, int) and v > 0 for v in canvas):
+    mode = eval_cfg.get("device_masks")
+    if mode not in ("auto", "on", "off"):
+        errors.append(f"eval.device_masks: expected auto, on or off, got {mode!r}")
+    canvas = eval_cfg.get("device_mask_canvas")
+    if not (isinstance(canvas, (tuple, list)) and len(canvas) == 2
+            and all(positive_int(v) for v in canvas)):
         errors.append(f"eval.device_mask_canvas: expected (height, width) > 0, got {canvas!r}")
-    if not (isinstance(eval_cfg.device_mask_max_runs, int) and eval_cfg.device_mask_max_runs > 0):
-        errors.append(
-            f"eval.device_mask_max_runs: expected an int > 0, got {eval_cfg.device_mask_max_runs!r}"
-        )
+    max_runs = eval_cfg.get("device_mask_max_runs")
+    if not positive_int(max_runs):
+        errors.append(f"eval.device_mask_max_runs: expected an int > 0, got {max_runs!r}")
     return errors
 
 

@@ -137,3 +137,13 @@ def test_eval_device_mask_values_are_checked():
         main.validate_config(config)
     names = sorted(line.split(":")[0].strip() for line in str(err.value).splitlines()[1:])
     assert names == ["eval.device_mask_canvas", "eval.device_masks"]
+
+
+def test_eval_device_mask_checks_survive_missing_keys_and_booleans():
+    from mrcnn_jax import evaluate
+
+    config = base.get_config()
+    del config.eval["device_masks"]
+    config.eval.device_mask_canvas = (True, 2)
+    errors = evaluate.eval_config_errors(config.eval)
+    assert [e.split(":")[0] for e in errors] == ["eval.device_masks", "eval.device_mask_canvas"]

@@ -66,7 +66,7 @@ def conv_nhwc(x: jnp.ndarray, w: jnp.ndarray, strides, padding) -> jnp.ndarray:
     (`_pointwise`); under differentiation `_fwd` keeps XLA's convolution: with the matmul in the
     training step, the R50-FPN step was ~0.5 s slower and ~150 MB bigger on the 2-core CPU
     (docs/performance.md, change 9)."""
-    if w.shape[:2] == (1, 1) and all(p == (0, 0) for p in padding):
+    if w.shape[:2] == (1, 1) and all(p == (0, 0) for p in padding) and x.dtype == w.dtype:
         return _pointwise(x, w, strides)
     return _conv(x, w, strides, padding)
 

@@ -271,7 +271,8 @@ def mask_run_starts(masks, height, width, max_runs: int, max_per_column: int = 1
     with p = 0), ascending, padded with height * width; num is how many there are. The
     uncompressed RLE is then counts = diff([0, *starts[:num], height * width]), which
     `pycocotools.mask.frPyObjects` compresses (evaluate.runs_to_rles). A mask that does not fit
-    (more than max_runs starts, or more than max_per_column in one image column) gets
+    (an image bigger than the canvas, more than max_runs starts, or more than max_per_column in
+    one image column) gets
     num = max_runs + 1 and only partial starts: the caller encodes it some other way.
 
     No scatter and no scan over the pixels (an accelerator does both slowly): the first
@@ -313,4 +314,5 @@ def mask_run_starts(masks, height, width, max_runs: int, max_per_column: int = 1
     row = jnp.take_along_axis(rows.reshape(k, wc * max_per_column), col * max_per_column + rank, 1)
     starts = jnp.where(slots < num[:, None], col * height + row, height * width).astype(jnp.int32)
     fits = (num <= max_runs) & jnp.all(per_column <= max_per_column, axis=1)
+    fits &= (height <= hc) & (width <= wc)  # else part of the image is not on the canvas
     return starts, jnp.where(fits, num, max_runs + 1).astype(jnp.int32)

@@ -120,3 +120,12 @@ def test_pointwise_forward_is_a_matmul_and_training_keeps_the_convolution(stride
     # 3x3 convolutions are never turned into matmuls.
     w3 = jnp.asarray(rng.normal(size=(3, 3, 5, 7)), jnp.float32)
     assert "conv_general_dilated" in str(jax.make_jaxpr(ours)(x, w3))
+
+
+def test_pointwise_matmul_only_for_matching_dtypes():
+    x = jnp.ones((1, 4, 4, 3), jnp.bfloat16)
+    w = jnp.ones((1, 1, 3, 2), jnp.float32)
+    # Mixed dtypes are refused by lax's convolution; the matmul path must not accept them either,
+    # so inference and training see the same function.
+    with pytest.raises(TypeError):
+        conv_ops.conv_nhwc(x, w, (1, 1), ((0, 0), (0, 0)))

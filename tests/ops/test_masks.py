@@ -369,3 +369,11 @@ def test_mask_run_starts_give_coco_rles(height, width):
     too_many = (flags.reshape(6, width, height).sum(axis=2) > 2).any(axis=1)
     assert too_many.any() == (height > 2)
     np.testing.assert_array_equal(column_cap[1], np.where(too_many, 161, num))
+
+
+def test_mask_run_starts_refuse_an_image_bigger_than_the_canvas():
+    canvas = np.ones((1, 4, 4), bool)
+    _, num = mask_run_starts(jnp.asarray(canvas), 4, 6, 32)
+    assert int(num[0]) == 33  # max_runs + 1: not codable here
+    _, num = mask_run_starts(jnp.asarray(canvas), 4, 4, 32)
+    assert int(num[0]) == 1
