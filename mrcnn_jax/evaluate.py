@@ -213,9 +213,12 @@ def runs_to_rles(starts: np.ndarray, num: np.ndarray, height: int, width: int) -
     the masks gives them."""
     if len(starts) == 0:
         return []
-    end = np.array([height * width], np.int64)
+    # One diff for all masks: past a mask's last start its starts are padded with height * width,
+    # so its row holds its num + 1 run lengths, then zeros.
+    end = np.full((len(starts), 1), height * width, np.int64)
+    counts = np.diff(starts.astype(np.int64), axis=1, prepend=0, append=end)
     uncompressed = [
-        {"size": [height, width], "counts": np.diff(starts[i, : num[i]], prepend=0, append=end).tolist()}
+        {"size": [height, width], "counts": counts[i, : num[i] + 1].tolist()}
         for i in range(len(starts))
     ]
     rles = mask_utils.frPyObjects(uncompressed, height, width)
