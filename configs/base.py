@@ -143,8 +143,8 @@ def get_config() -> ml_collections.ConfigDict:
     # predicts the next batches (0: in the main process). Worth it when the accelerator outruns one
     # host core: ~0.05 s per image of 100 detections.
     e.paste_workers = 0
-    # Paste the masks and find their run lengths on the device (evaluate.make_device_mask_runs), so
-    # the host only compresses run lengths: "auto" (on a GPU / TPU, not on the CPU backend, where
+    # Paste the masks and write their COCO RLE strings on the device (evaluate.make_device_mask_rles),
+    # so the host only slices strings out: "auto" (on a GPU / TPU, not on the CPU backend, where
     # the host paste is faster), "on" or "off". Original images up to canvas (h, w) are pasted
     # there, bigger ones (and masks of more than max_runs runs, or of more than 16 run starts in
     # one image column) on the host.

@@ -33,7 +33,12 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from mrcnn_jax.ops.masks import mask_run_starts, paste_masks, paste_masks_torchvision
+from mrcnn_jax.ops.masks import (
+    coco_rle_strings,
+    mask_run_starts,
+    paste_masks,
+    paste_masks_torchvision,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +72,10 @@ def _unpad(dets, batch, index: int) -> dict:
     # detectron2's detector_postprocess drops boxes left empty by the clip (Boxes.nonempty).
     keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
     masks = _field(dets, "masks")
-    starts, num = _field(dets, "mask_run_starts"), _field(dets, "mask_run_num")
+    chars, lengths = _field(dets, "mask_rle_chars"), _field(dets, "mask_rle_len")
     return {
-        "run_starts": None if starts is None else np.asarray(starts[index])[valid][keep],
-        "run_num": None if num is None else np.asarray(num[index])[valid][keep],
+        "rle_chars": None if chars is None else np.asarray(chars[index])[valid][keep],
+        "rle_len": None if lengths is None else np.asarray(lengths[index])[valid][keep],
         "boxes": boxes[keep],
         "scores": np.asarray(_field(dets, "scores")[index], np.float32)[valid][keep],
         "classes": np.asarray(_field(dets, "classes")[index]).astype(np.int64)[valid][keep],
@@ -180,23 +185,19 @@ def detections_to_coco(
 
 
 def _image_rles(u: dict, mask_threshold: float, mask_paste: str) -> list[dict]:
-    """COCO RLEs of one image's kept detections (`_unpad`): from the run starts the device found
-    (`make_device_mask_runs`) where it found them all, else pasted and encoded here."""
-    if u["run_starts"] is None:
+    """COCO RLEs of one image's kept detections (`_unpad`): the strings the device wrote
+    (`make_device_mask_rles`) where it could, the others pasted and encoded here."""
+    if u["rle_chars"] is None:
         chunks = _paste_chunks(
             u["probs"], u["boxes"], u["height"], u["width"], mask_threshold, mask_paste
         )
         return [rle for chunk in chunks for rle in encode_masks(chunk)]
-    rles: list = [None] * len(u["boxes"])
-    max_runs = u["run_starts"].shape[-1]
-    on_device = np.flatnonzero(u["run_num"] <= max_runs)
-    for i, rle in zip(
-        on_device,
-        runs_to_rles(u["run_starts"][on_device], u["run_num"][on_device], u["height"], u["width"]),
-        strict=True,
-    ):
-        rles[i] = rle
-    overflow = np.flatnonzero(u["run_num"] > max_runs)  # more runs than room: paste them here
+    size = [u["height"], u["width"]]
+    rles: list = [
+        {"size": size, "counts": chars[:length].tobytes().decode("ascii")} if length >= 0 else None
+        for chars, length in zip(u["rle_chars"], u["rle_len"].tolist(), strict=True)
+    ]
+    overflow = np.flatnonzero(u["rle_len"] < 0)  # not codable on the device: paste them here
     if len(overflow):
         chunks = _paste_chunks(
             u["probs"][overflow], u["boxes"][overflow], u["height"], u["width"], mask_threshold,
@@ -207,40 +208,21 @@ def _image_rles(u: dict, mask_threshold: float, mask_paste: str) -> list[dict]:
     return rles
 
 
-def runs_to_rles(starts: np.ndarray, num: np.ndarray, height: int, width: int) -> list[dict]:
-    """Run starts of n masks ([n, R], [n] as `ops.masks.mask_run_starts` returns them, every
-    num <= R) -> n compressed COCO RLEs {"size": [H, W], "counts": str}, as `encode_masks` of
-    the masks gives them."""
-    if len(starts) == 0:
-        return []
-    # One diff for all masks: past a mask's last start its starts are padded with height * width,
-    # so its row holds its num + 1 run lengths, then zeros.
-    end = np.full((len(starts), 1), height * width, np.int64)
-    counts = np.diff(starts.astype(np.int64), axis=1, prepend=0, append=end)
-    uncompressed = [
-        {"size": [height, width], "counts": counts[i, : num[i] + 1].tolist()}
-        for i in range(len(starts))
-    ]
-    rles = mask_utils.frPyObjects(uncompressed, height, width)
-    for rle in rles:
-        rle["counts"] = rle["counts"].decode("ascii")
-    return rles
-
-
-def make_device_mask_runs(
+def make_device_mask_rles(
     canvas: Sequence[int], mask_threshold: float, max_runs: int, mask_paste: str = "detectron2"
 ) -> Callable:
-    """A jitted `fn(boxes, masks, scales, orig_sizes) -> (starts [B, D, R], num [B, D])` that
-    pastes each detection's mask at its original image size on the accelerator and finds its
-    COCO run starts there (`ops.masks.mask_run_starts`, R = max_runs), so the host only
-    compresses run lengths (`runs_to_rles`, ~1 ms for 100 masks) instead of pasting and encoding
-    full-size masks. boxes [B, D, 4] resized pixels, masks [B, D, M, M] probabilities, scales [B],
-    orig_sizes [B, 2] (h, w), as `detections_to_coco` reads them.
+    """A jitted `fn(boxes, masks, scales, orig_sizes) -> (chars [B, D, C] uint8, length [B, D])`
+    that pastes each detection's mask at its original image size on the accelerator and writes
+    its compressed COCO RLE string there (`ops.masks.mask_run_starts`, then
+    `ops.masks.coco_rle_strings`; R = max_runs runs, C = 4 R characters), so the host only
+    slices strings out of a byte array instead of pasting and encoding full-size masks.
+    boxes [B, D, 4] resized pixels, masks [B, D, M, M] probabilities, scales [B], orig_sizes
+    [B, 2] (h, w), as `detections_to_coco` reads them.
 
     The masks are pasted on a fixed canvas [Hc, Wc] = `canvas` (one compile), image by image
     (`lax.map`: D x Hc x Wc float32 at a time). An image bigger than the canvas, or a mask with
-    more than max_runs runs or more than 16 run starts in one image column, gets
-    num = max_runs + 1 and is pasted on the host instead, so the results do not depend on these
+    more than max_runs runs, more than 16 run starts in one image column or a string longer than
+    C, gets length -1 and is pasted on the host instead, so the results do not depend on these
     sizes."""
     import jax.numpy as jnp
     from jax import lax
@@ -261,7 +243,8 @@ def make_device_mask_runs(
             pasted = paste_masks(probs, boxes, hc, wc, mask_threshold, xp=jnp)
         else:
             pasted = paste_masks_torchvision(probs, boxes, hc, wc, threshold=mask_threshold, xp=jnp)
-        return mask_run_starts(pasted, height, width, max_runs)
+        starts, num = mask_run_starts(pasted, height, width, max_runs)
+        return coco_rle_strings(starts, num, height, width, 4 * max_runs)
 
     @jax.jit
     def fn(boxes, masks, scales, orig_sizes):
@@ -540,8 +523,8 @@ def device_masks_enabled(eval_cfg, backend: str | None = None) -> bool:
     return eval_cfg.device_masks == "on"
 
 
-def _with_mask_runs(predict: Callable, mask_runs: Callable) -> Callable:
-    """predict(batch) -> Detections, plus mask_run_starts / mask_run_num (`make_device_mask_runs`)
+def _with_mask_rles(predict: Callable, mask_rles: Callable) -> Callable:
+    """predict(batch) -> Detections, plus mask_rle_chars / mask_rle_len (`make_device_mask_rles`)
     as a mapping."""
 
     def fn(batch):
@@ -549,10 +532,12 @@ def _with_mask_runs(predict: Callable, mask_runs: Callable) -> Callable:
         masks = _field(dets, "masks")
         if masks is None:
             return dets
-        starts, num = mask_runs(_field(dets, "boxes"), masks, batch["scales"], batch["orig_sizes"])
+        chars, lengths = mask_rles(
+            _field(dets, "boxes"), masks, batch["scales"], batch["orig_sizes"]
+        )
         fields = ("boxes", "scores", "classes", "valid", "masks")
-        return {**{k: _field(dets, k) for k in fields}, "mask_run_starts": starts,
-                "mask_run_num": num}
+        return {**{k: _field(dets, k) for k in fields}, "mask_rle_chars": chars,
+                "mask_rle_len": lengths}
 
     return fn
 
@@ -588,11 +573,11 @@ def evaluate_model(config, model, variables, workdir: str, step: int, summary_wr
 
     predict = lambda batch: predict_fn(variables, batch["images"], batch["image_sizes"])
     if device_masks_enabled(config.eval):
-        mask_runs = make_device_mask_runs(
+        mask_rles = make_device_mask_rles(
             config.eval.device_mask_canvas, config.model.test.mask_threshold,
             config.eval.device_mask_max_runs, config.model.test.mask_paste,
         )
-        predict = _with_mask_runs(predict, mask_runs)
+        predict = _with_mask_rles(predict, mask_rles)
 
     metrics, _ = run_evaluation(
         predict,

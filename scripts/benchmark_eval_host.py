@@ -8,8 +8,8 @@ The detections are synthetic (random boxes of 20-400 px, random 28 x 28 mask pro
 come from a predict function that returns them at once, so the figure is the host's rate alone:
 what an accelerator that predicts faster than that waits for. The ground truth has the images and
 no annotations, which keeps COCOeval's own share small; it is timed again on its own and taken
-out of the figure. With --device-masks, one more run pastes the masks and finds their run starts
-on the default JAX device (`eval.device_masks`); the host then only compresses run lengths.
+out of the figure. With --device-masks, more runs paste the masks and write their RLE strings
+on the default JAX device (`eval.device_masks`); the host then only slices the strings out.
 """
 
 from __future__ import annotations
@@ -80,11 +80,11 @@ def main(argv):
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     p.add_argument("--device-masks", action="store_true",
-                   help="also time evaluate.make_device_mask_runs (pasting + run starts on the "
+                   help="also time evaluate.make_device_mask_rles (pasting + RLE strings on the "
                    "default JAX device, canvas = image size)")
     p.add_argument("--max-runs", type=int, default=4096)
     p.add_argument("--device-workers", type=int, nargs="+", default=[0],
-                   help="paste workers of the --device-masks runs (they then only compress runs)")
+                   help="paste workers of the --device-masks runs (they then only slice strings)")
     p.add_argument("--output")
     args = p.parse_args(argv)
 
@@ -106,16 +106,16 @@ def main(argv):
     if args.device_masks:
         import jax
 
-        mask_runs = evaluate.make_device_mask_runs(args.image_size, 0.5, args.max_runs)
+        mask_rles = evaluate.make_device_mask_rles(args.image_size, 0.5, args.max_runs)
         start = time.perf_counter()
         h0, d0 = pairs[0]
-        jax.block_until_ready(mask_runs(d0["boxes"], d0["masks"], h0["scales"], h0["orig_sizes"]))
+        jax.block_until_ready(mask_rles(d0["boxes"], d0["masks"], h0["scales"], h0["orig_sizes"]))
         result["setup"]["device"] = str(jax.devices()[0])
         result["setup"]["device_compile_s"] = time.perf_counter() - start
         modes += [("device", w) for w in args.device_workers]
     reference = None
     for mode, workers in modes:
-        fn = predict if mode == "host" else evaluate._with_mask_runs(predict, mask_runs)
+        fn = predict if mode == "host" else evaluate._with_mask_rles(predict, mask_rles)
         start = time.perf_counter()
         _, results = evaluate.run_evaluation(
             fn, (h for h, _ in pairs), gt, labels, paste_workers=workers

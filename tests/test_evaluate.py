@@ -704,37 +704,38 @@ def _smooth_detections(rng, batch, d, size):
 
 
 @pytest.mark.parametrize("kind", ["detectron2", "torchvision"])
-def test_device_mask_runs_give_the_host_results(kind):
+def test_device_mask_rles_give_the_host_results(kind):
     rng = np.random.default_rng(3)
     dets = _smooth_detections(rng, 3, 12, (64, 80))
     # Image 0 is scaled down, image 1 is bigger than the canvas (host fallback), image 2 is a
     # dummy; max_runs is small enough that some masks overflow (host fallback too).
     batch = _batch([1, 2, 0], [2.0, 1.0, 1.0], [(32, 40), (70, 90), (8, 8)], [True, True, False])
-    fn = evaluate.make_device_mask_runs((64, 80), 0.5, max_runs=20, mask_paste=kind)
-    starts, num = fn(dets.boxes, dets.masks, batch["scales"], batch["orig_sizes"])
-    num = np.asarray(num)
-    assert np.all(num[1] == 21)  # too big for the canvas
-    assert np.any(num[0] > 20) and np.any(num[0] <= 20)  # some overflow, some on the device
+    fn = evaluate.make_device_mask_rles((64, 80), 0.5, max_runs=20, mask_paste=kind)
+    chars, lengths = fn(dets.boxes, dets.masks, batch["scales"], batch["orig_sizes"])
+    lengths = np.asarray(lengths)
+    assert chars.shape == (3, 12, 80) and chars.dtype == np.uint8
+    assert np.all(lengths[1] == -1)  # too big for the canvas
+    assert np.any(lengths[0] == -1) and np.any(lengths[0] > 0)  # some overflow, some coded
     # The probabilities of the masks the device coded are blanked: the results can only come out
-    # right if their runs are used (and the others pasted on the host).
-    on_device = num <= 20
-    with_runs = {
+    # right if their strings are used (and the others pasted on the host).
+    on_device = lengths >= 0
+    with_rles = {
         "boxes": dets.boxes, "scores": dets.scores, "classes": dets.classes, "valid": dets.valid,
         "masks": np.where(on_device[..., None, None], 0.0, dets.masks),
-        "mask_run_starts": np.asarray(starts), "mask_run_num": num,
+        "mask_rle_chars": np.asarray(chars), "mask_rle_len": lengths,
     }
     host = evaluate.detections_to_coco(dets, batch, LABEL_TO_CAT, 0.5, kind)
-    device = evaluate.detections_to_coco(with_runs, batch, LABEL_TO_CAT, 0.5, kind)
+    device = evaluate.detections_to_coco(with_rles, batch, LABEL_TO_CAT, 0.5, kind)
     assert len(host) == len(device) > 0
     assert device == host
 
 
-def test_run_evaluation_with_device_mask_runs_scores_as_the_host():
+def test_run_evaluation_with_device_mask_rles_scores_as_the_host():
     gt, images = _many_images(8)
     pairs = _fake_batches(gt, batch_size=4, num_detections=10, images=images)
-    mask_runs = evaluate.make_device_mask_runs((256, 256), 0.5, max_runs=512)
-    predict = evaluate._with_mask_runs(_predict_from(pairs), mask_runs)
-    assert "mask_run_starts" in predict(pairs[0][0])
+    mask_rles = evaluate.make_device_mask_rles((256, 256), 0.5, max_runs=512)
+    predict = evaluate._with_mask_rles(_predict_from(pairs), mask_rles)
+    assert "mask_rle_chars" in predict(pairs[0][0])
     m_host, r_host = evaluate.run_evaluation(
         _predict_from(pairs), (b for b, _ in pairs), gt, LABEL_TO_CAT
     )

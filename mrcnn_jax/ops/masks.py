@@ -316,3 +316,49 @@ def mask_run_starts(masks, height, width, max_runs: int, max_per_column: int = 1
     fits = (num <= max_runs) & jnp.all(per_column <= max_per_column, axis=1)
     fits &= (height <= hc) & (width <= wc)  # else part of the image is not on the canvas
     return starts, jnp.where(fits, num, max_runs + 1).astype(jnp.int32)
+
+
+def coco_rle_strings(starts, num, height, width, max_chars: int):
+    """COCO's compressed RLE strings (pycocotools' `rleToString`) of masks given by their run
+    starts (`mask_run_starts`), at fixed shape.
+
+    starts [K, R] int32, num [K] int32 (<= R; larger: not codable), height, width: the image.
+    Returns (chars [K, max_chars] uint8, length [K] int32): the string of mask k is
+    chars[k, :length[k]] as ASCII; length is -1 where it does not fit in max_chars or num > R.
+
+    The run lengths are c_i = diff([0, *starts, height * width]); from the fourth on, each is
+    written as its difference to the one two before (d_i = c_i - c_{i-2}), 5 bits per character
+    from the lowest, bit 0x20 set while more characters follow (until what is left is 0, or -1
+    for a negative number whose last character has 0x10 set), plus 48.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    k, r = starts.shape
+    size = jnp.asarray(height, jnp.int32) * jnp.asarray(width, jnp.int32)
+    counts = jnp.diff(
+        starts.astype(jnp.int32), axis=1, prepend=jnp.zeros((k, 1), jnp.int32),
+        append=jnp.broadcast_to(size, (k, 1)),
+    )  # [K, R + 1]: run lengths, then zeros past the last run
+    index = jnp.arange(r + 1)
+    before = jnp.pad(counts, ((0, 0), (2, 0)))[:, : r + 1]
+    value = jnp.where(index > 2, counts - before, counts)
+    chunk = jnp.arange(7, dtype=jnp.int32)  # an int32 takes at most 7 characters of 5 bits
+    bits = (value[..., None] >> (5 * chunk)) & 0x1F
+    rest = value[..., None] >> jnp.minimum(5 * (chunk + 1), 31)
+    more = jnp.where((bits & 0x10) != 0, rest != -1, rest != 0)
+    chars_of = (bits | jnp.where(more, 0x20, 0)) + 48  # [K, R + 1, 7]
+    used = 1 + jnp.sum(jnp.cumprod(more, axis=-1), axis=-1)  # characters of each run length
+    used = jnp.where(index < (num + 1)[:, None], used, 0)
+    ends = jnp.cumsum(used, axis=1)  # [K, R + 1]
+    length = ends[:, -1]
+    pos = jnp.arange(max_chars, dtype=jnp.int32)
+    run = jax.vmap(lambda e: jnp.searchsorted(e, pos, side="right"))(ends)
+    run = jnp.minimum(run, r).astype(jnp.int32)  # [K, max_chars]: the run length pos belongs to
+    first = jnp.take_along_axis(ends - used, run, 1)
+    within = jnp.clip(pos - first, 0, 6)
+    flat = chars_of.reshape(k, (r + 1) * 7)
+    chars = jnp.take_along_axis(flat, run * 7 + within, 1)
+    chars = jnp.where(pos < length[:, None], chars, 0).astype(jnp.uint8)
+    fits = (num <= r) & (length <= max_chars)
+    return chars, jnp.where(fits, length, -1).astype(jnp.int32)

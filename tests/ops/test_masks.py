@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from mrcnn_jax.ops.masks import (
+    coco_rle_strings,
     crop_and_resize,
     mask_run_starts,
     mask_targets_from_crops,
@@ -355,8 +356,16 @@ def test_mask_run_starts_give_coco_rles(height, width):
     assert num[1] == 0 and num[0] == 1 and starts[0, 0] == 0
     for i in range(6):
         assert np.all(np.diff(starts[i, : num[i]]) > 0) and np.all(starts[i, num[i] :] == height * width)
-    expected = evaluate.encode_masks(masks)
-    assert evaluate.runs_to_rles(starts, num, height, width) == expected
+    # pycocotools' own strings, from the run starts through `coco_rle_strings`.
+    expected = [rle["counts"] for rle in evaluate.encode_masks(masks)]
+    chars, length = coco_rle_strings(starts, num, height, width, 7 * 161)
+    got = [bytes(np.asarray(chars[i, : int(length[i])])).decode() for i in range(6)]
+    assert got == expected
+    counts = [np.diff(starts[i, : num[i]], prepend=0, append=height * width) for i in range(6)]
+    assert [c.sum() for c in counts] == [height * width] * 6 and all(c[1:].min(initial=1) > 0 for c in counts)
+    # A string longer than max_chars is refused (-1), as is a mask with too many runs.
+    short = coco_rle_strings(starts, num, height, width, 2)[1]
+    np.testing.assert_array_equal(short, np.where(np.asarray(length) > 2, -1, length))
 
     # Traced sizes (one compile for every image) give the same. A mask that does not fit says so
     # with num = max_runs + 1: too many starts in all, or in one column.
@@ -377,3 +386,21 @@ def test_mask_run_starts_refuse_an_image_bigger_than_the_canvas():
     assert int(num[0]) == 33  # max_runs + 1: not codable here
     _, num = mask_run_starts(jnp.asarray(canvas), 4, 4, 32)
     assert int(num[0]) == 1
+
+
+@pytest.mark.parametrize("height, width", [(300, 200), (1, 70000)])
+def test_coco_rle_strings_of_long_and_negative_deltas(height, width):
+    """Run lengths of several characters, and differences to the run two before that are negative
+    (pycocotools writes those with a sign-extended last character)."""
+    from mrcnn_jax import evaluate
+
+    rng = np.random.default_rng(width)
+    col_major = np.zeros(height * width, bool)
+    cuts = np.sort(rng.choice(np.arange(1, height * width), 40, replace=False))
+    for a, b in zip(cuts[::2], cuts[1::2], strict=True):
+        col_major[a:b] = True
+    masks = col_major.reshape(1, width, height).transpose(0, 2, 1)
+    starts, num = mask_run_starts(jnp.asarray(masks), height, width, 64, max_per_column=64)
+    chars, length = coco_rle_strings(starts, num, height, width, 512)
+    got = bytes(np.asarray(chars[0, : int(length[0])])).decode()
+    assert got == evaluate.encode_masks(masks)[0]["counts"]
