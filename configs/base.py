@@ -141,7 +141,8 @@ def get_config() -> ml_collections.ConfigDict:
     e.num_overlays = 8  # overlay PNGs of the first eval images written to WORKDIR/overlays_STEP
     # Processes that paste the masks at full resolution and encode them for COCO while the device
     # predicts the next batches (0: in the main process). Worth it when the accelerator outruns one
-    # host core: ~0.05 s per image of 100 detections.
+    # host core: ~0.05 s per image of 100 detections. Not used when the device writes the masks'
+    # strings (device_masks below): the host's share is then too small to hand out.
     e.paste_workers = 0
     # Paste the masks and write their COCO RLE strings on the device (evaluate.make_device_mask_rles),
     # so the host only slices strings out: "auto" (on a GPU / TPU, not on the CPU backend, where

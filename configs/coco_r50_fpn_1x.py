@@ -16,5 +16,5 @@ def get_config():
     c.data.eval_split = "val2017"
     c.data.num_classes = 80
     c.train.parallelism = "mesh"
-    c.eval.paste_workers = 8  # host mask pasting in parallel with the accelerator
+    c.eval.paste_workers = 8  # host mask pasting in parallel, when it is done on the host (CPU)
     return c

@@ -758,3 +758,34 @@ def test_device_masks_setting():
     eval_cfg.device_mask_max_runs = 0
     with pytest.raises(ValueError, match="eval.device_mask_max_runs"):
         evaluate.device_masks_enabled(eval_cfg)
+
+
+@pytest.mark.parametrize("device_masks, workers", [("on", 0), ("off", 3)])
+def test_evaluate_model_hands_out_batches_only_for_host_pasting(
+    monkeypatch, tmp_path, device_masks, workers
+):
+    from types import SimpleNamespace
+
+    from configs import tiny
+    from mrcnn_jax import inference
+    from mrcnn_jax.data import pipeline
+
+    config = tiny.get_config()
+    config.eval.device_masks, config.eval.paste_workers, config.eval.num_overlays = device_masks, 3, 0
+    seen = {}
+
+    def fake_run_evaluation(predict, batches, gt, labels, **kwargs):
+        seen.update(kwargs, predict=predict)
+        return {"bbox/AP": 0.0}, []
+
+    monkeypatch.setattr(evaluate, "run_evaluation", fake_run_evaluation)
+    monkeypatch.setattr(evaluate, "write_metrics", lambda *a, **k: None)
+    monkeypatch.setattr(inference, "make_predict_fn", lambda *a, **k: None)
+    monkeypatch.setattr(pipeline, "dataset_info", lambda c: SimpleNamespace(
+        class_names=["a"], label_to_category_id={1: 1}))
+    monkeypatch.setattr(pipeline, "eval_batches", lambda c: iter(()))
+    monkeypatch.setattr(pipeline, "coco_ground_truth", lambda c: {})
+    evaluate.evaluate_model(config, None, None, str(tmp_path), 0)
+    assert seen["paste_workers"] == workers
+    wrapped = seen["predict"].__name__ == "predict_with_mask_rles"  # by _with_mask_rles
+    assert wrapped == (device_masks == "on")
