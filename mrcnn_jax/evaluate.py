@@ -5,6 +5,8 @@
         for each real example b, each valid detection:
             box = clip(box / scale_b, original image)        drop it if empty (detectron2)
             mask = paste(28x28 probabilities, box, orig H, W) >= threshold     (16 at a time)
+                   (eval.device_masks: pasted and RLE-encoded on the device instead,
+                    `make_device_mask_rles`; the host slices the strings out)
             result = {image_id, category_id, score, bbox [x, y, w, h], segmentation RLE}
         keep only the results (RLE strings), never the full-size masks -> memory stays flat
     COCOeval(gt, results) for "bbox" (results without segmentation) and "segm" (without bbox)
