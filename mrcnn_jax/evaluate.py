@@ -70,7 +70,7 @@ def _unpad(dets, batch, index: int) -> dict:
     boxes = np.asarray(_field(dets, "boxes")[index], np.float32)[valid]
     scale = float(np.asarray(batch["scales"])[index])
     height, width = (int(v) for v in np.asarray(batch["orig_sizes"])[index])
-    boxes = np.clip(boxes / scale, 0.0, np.array([width, height, width, height], np.float32))
+    boxes = _boxes_to_original(boxes, scale, height, width, np)
     # detectron2's detector_postprocess drops boxes left empty by the clip (Boxes.nonempty).
     keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
     masks = _field(dets, "masks")
@@ -87,15 +87,28 @@ def _unpad(dets, batch, index: int) -> dict:
     }
 
 
-def _paste(probs, boxes, height: int, width: int, threshold: float, kind: str) -> np.ndarray:
+def _boxes_to_original(boxes, scale, height, width, xp):
+    """[n, 4] xyxy boxes of the resized image -> the original image's pixels, clipped to it; one
+    definition for the host (`_unpad`, xp=numpy) and the device (`make_device_mask_rles`)."""
+    limits = xp.stack([width, height, width, height]).astype(np.float32)
+    return xp.clip(boxes / scale, 0.0, limits)
+
+
+def _check_paste_kind(kind: str) -> None:
+    if kind not in ("detectron2", "torchvision"):
+        raise ValueError(
+            f"config.model.test.mask_paste must be detectron2 or torchvision, got {kind!r}"
+        )
+
+
+def _paste(probs, boxes, height: int, width: int, threshold: float, kind: str, xp=np):
     """[k, M, M] probabilities -> [k, height, width] bool with the `kind` family's paste:
     detectron2 grid-samples and keeps `>= threshold`; torchvision resizes into the (expanded,
-    integer) box and its COCO evaluation keeps `> threshold`."""
+    integer) box and its COCO evaluation keeps `> threshold`. xp: numpy (host) or jax.numpy."""
+    _check_paste_kind(kind)
     if kind == "detectron2":
-        return paste_masks(probs, boxes, height, width, threshold, xp=np)
-    if kind == "torchvision":
-        return paste_masks_torchvision(probs, boxes, height, width, threshold=threshold, xp=np)
-    raise ValueError(f"config.model.test.mask_paste must be detectron2 or torchvision, got {kind!r}")
+        return paste_masks(probs, boxes, height, width, threshold, xp=xp)
+    return paste_masks_torchvision(probs, boxes, height, width, threshold=threshold, xp=xp)
 
 
 def _paste_chunks(probs, boxes, height: int, width: int, threshold: float, kind: str = "detectron2"):
@@ -189,11 +202,14 @@ def detections_to_coco(
 def _image_rles(u: dict, mask_threshold: float, mask_paste: str) -> list[dict]:
     """COCO RLEs of one image's kept detections (`_unpad`): the strings the device wrote
     (`make_device_mask_rles`) where it could, the others pasted and encoded here."""
-    if u["rle_chars"] is None:
+    def pasted_here(rows):
         chunks = _paste_chunks(
-            u["probs"], u["boxes"], u["height"], u["width"], mask_threshold, mask_paste
+            u["probs"][rows], u["boxes"][rows], u["height"], u["width"], mask_threshold, mask_paste
         )
         return [rle for chunk in chunks for rle in encode_masks(chunk)]
+
+    if u["rle_chars"] is None:
+        return pasted_here(slice(None))
     size = [u["height"], u["width"]]
     rles: list = [
         {"size": size, "counts": chars[:length].tobytes().decode("ascii")} if length >= 0 else None
@@ -201,11 +217,7 @@ def _image_rles(u: dict, mask_threshold: float, mask_paste: str) -> list[dict]:
     ]
     overflow = np.flatnonzero(u["rle_len"] < 0)  # not codable on the device: paste them here
     if len(overflow):
-        chunks = _paste_chunks(
-            u["probs"][overflow], u["boxes"][overflow], u["height"], u["width"], mask_threshold,
-            mask_paste,
-        )
-        for i, rle in zip(overflow, (r for c in chunks for r in encode_masks(c)), strict=True):
+        for i, rle in zip(overflow, pasted_here(overflow), strict=True):
             rles[i] = rle
     return rles
 
@@ -230,21 +242,15 @@ def make_device_mask_rles(
     from jax import lax
 
     hc, wc = (int(v) for v in canvas)
-    if mask_paste not in ("detectron2", "torchvision"):
-        raise ValueError(
-            f"config.model.test.mask_paste must be detectron2 or torchvision, got {mask_paste!r}"
-        )
+    _check_paste_kind(mask_paste)
 
     def one(args):
         boxes, probs, scale, size = args
         height, width = size[0], size[1]
-        limits = jnp.stack([width, height, width, height]).astype(jnp.float32)
-        boxes = jnp.clip(boxes.astype(jnp.float32) / scale.astype(jnp.float32), 0.0, limits)
-        probs = probs.astype(jnp.float32)
-        if mask_paste == "detectron2":
-            pasted = paste_masks(probs, boxes, hc, wc, mask_threshold, xp=jnp)
-        else:
-            pasted = paste_masks_torchvision(probs, boxes, hc, wc, threshold=mask_threshold, xp=jnp)
+        boxes = _boxes_to_original(
+            boxes.astype(jnp.float32), scale.astype(jnp.float32), height, width, jnp
+        )
+        pasted = _paste(probs.astype(jnp.float32), boxes, hc, wc, mask_threshold, mask_paste, jnp)
         starts, num = mask_run_starts(pasted, height, width, max_runs)
         return coco_rle_strings(starts, num, height, width, 4 * max_runs)
 

@@ -270,9 +270,8 @@ def mask_run_starts(masks, height, width, max_runs: int, max_per_column: int = 1
     from the one before it (before p = 0 counts as 0, so a mask whose first pixel is set starts
     with p = 0), ascending, padded with height * width; num is how many there are. The
     uncompressed RLE is then counts = diff([0, *starts[:num], height * width]), which
-    `pycocotools.mask.frPyObjects` compresses (evaluate.runs_to_rles). A mask that does not fit
-    (an image bigger than the canvas, more than max_runs starts, or more than max_per_column in
-    one image column) gets
+    `coco_rle_strings` compresses. A mask that does not fit (an image bigger than the canvas,
+    more than max_runs starts, or more than max_per_column in one image column) gets
     num = max_runs + 1 and only partial starts: the caller encodes it some other way.
 
     No scatter and no scan over the pixels (an accelerator does both slowly): the first
