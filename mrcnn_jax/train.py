@@ -244,7 +244,15 @@ def train_step(
     """
     local_batch = jax.tree.leaves(batch)[0].shape[0]
     keys = example_keys(state.rng, state.step, local_batch, axis_name)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    mask = full_mask(trainable, state.params)
+
+    def loss_of_trainable(params, *args):
+        # Frozen parameters enter as constants: no gradient is traced for them, nor for the
+        # frozen stages they make up (detectron2 / torchvision: requires_grad=False).
+        params = jax.tree.map(lambda p, t: p if t else lax.stop_gradient(p), params, mask)
+        return loss_fn(params, *args)
+
+    grad_fn = jax.value_and_grad(loss_of_trainable, has_aux=True)
     (loss, (metrics, model_state)), grads = grad_fn(state.params, state.model_state, batch, keys)
     metrics = {**metrics, "loss": loss}
     if axis_name is not None:
@@ -253,7 +261,6 @@ def train_step(
         grads, metrics = lax.pmean((grads, metrics), axis_name)
         model_state = _pmean_floats(model_state, axis_name)
 
-    mask = full_mask(trainable, state.params)
     grads = jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, mask)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = jax.tree.map(
