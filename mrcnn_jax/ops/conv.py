@@ -11,7 +11,8 @@ kernel taps of `x_tap^T @ dy`, one [C, N*OH*OW] x [N*OH*OW, O] matmul each:
 conv_general_dilated=...)` hook): NHWC / HWIO convolutions with explicit padding, no dilation and
 no groups keep XLA's forward pass, take the matmul weight gradient and, at stride 1, an input
 gradient written as a plain convolution (`_input_grad`), and evaluate an unpadded 1x1 convolution
-as a matmul when it is not being differentiated (`_pointwise`); anything else goes to
+as a matmul when it is not being differentiated (`_pointwise`), its gradients as two matmuls from
+the input pixels it read when it is (`_pointwise_bwd`); anything else goes to
 `lax.conv_general_dilated` unchanged. Parameters and outputs are the same, gradients
 agree to float round-off (tests/ops/test_conv.py).
 
@@ -66,13 +67,27 @@ def conv_nhwc(x: jnp.ndarray, w: jnp.ndarray, strides, padding) -> jnp.ndarray:
     (`_pointwise`); under differentiation `_fwd` keeps XLA's convolution: with the matmul in the
     training step, the R50-FPN step was ~0.5 s slower and ~150 MB bigger on the 2-core CPU
     (docs/performance.md, change 9)."""
-    if w.shape[:2] == (1, 1) and all(p == (0, 0) for p in padding) and x.dtype == w.dtype:
+    if _is_pointwise(x, w, padding):
         return _pointwise(x, w, strides)
     return _conv(x, w, strides, padding)
 
 
+def _is_pointwise(x, w, padding) -> bool:
+    return w.shape[:2] == (1, 1) and all(p == (0, 0) for p in padding) and x.dtype == w.dtype
+
+
 def _fwd(x, w, strides, padding):
-    return _conv(x, w, strides, padding), (x, w)
+    y = _conv(x, w, strides, padding)
+    if not _is_pointwise(x, w, padding):
+        return y, (x, w)
+    # A 1x1 convolution's gradients need only the input pixels it reads: keep x[:, ::s, ::s]
+    # (a quarter of x at stride 2) and x's height and width in a zero-byte array. Kept whole,
+    # the strided slice in the backward pass let XLA:CPU recompute a fused chain of elementwise
+    # producers there (the whole residual chain of a ResNet stage), holding every convolution
+    # output of that chain alive until the backward pass (docs/performance.md, change 11).
+    sh, sw = strides
+    x_read = x[:, ::sh, ::sw, :] if (sh, sw) != (1, 1) else x
+    return y, (x_read, w, jnp.zeros((x.shape[1], x.shape[2], 0), x.dtype))
 
 
 def _input_grad(x, w, strides, padding, g):
@@ -93,7 +108,31 @@ def _input_grad(x, w, strides, padding, g):
     return _conv(g, w_t, (1, 1), pads).astype(x.dtype)
 
 
+def _pointwise_bwd(strides, residuals, g):
+    """(dx, dW) of a 1x1 convolution from the pixels it read (`_fwd`): two matmuls, dx spread
+    back onto the input grid with zeros in between (interior padding) at stride > 1."""
+    x_read, w, size = residuals
+    c, o = w.shape[2], w.shape[3]
+    n, oh, ow, _ = g.shape
+    g2 = g.reshape(-1, o)
+    dx = jnp.dot(g2, w.reshape(c, o).T, preferred_element_type=x_read.dtype)
+    dx = dx.reshape(n, oh, ow, c)
+    (h, w_), (sh, sw) = size.shape[:2], strides
+    if (sh, sw) != (1, 1):
+        zero = jnp.zeros((), dx.dtype)
+        dx = lax.pad(
+            dx,
+            zero,
+            ((0, 0, 0), (0, h - (oh - 1) * sh - 1, sh - 1), (0, w_ - (ow - 1) * sw - 1, sw - 1),
+             (0, 0, 0)),
+        )
+    dw = jnp.einsum("mc,mo->co", x_read.reshape(-1, c), g2, preferred_element_type=jnp.float32)
+    return dx, dw.reshape(w.shape).astype(w.dtype)
+
+
 def _bwd(strides, padding, residuals, g):
+    if len(residuals) == 3:
+        return _pointwise_bwd(strides, residuals, g)
     x, w = residuals
     dx = _input_grad(x, w, strides, padding, g)
     kh, kw, c, o = w.shape

@@ -26,6 +26,8 @@ def _uses_custom_vjp(fn, *args) -> bool:
 @pytest.mark.parametrize(
     "k, stride, pad, hw",
     [(3, 1, 1, 9), (3, 2, 1, 9), (1, 1, 0, 7), (1, 2, 0, 8), (7, 2, 3, 16), (3, 2, 1, 10),
+     # 1x1: gradients from the strided input pixels, odd and even sizes (`_pointwise_bwd`)
+     (1, 2, 0, 7), (1, 3, 0, 10),
      # stride 1, asymmetric / partial padding (the written-out input gradient), and a padding
      # beyond k - 1 (the transpose rule)
      (3, 1, (0, 2), 9), (5, 1, (1, 3), 11), (3, 1, (3, 0), 8)],
@@ -129,3 +131,14 @@ def test_pointwise_matmul_only_for_matching_dtypes():
     # so inference and training see the same function.
     with pytest.raises(TypeError):
         conv_ops.conv_nhwc(x, w, (1, 1), ((0, 0), (0, 0)))
+
+
+def test_strided_pointwise_keeps_only_the_pixels_it_reads_for_the_gradient():
+    # The backward pass of a 1x1 stride-2 convolution needs x[:, ::2, ::2] (and x's size), not
+    # x: keeping x let XLA recompute its producers there (docs/performance.md, change 11).
+    x = jnp.ones((2, 8, 10, 5), jnp.float32)
+    w = jnp.ones((1, 1, 5, 7), jnp.float32)
+    _, vjp = jax.vjp(lambda x, w: conv_ops.conv_nhwc(x, w, (2, 2), ((0, 0), (0, 0))), x, w)
+    kept = [leaf.shape for leaf in jax.tree.leaves(vjp)]
+    assert (2, 4, 5, 5) in kept and x.shape not in kept
+    assert sum(int(np.prod(s)) for s in kept) == 2 * 4 * 5 * 5 + 5 * 7
