@@ -53,6 +53,7 @@ class MaskRCNN(nn.Module):
     axis_name: str | None = None
     dtype: jnp.dtype = jnp.float32
     remat_backbone: bool = False
+    per_image_stages: int = 0  # ResNet.per_image_stages: the frozen stages, image by image
 
     def setup(self):
         self.backbone = ResNet(
@@ -63,6 +64,7 @@ class MaskRCNN(nn.Module):
             axis_name=self.axis_name,
             dtype=self.dtype,
             remat=self.remat_backbone,
+            per_image_stages=self.per_image_stages,
         )
         self.fpn = FPN(channels=self.fpn_channels, dtype=self.dtype)
         self.rpn_head = RPNHead(
@@ -119,7 +121,19 @@ def build_model(model_cfg: ml_collections.ConfigDict, axis_name: str | None = No
         axis_name=axis_name if norm == NormKind.SYNC_BN else None,
         dtype=jnp.dtype(model_cfg.dtype),
         remat_backbone=model_cfg.remat_backbone,
+        per_image_stages=model_cfg.freeze_at if _frozen_per_image(model_cfg) else 0,
     )
+
+
+def _frozen_per_image(model_cfg: ml_collections.ConfigDict) -> bool:
+    """`model.frozen_stages_per_image`: auto (on for the CPU backend, where it was measured), on,
+    off. See ResNet.per_image_stages."""
+    mode = model_cfg.get("frozen_stages_per_image", "auto")
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(
+            f"model.frozen_stages_per_image must be 'auto', 'on' or 'off', got {mode!r}"
+        )
+    return mode == "on" or (mode == "auto" and jax.default_backend() == "cpu")
 
 
 def init_variables(model: MaskRCNN, key: jax.Array, image_size: tuple[int, int]) -> dict:

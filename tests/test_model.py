@@ -132,3 +132,18 @@ def test_loss_does_not_recompile_for_new_instances(setup):
     for seed in range(3):  # different counts and positions of instances
         jitted(params, state, make_batch(config, 2, seed=seed, max_shapes=1 + seed), _keys(2))
     assert len(traces) == 1
+
+
+def test_frozen_stages_per_image_from_the_config():
+    config = tiny.get_config()
+    config.model.freeze_at = 2
+    assert config.model.frozen_stages_per_image == "auto"
+    auto = mask_rcnn.build_model(config.model).per_image_stages
+    assert auto == (2 if jax.default_backend() == "cpu" else 0)
+    config.model.frozen_stages_per_image = "on"
+    assert mask_rcnn.build_model(config.model).per_image_stages == 2
+    config.model.frozen_stages_per_image = "off"
+    assert mask_rcnn.build_model(config.model).per_image_stages == 0
+    config.model.frozen_stages_per_image = "yes"
+    with pytest.raises(ValueError, match="model.frozen_stages_per_image"):
+        mask_rcnn.build_model(config.model)

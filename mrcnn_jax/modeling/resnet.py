@@ -22,7 +22,8 @@ and the running statistics into `batch_stats` as `mean, var`.
     layer{i}_0/downsample_conv  layer{i}.0.downsample.0           res{i+1}.0.shortcut
     layer{i}_0/downsample_bn    layer{i}.0.downsample.1           res{i+1}.0.shortcut.norm
 
-Freezing (detectron2 FREEZE_AT) is done in the optimizer with `backbone_trainable_mask`.
+Freezing (detectron2 FREEZE_AT) is done in the train step with `backbone_trainable_mask`: frozen
+parameters enter the loss as constants, and stop in the optimizer.
 """
 
 from __future__ import annotations
@@ -143,6 +144,13 @@ class ResNet(nn.Module):
     remat:           rematerialise each residual block in the backward pass (`nn.remat`): only the
                      block inputs are kept for the gradient, the rest is recomputed; less memory
                      for one more forward pass of the backbone. Parameters are unchanged.
+    per_image_stages: in training, run stages 1..N (1 = stem, 2 = res2, ... as `freeze_at`)
+                     image by image (`lax.map`) rather than on the batch; same outputs. Meant for
+                     the frozen stages, which take no gradient: the loop boundary keeps XLA from
+                     holding their activations (or recomputing their outputs from them) for the
+                     backward pass (R50-FPN, 800 x 1216, batch 2 on the CPU: 267 MiB fewer
+                     temporaries, docs/performance.md change 11). FROZEN_BN / GROUP_NORM only:
+                     batch-statistics norms always run on the batch.
 
     The stem output (after the max-pool) is sown as intermediates["stem"].
     """
@@ -154,31 +162,67 @@ class ResNet(nn.Module):
     axis_name: str | None = None
     dtype: Any = jnp.float32
     remat: bool = False
+    per_image_stages: int = 0
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, train: bool) -> dict[str, jnp.ndarray]:
+    def __call__(self, x: jnp.ndarray, train: bool, _stages: tuple[int, int] = (1, 5)):
         if self.depth not in STAGE_BLOCKS:
             raise ValueError(f"ResNet depth must be in {sorted(STAGE_BLOCKS)}, got {self.depth}")
         kind, blocks = STAGE_BLOCKS[self.depth]
         if kind == "basic" and self.width_per_group != 64:
             raise ValueError("BasicBlock (ResNet-18/34) only supports width_per_group=64")
+        if not 0 <= self.per_image_stages <= 5:
+            raise ValueError(f"per_image_stages must be in [0, 5], got {self.per_image_stages}")
         norm_kind = NormKind(self.norm)
-        stem_norm = make_norm(
-            norm_kind, train=train, axis_name=self.axis_name, dtype=self.dtype, name="bn1"
-        )
-        x = stem_norm(_conv(64, 7, 2, self.dtype, "conv1")(x))
-        # torchvision MaxPool2d(3, 2, padding=1): flax pads with -inf (reduce_window init value).
-        x = nn.max_pool(nn.relu(x), (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-        self.sow("intermediates", "stem", x)
+        # _stages (internal): run stages first..last only; with last < 5 return (x, feats).
+        first, last = _stages
         feats = {}
+        if first == 1 and self._per_image(train, norm_kind):
+            x, feats = self._per_image_prefix(x)
+            first = self.per_image_stages + 1
+        if first <= 1 <= last:
+            stem_norm = make_norm(
+                norm_kind, train=train, axis_name=self.axis_name, dtype=self.dtype, name="bn1"
+            )
+            x = stem_norm(_conv(64, 7, 2, self.dtype, "conv1")(x))
+            # torchvision MaxPool2d(3, 2, padding=1): flax pads with -inf (reduce_window init).
+            x = nn.max_pool(nn.relu(x), (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+            self.sow("intermediates", "stem", x)
         for stage, num_blocks in enumerate(blocks):
+            if not first <= stage + 2 <= last:
+                continue
             planes = 64 * 2**stage
             for j in range(num_blocks):
                 strides = 2 if (j == 0 and stage > 0) else 1
                 name = f"layer{stage + 1}_{j}"
                 x = self._block(kind, planes, strides, norm_kind, name)(x, train)
             feats[f"c{stage + 2}"] = x
-        return feats
+        return (x, feats) if last < 5 else feats
+
+    def _per_image(self, train: bool, norm: NormKind) -> bool:
+        # Batch-statistics norms would see one image instead of the batch: batched path for them.
+        return (
+            train
+            and self.per_image_stages >= 1
+            and norm in (NormKind.FROZEN_BN, NormKind.GROUP_NORM)
+            and not self.is_initializing()
+        )
+
+    def _per_image_prefix(self, x: jnp.ndarray):
+        """Stages 1..per_image_stages of each image in turn (`lax.map`) -> (last output, feats),
+        with this module's own variables: the same function as the batched path."""
+        last = self.per_image_stages
+        variables = {
+            col: {k: v for k, v in tree.items() if _stage_of(k) <= last}
+            for col, tree in self.variables.items()
+            if col in ("params", "batch_stats")
+        }
+        prefix = self.clone(parent=None, per_image_stages=0)
+
+        def one(image):
+            return prefix.apply(variables, image[None], train=True, _stages=(1, last))
+
+        return jax.tree.map(lambda a: a[:, 0], jax.lax.map(one, x))
 
     def _block(self, kind: str, planes: int, strides: int, norm: NormKind, name: str) -> nn.Module:
         common = dict(strides=strides, norm=norm, axis_name=self.axis_name, dtype=self.dtype)

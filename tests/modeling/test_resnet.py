@@ -405,3 +405,53 @@ def test_remat_keeps_parameters_outputs_and_gradients(depth, norm):
     # Remat really is in the graph: the gradient program recomputes the forward convolutions.
     jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: loss(remat, p)[0]))(variables["params"]))
     assert "remat" in jaxpr or "checkpoint" in jaxpr
+
+
+@pytest.mark.parametrize(
+    "depth, norm, stages",
+    [(18, NormKind.FROZEN_BN, 2), (50, NormKind.GROUP_NORM, 1), (18, NormKind.GROUP_NORM, 3)],
+)
+def test_per_image_stages_same_features_and_gradients(depth, norm, stages):
+    """`per_image_stages` runs the first stages image by image in a loop in training: same
+    parameters, features and gradients (also of the looped stages' own parameters); the loop is
+    really in the training graph and not in the inference one."""
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(3, 64, 64, 3)), jnp.float32)
+    width = 32 if depth == 50 else 64
+    plain = ResNet(depth=depth, norm=norm, width_per_group=width)
+    looped = ResNet(depth=depth, norm=norm, width_per_group=width, per_image_stages=stages)
+    variables = plain.init(jax.random.key(0), x, train=False)
+    variables = jax.tree.map(  # non-trivial frozen statistics / affine parameters
+        lambda v: v + 0.1 * jax.random.normal(jax.random.key(v.size), v.shape), variables
+    )
+    assert jax.tree.structure(looped.init(jax.random.key(0), x, train=False)) == jax.tree.structure(variables)
+    state = {k: v for k, v in variables.items() if k != "params"}
+
+    def loss(module, params):
+        feats = module.apply({"params": params, **state}, x, train=True)
+        assert sorted(feats) == ["c2", "c3", "c4", "c5"]
+        return sum(jnp.mean(jnp.sin(f)) for f in feats.values())
+
+    l1, g1 = jax.jit(jax.value_and_grad(lambda p: loss(plain, p)))(variables["params"])
+    l2, g2 = jax.jit(jax.value_and_grad(lambda p: loss(looped, p)))(variables["params"])
+    np.testing.assert_allclose(l2, l1, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g2), jax.tree.leaves(g1), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.abs(b).max()))
+    assert "scan" in str(jax.make_jaxpr(lambda p: loss(looped, p))(variables["params"]))
+    eval_jaxpr = jax.make_jaxpr(lambda v: looped.apply(v, x, train=False))(variables)
+    assert "scan" not in str(eval_jaxpr)
+
+
+def test_per_image_stages_keep_batch_norm_on_the_batch():
+    """Batch statistics need the batch: BATCH_NORM ignores per_image_stages (same updates)."""
+    x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 64, 64, 3)), jnp.float32)
+    plain = ResNet(depth=18, norm=NormKind.BATCH_NORM)
+    looped = ResNet(depth=18, norm=NormKind.BATCH_NORM, per_image_stages=2)
+    variables = plain.init(jax.random.key(0), x, train=False)
+    out1, up1 = plain.apply(variables, x, train=True, mutable=["batch_stats"])
+    out2, up2 = looped.apply(variables, x, train=True, mutable=["batch_stats"])
+    for a, b in zip(jax.tree.leaves((out2, up2)), jax.tree.leaves((out1, up1)), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="per_image_stages"):
+        ResNet(depth=18, norm=NormKind.FROZEN_BN, per_image_stages=6).init(
+            jax.random.key(0), x, train=False
+        )
