@@ -220,9 +220,12 @@ class ResNet(nn.Module):
         prefix = self.clone(parent=None, per_image_stages=0)
 
         def one(image):
-            return prefix.apply(variables, image[None], train=True, _stages=(1, last))
+            x, feats = prefix.apply(variables, image[None], train=True, _stages=(1, last))
+            # x is feats[c{last}] from res2 on: one loop output, not two buffers of it.
+            return feats if last >= 2 else x
 
-        return jax.tree.map(lambda a: a[:, 0], jax.lax.map(one, x))
+        out = jax.tree.map(lambda a: a[:, 0], jax.lax.map(one, x))
+        return (out[f"c{last}"], out) if last >= 2 else (out, {})
 
     def _block(self, kind: str, planes: int, strides: int, norm: NormKind, name: str) -> nn.Module:
         common = dict(strides=strides, norm=norm, axis_name=self.axis_name, dtype=self.dtype)
