@@ -49,7 +49,8 @@ def get_config() -> ml_collections.ConfigDict:
     m.dtype = "float32"  # compute dtype; "bfloat16" for mixed precision (params stay float32)
     m.remat_backbone = False  # recompute ResNet blocks in the backward pass: less memory, more compute
     # In training, run the stages frozen by freeze_at image by image (a loop): their activations are
-    # then never held for the backward pass. "auto" = on for the CPU backend (measured there).
+    # then never held for the backward pass. "auto" = on for the CPU backend (measured there) unless
+    # train.parallelism = "mesh" splits the batch over several devices.
     m.frozen_stages_per_image = "auto"
 
     m.anchor_sizes = (32, 64, 128, 256, 512)  # one per level P2..P6

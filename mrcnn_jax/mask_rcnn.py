@@ -104,8 +104,17 @@ class MaskRCNN(nn.Module):
         return logits, deltas, self.box_predictions(box_in), self.mask_logits(mask_in)
 
 
-def build_model(model_cfg: ml_collections.ConfigDict, axis_name: str | None = None) -> MaskRCNN:
-    """Turns `config.model` into typed constructor arguments (the model never sees a config)."""
+def build_model(
+    model_cfg: ml_collections.ConfigDict,
+    axis_name: str | None = None,
+    sharded_batch: bool = False,
+) -> MaskRCNN:
+    """Turns `config.model` into typed constructor arguments (the model never sees a config).
+
+    sharded_batch: the batch axis is split over several devices by GSPMD (jit over a Mesh); an
+    image-by-image loop would then run over the global batch, so `frozen_stages_per_image`'s
+    auto leaves it off.
+    """
     norm = NormKind(model_cfg.norm)
     return MaskRCNN(
         num_classes=model_cfg.num_classes,
@@ -121,19 +130,19 @@ def build_model(model_cfg: ml_collections.ConfigDict, axis_name: str | None = No
         axis_name=axis_name if norm == NormKind.SYNC_BN else None,
         dtype=jnp.dtype(model_cfg.dtype),
         remat_backbone=model_cfg.remat_backbone,
-        per_image_stages=model_cfg.freeze_at if _frozen_per_image(model_cfg) else 0,
+        per_image_stages=model_cfg.freeze_at if _frozen_per_image(model_cfg, sharded_batch) else 0,
     )
 
 
-def _frozen_per_image(model_cfg: ml_collections.ConfigDict) -> bool:
-    """`model.frozen_stages_per_image`: auto (on for the CPU backend, where it was measured), on,
-    off. See ResNet.per_image_stages."""
+def _frozen_per_image(model_cfg: ml_collections.ConfigDict, sharded_batch: bool) -> bool:
+    """`model.frozen_stages_per_image`: auto (on for the CPU backend, where it was measured, unless
+    the batch is sharded over devices), on, off. See ResNet.per_image_stages."""
     mode = model_cfg.get("frozen_stages_per_image", "auto")
     if mode not in ("auto", "on", "off"):
         raise ValueError(
             f"model.frozen_stages_per_image must be 'auto', 'on' or 'off', got {mode!r}"
         )
-    return mode == "on" or (mode == "auto" and jax.default_backend() == "cpu")
+    return mode == "on" or (mode == "auto" and jax.default_backend() == "cpu" and not sharded_batch)
 
 
 def init_variables(model: MaskRCNN, key: jax.Array, image_size: tuple[int, int]) -> dict:

@@ -601,7 +601,9 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     if placement.kind == "pmap":
         placement = dataclasses.replace(placement, shard_for_pmap=pipeline.shard_for_pmap)
     model = mask_rcnn.build_model(
-        config.model, axis_name=PMAP_AXIS if placement.kind == "pmap" else None
+        config.model,
+        axis_name=PMAP_AXIS if placement.kind == "pmap" else None,
+        sharded_batch=placement.kind == "mesh" and placement.mesh.size > 1,
     )
     checkpoints = ckpt_lib.CheckpointManager(
         os.path.join(workdir, ckpt_lib.CHECKPOINT_DIR), keep=tc.keep_checkpoints

@@ -317,7 +317,11 @@ def jax_train_setup(config, batch_np: dict, weights_npz: str | None = None, wrap
     image_size = tuple(config.data.image_size)
     placement = train.make_placement(config.train.parallelism)
     axis = train.PMAP_AXIS if placement.kind == "pmap" else None
-    model = mask_rcnn.build_model(config.model, axis_name=axis)
+    model = mask_rcnn.build_model(
+        config.model,
+        axis_name=axis,
+        sharded_batch=placement.kind == "mesh" and placement.mesh.size > 1,
+    )
     init_key, train_key = jax.random.split(jax.random.PRNGKey(config.seed))
     variables = jax_variables(model, config, init_key, weights_npz)
     trainable = mask_rcnn.trainable_mask(variables["params"], config.model)

@@ -140,6 +140,8 @@ def test_frozen_stages_per_image_from_the_config():
     assert config.model.frozen_stages_per_image == "auto"
     auto = mask_rcnn.build_model(config.model).per_image_stages
     assert auto == (2 if jax.default_backend() == "cpu" else 0)
+    # A batch sharded over devices by GSPMD: a loop would run over the global batch.
+    assert mask_rcnn.build_model(config.model, sharded_batch=True).per_image_stages == 0
     config.model.frozen_stages_per_image = "on"
     assert mask_rcnn.build_model(config.model).per_image_stages == 2
     config.model.frozen_stages_per_image = "off"

@@ -439,7 +439,9 @@ def stand_ins(monkeypatch):
     pipeline.shard_for_pmap = train._reshape_for_pmap
     monkeypatch.setitem(sys.modules, "mrcnn_jax.data.pipeline", pipeline)
     monkeypatch.setattr(mrcnn_jax.data, "pipeline", pipeline, raising=False)
-    monkeypatch.setattr(mask_rcnn, "build_model", lambda cfg, axis_name=None: TinyNet(axis_name))
+    monkeypatch.setattr(
+        mask_rcnn, "build_model", lambda cfg, axis_name=None, sharded_batch=False: TinyNet(axis_name)
+    )
     monkeypatch.setattr(
         mask_rcnn,
         "init_variables",

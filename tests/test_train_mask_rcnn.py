@@ -63,6 +63,9 @@ def test_pmap_and_mesh_match_one_device():
 
 def _one_step(kind: str, batch):
     config = tiny.get_config()
+    # Frozen stem + res2: their parameters enter as constants and, on the CPU, they run image by
+    # image (`model.frozen_stages_per_image`), on each device's examples or over the sharded batch.
+    config.model.freeze_at = 2
     devices = jax.devices() if kind != "single" else jax.devices()[:1]
     placement = train.make_placement("pmap" if kind == "pmap" else "mesh", devices=devices)
     state, loss_fn, schedule, trainable = _setup(
