@@ -302,6 +302,12 @@ class Placement:
     mesh: Mesh | None = None
     shard_for_pmap: Callable[[Batch, int], Batch] = _reshape_for_pmap
 
+    @property
+    def sharded_batch(self) -> bool:
+        """Whether one traced step sees a batch GSPMD splits over several devices (a mesh of more
+        than one); under pmap each device's step sees its own examples only."""
+        return self.kind == "mesh" and self.mesh.size > 1
+
     def put_state(self, state: TrainState) -> TrainState:
         if self.kind == "pmap":
             return flax.jax_utils.replicate(state)
@@ -603,7 +609,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     model = mask_rcnn.build_model(
         config.model,
         axis_name=PMAP_AXIS if placement.kind == "pmap" else None,
-        sharded_batch=placement.kind == "mesh" and placement.mesh.size > 1,
+        sharded_batch=placement.sharded_batch,
     )
     checkpoints = ckpt_lib.CheckpointManager(
         os.path.join(workdir, ckpt_lib.CHECKPOINT_DIR), keep=tc.keep_checkpoints

@@ -320,7 +320,7 @@ def jax_train_setup(config, batch_np: dict, weights_npz: str | None = None, wrap
     model = mask_rcnn.build_model(
         config.model,
         axis_name=axis,
-        sharded_batch=placement.kind == "mesh" and placement.mesh.size > 1,
+        sharded_batch=placement.sharded_batch,
     )
     init_key, train_key = jax.random.split(jax.random.PRNGKey(config.seed))
     variables = jax_variables(model, config, init_key, weights_npz)

@@ -48,12 +48,16 @@ def _conv(x, w, strides, padding):
     return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_NHWC)
 
 
+def _read_pixels(x, strides):
+    """The input pixels an unpadded 1x1 convolution reads: x[:, ::sh, ::sw, :]."""
+    sh, sw = strides
+    return x[:, ::sh, ::sw, :] if (sh, sw) != (1, 1) else x
+
+
 def _pointwise(x, w, strides):
     """A 1x1 convolution without padding as one [N*OH*OW, C] x [C, O] matmul: XLA:CPU runs it
     2-3x faster than its own 1x1 convolution on the P2 / C2 maps (docs/performance.md)."""
-    sh, sw = strides
-    if (sh, sw) != (1, 1):
-        x = x[:, ::sh, ::sw, :]
+    x = _read_pixels(x, strides)
     n, h, w_, c = x.shape
     y = jnp.dot(x.reshape(n * h * w_, c), w.reshape(c, -1), preferred_element_type=x.dtype)
     return y.reshape(n, h, w_, -1)
@@ -85,9 +89,7 @@ def _fwd(x, w, strides, padding):
     # the strided slice in the backward pass let XLA:CPU recompute a fused chain of elementwise
     # producers there (the whole residual chain of a ResNet stage), holding every convolution
     # output of that chain alive until the backward pass (docs/performance.md, change 11).
-    sh, sw = strides
-    x_read = x[:, ::sh, ::sw, :] if (sh, sw) != (1, 1) else x
-    return y, (x_read, w, jnp.zeros((x.shape[1], x.shape[2], 0), x.dtype))
+    return y, (_read_pixels(x, strides), w, jnp.zeros((x.shape[1], x.shape[2], 0), x.dtype))
 
 
 def _input_grad(x, w, strides, padding, g):
