@@ -69,8 +69,8 @@ def conv_nhwc(x: jnp.ndarray, w: jnp.ndarray, strides, padding) -> jnp.ndarray:
 
     Evaluated without differentiation (inference), an unpadded 1x1 convolution is a matmul
     (`_pointwise`); under differentiation `_fwd` keeps XLA's convolution: with the matmul in the
-    training step, the R50-FPN step was ~0.5 s slower and ~150 MB bigger on the 2-core CPU
-    (docs/performance.md, change 9)."""
+    training step, the R50-FPN step's temporaries grew by 550-640 MiB for at most 3% of speed on
+    the 2-core CPU (docs/performance.md, change 9 and "Tried in the fourth round")."""
     if _is_pointwise(x, w, padding):
         return _pointwise(x, w, strides)
     return _conv(x, w, strides, padding)
