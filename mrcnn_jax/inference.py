@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +17,7 @@ import numpy as np
 from mrcnn_jax import postprocess
 from mrcnn_jax.mask_rcnn import POOL_LEVELS, MaskRCNN
 from mrcnn_jax.ops.anchors import generate_anchors, num_anchors_per_level
-from mrcnn_jax.ops.roi_align import multilevel_roi_align
+from mrcnn_jax.ops.roi_align import multilevel_roi_align_many
 from mrcnn_jax.structures import Detections
 
 
@@ -42,6 +43,13 @@ LEVEL_MAPPERS = {"detectron2": (1e-8, True), "torchvision": (1e-6, False)}
 
 def pool(feats: dict, rois: jnp.ndarray, output_size: int, roi_cfg) -> jnp.ndarray:
     """Multi-level RoIAlign for a batch: rois [B, R, 4] -> [B, R, out, out, C]."""
+    return pool_many(feats, [rois], [output_size], roi_cfg)[0]
+
+
+def pool_many(feats: dict, rois: Sequence[jnp.ndarray], output_sizes: Sequence[int], roi_cfg):
+    """`pool` of several RoI sets [B, R_i, 4] at their own sizes, in one pass over the feature
+    table (`multilevel_roi_align_many`: in training, one gradient accumulator for the box and
+    the mask head's RoIAlign instead of one each) -> [[B, R_i, out_i, out_i, C]]."""
     levels = [feats[k] for k in POOL_LEVELS]
     if roi_cfg.level_mapper not in LEVEL_MAPPERS:
         raise ValueError(
@@ -50,8 +58,8 @@ def pool(feats: dict, rois: jnp.ndarray, output_size: int, roi_cfg) -> jnp.ndarr
         )
     eps, eps_inside_log = LEVEL_MAPPERS[roi_cfg.level_mapper]
     fn = functools.partial(
-        multilevel_roi_align,
-        output_size=output_size,
+        multilevel_roi_align_many,
+        output_sizes=tuple(output_sizes),
         sampling_ratio=roi_cfg.sampling_ratio,
         aligned=roi_cfg.aligned,
         min_level=2,
@@ -60,7 +68,7 @@ def pool(feats: dict, rois: jnp.ndarray, output_size: int, roi_cfg) -> jnp.ndarr
         eps=eps,
         eps_inside_log=eps_inside_log,
     )
-    return jax.vmap(lambda f, r: fn(f, r))(levels, rois)
+    return jax.vmap(lambda f, r: fn(f, r))(levels, list(rois))
 
 
 def batch_proposals(model_cfg, logits, deltas, anchors, image_sizes, level_counts, train: bool):

@@ -21,7 +21,7 @@ import ml_collections
 import optax
 
 from mrcnn_jax import targets as tgt
-from mrcnn_jax.inference import anchors_for, batch_proposals, mask_head_on_valid, pool
+from mrcnn_jax.inference import anchors_for, batch_proposals, mask_head_on_valid, pool_many
 from mrcnn_jax.mask_rcnn import MaskRCNN
 from mrcnn_jax.ops.matching import MatchLabel
 
@@ -126,8 +126,17 @@ def make_loss_fn(model: MaskRCNN, model_cfg: ml_collections.ConfigDict, image_si
             logits.astype(jnp.float32), deltas.astype(jnp.float32), rpn_t
         )
 
+        mask_fn = functools.partial(
+            tgt.mask_targets, num_mask_rois=roi.max_mask_rois, size=roi.mask_size
+        )
+        m_rois, m_classes, m_targets, m_valid = jax.vmap(mask_fn)(
+            samples, batch["gt_boxes"], batch["gt_masks"]
+        )
+        # Both heads' RoIAlign in one pass: one gradient accumulator for the feature table.
+        pooled, m_pooled = pool_many(
+            feats, [samples.boxes, m_rois], [roi.box_pool_size, roi.mask_pool_size], roi
+        )
         b, k = samples.boxes.shape[:2]
-        pooled = pool(feats, samples.boxes, roi.box_pool_size, roi)
         cls_logits, cls_deltas = model.apply(
             variables, pooled.reshape(b * k, *pooled.shape[2:]), method=MaskRCNN.box_predictions
         )
@@ -137,13 +146,6 @@ def make_loss_fn(model: MaskRCNN, model_cfg: ml_collections.ConfigDict, image_si
             samples,
         )
 
-        mask_fn = functools.partial(
-            tgt.mask_targets, num_mask_rois=roi.max_mask_rois, size=roi.mask_size
-        )
-        m_rois, m_classes, m_targets, m_valid = jax.vmap(mask_fn)(
-            samples, batch["gt_boxes"], batch["gt_masks"]
-        )
-        m_pooled = pool(feats, m_rois, roi.mask_pool_size, roi)
         head = functools.partial(model.apply, variables, method=MaskRCNN.mask_logits)
         m_logits = mask_head_on_valid(
             head,

@@ -11,7 +11,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mrcnn_jax.ops.roi_align import assign_levels, multilevel_roi_align, roi_align
+from mrcnn_jax.ops.roi_align import (
+    assign_levels,
+    multilevel_roi_align,
+    multilevel_roi_align_many,
+    roi_align,
+)
 
 F32 = np.float32
 _roi_align_jit = jax.jit(roi_align, static_argnums=(2, 3, 4, 5))
@@ -206,6 +211,63 @@ def test_multilevel_matches_per_box_reference(aligned):
         ref_g = roi_align_ref_vjp(feats[k].shape, boxes[on_level], 4, 2.0 ** -(k + 2), 2, aligned,
                                   cot[on_level])
         np.testing.assert_allclose(g, ref_g, atol=1e-5)
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+def test_many_sets_match_one_call_per_set_and_the_reference(aligned):
+    rng = np.random.default_rng(11)
+    img_h, img_w = 128, 192
+    feats = _pyramid(rng, img_h, img_w, 3)
+    sets = [_level_spanning_boxes(rng, 9, img_h, img_w), _mixed_boxes(rng, img_h, img_w)]
+    sizes = [3, 5]
+    fs = [jnp.asarray(f) for f in feats]
+    outs = multilevel_roi_align_many(fs, [jnp.asarray(b) for b in sets], sizes, 2, aligned)
+    for boxes, size, out in zip(sets, sizes, outs, strict=True):
+        assert out.shape == (len(boxes), size, size, 3)
+        # The same sums in the same order as a call of its own (XLA may contract them differently).
+        alone = multilevel_roi_align(fs, jnp.asarray(boxes), size, 2, aligned)
+        np.testing.assert_allclose(out, alone, rtol=1e-6, atol=1e-7)
+        lv = levels_ref(boxes, 2, 5)
+        ref = np.stack([
+            roi_align_ref(feats[lv[i] - 2], boxes[i : i + 1], size, 2.0 ** -lv[i], 2, aligned)[0]
+            for i in range(len(boxes))
+        ])
+        np.testing.assert_allclose(out, ref, atol=1e-5)
+
+    # The gradient of the features is the sum of each set's transposed reference.
+    cots = [rng.normal(size=o.shape).astype(F32) for o in outs]
+    def fn(fs):
+        outs = multilevel_roi_align_many(fs, [jnp.asarray(b) for b in sets], sizes, 2, aligned)
+        return sum(jnp.sum(o * c) for o, c in zip(outs, cots, strict=True))
+
+    grads = jax.grad(fn)(fs)
+    for k, g in enumerate(grads):
+        ref_g = 0
+        for boxes, size, cot in zip(sets, sizes, cots, strict=True):
+            on_level = levels_ref(boxes, 2, 5) == k + 2
+            ref_g = ref_g + roi_align_ref_vjp(feats[k].shape, boxes[on_level], size, 2.0 ** -(k + 2), 2,
+                                              aligned, cot[on_level])
+        np.testing.assert_allclose(g, ref_g, atol=1e-5)
+
+
+def test_many_sets_share_one_loop_forward_and_backward():
+    rng = np.random.default_rng(12)
+    fs = [jnp.asarray(f) for f in _pyramid(rng, 64, 64, 2)]
+    sets = [jnp.asarray(_level_spanning_boxes(rng, n, 64, 64)) for n in (4, 6)]
+
+    def loops(fn):
+        jaxpr = jax.make_jaxpr(jax.grad(fn))(fs)
+        return sum(1 for e in jaxpr.eqns if e.primitive.name in ("scan", "while"))
+
+    together = lambda fs: sum(jnp.sum(o) for o in multilevel_roi_align_many(fs, sets, [3, 5], 2, True))
+    apart = lambda fs: sum(
+        jnp.sum(multilevel_roi_align(fs, b, n, 2, True)) for b, n in zip(sets, [3, 5], strict=True)
+    )
+    # One gather loop and its transpose (one cotangent accumulator), against two of each.
+    assert loops(together) == 2
+    assert loops(apart) == 4
+    with pytest.raises(ValueError, match="2 box sets but 1 output sizes"):
+        multilevel_roi_align_many(fs, sets, [3], 2, True)
 
 
 @settings(max_examples=25, deadline=None)
