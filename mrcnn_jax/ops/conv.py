@@ -9,10 +9,11 @@ kernel taps of `x_tap^T @ dy`, one [C, N*OH*OW] x [N*OH*OW, O] matmul each:
 
 `conv_general_dilated` is a drop-in for `lax.conv_general_dilated` (flax's `nn.Conv(...,
 conv_general_dilated=...)` hook): NHWC / HWIO convolutions with explicit padding, no dilation and
-no groups keep XLA's forward pass, take the matmul weight gradient and, at stride 1, an input
-gradient written as a plain convolution (`_input_grad`), and evaluate an unpadded 1x1 convolution
-as a matmul when it is not being differentiated (`_pointwise`), its gradients as two matmuls from
-the input pixels it read when it is (`_pointwise_bwd`); anything else goes to
+no groups keep XLA's forward pass, take the matmul weight gradient and an input gradient written
+as plain stride-1 convolutions (`_input_grad`; at stride > 1 one per phase of the input grid,
+`_strided_input_grad`), and evaluate an unpadded 1x1 convolution as a matmul when it is not being
+differentiated or has at most NARROW_OUTPUTS outputs (`_pointwise`), its gradients as two matmuls
+from the input pixels it read when it is (`_pointwise_bwd`); anything else goes to
 `lax.conv_general_dilated` unchanged. Parameters and outputs are the same, gradients
 agree to float round-off (tests/ops/test_conv.py).
 
@@ -31,6 +32,8 @@ import jax.numpy as jnp
 from jax import lax
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
+# 1x1 convolutions with at most this many outputs are matmuls in training too (`conv_nhwc`).
+NARROW_OUTPUTS = 64
 ENV_VAR = "MRCNN_JAX_CONV_WEIGHT_GRAD"
 
 
@@ -68,9 +71,12 @@ def conv_nhwc(x: jnp.ndarray, w: jnp.ndarray, strides, padding) -> jnp.ndarray:
     """x: [N, H, W, C], w: [kh, kw, C, O], strides (sh, sw), padding ((lo, hi), (lo, hi)).
 
     Evaluated without differentiation (inference), an unpadded 1x1 convolution is a matmul
-    (`_pointwise`); under differentiation `_fwd` keeps XLA's convolution: with the matmul in the
-    training step, the R50-FPN step's temporaries grew by 550-640 MiB for at most 3% of speed on
-    the 2-core CPU (docs/performance.md, change 9 and "Tried in the fourth round")."""
+    (`_pointwise`); under differentiation `_fwd` keeps XLA's convolution unless the output is
+    narrow: with the matmul in the whole training step, the R50-FPN step's temporaries grew by
+    550-640 MiB for at most 3% of speed on the 2-core CPU (docs/performance.md, change 9 and
+    "Tried in the fourth round"), while the RPN's objectness (A) and deltas (4A) convolutions,
+    whose input is kept for their weight gradient anyway, ran at 4-6 GFLOP/s as convolutions
+    (0.34 s of the step on P2) and take no extra memory as matmuls."""
     if _is_pointwise(x, w, padding):
         return _pointwise(x, w, strides)
     return _conv(x, w, strides, padding)
@@ -81,9 +87,9 @@ def _is_pointwise(x, w, padding) -> bool:
 
 
 def _fwd(x, w, strides, padding):
-    y = _conv(x, w, strides, padding)
     if not _is_pointwise(x, w, padding):
-        return y, (x, w)
+        return _conv(x, w, strides, padding), (x, w)
+    y = _pointwise(x, w, strides) if w.shape[3] <= NARROW_OUTPUTS else _conv(x, w, strides, padding)
     # A 1x1 convolution's gradients need only the input pixels it reads: keep x[:, ::s, ::s]
     # (a quarter of x at stride 2) and x's height and width in a zero-byte array. Kept whole,
     # the strided slice in the backward pass let XLA:CPU recompute a fused chain of elementwise
@@ -95,19 +101,69 @@ def _fwd(x, w, strides, padding):
 def _input_grad(x, w, strides, padding, g):
     """dx of the convolution. Stride 1 with 'same'-like padding (0 <= pad <= k - 1): a plain
     NHWC / HWIO convolution of g with the flipped kernel, its in / out channels swapped, and
-    padding k - 1 - pad. Written out rather than left to XLA's transpose rule, whose
-    kernel-layout convolution (b01f_01oi) XLA:CPU does not hand to its fast convolution library
-    inside a conditional (the chunked mask head, inference.mask_head_on_valid): 37 against
-    ~150 GFLOP/s. Anything else: the transpose rule."""
+    padding k - 1 - pad; stride > 1: `_strided_input_grad`. Written out rather than left to
+    XLA's transpose rule, whose kernel-layout convolution (b01f_01oi) XLA:CPU does not hand to
+    its fast convolution library inside a conditional (the chunked mask head,
+    inference.mask_head_on_valid): 37 against ~150 GFLOP/s. Padding beyond k - 1: the
+    transpose rule."""
     sizes = w.shape[:2]
     same_like = all(
         0 <= p <= k - 1 for (lo, hi), k in zip(padding, sizes, strict=True) for p in (lo, hi)
     )
-    if tuple(strides) != (1, 1) or not same_like:
+    if not same_like:
         return jax.vjp(lambda x_: _conv(x_, w, strides, padding), x)[1](g)[0]
+    if tuple(strides) != (1, 1):
+        return _strided_input_grad(x.shape, w, strides, padding, g).astype(x.dtype)
     w_t = jnp.swapaxes(jnp.flip(w, (0, 1)), 2, 3)
     pads = tuple((k - 1 - lo, k - 1 - hi) for (lo, hi), k in zip(padding, sizes, strict=True))
     return _conv(g, w_t, (1, 1), pads).astype(x.dtype)
+
+
+def _phase(size: int, out_size: int, k: int, s: int, lo: int, r: int):
+    """One axis of `_strided_input_grad` for the kernel taps t = r, r + s, ...: (number of taps
+    m, the first input position i0 they reach, how many positions n, the (low, high) padding of
+    g that makes their dx a 'valid' correlation with the flipped taps)."""
+    m = -(-(k - r) // s)
+    q0 = -(-(lo - r) // s)  # first q with i = s q + r - lo >= 0
+    n = (size - 1 + lo - r) // s - q0 + 1
+    low = m - 1 - q0
+    return m, s * q0 + r - lo, n, (low, n + m - 1 - out_size - low)
+
+
+def _strided_input_grad(x_shape, w, strides, padding, g):
+    """dx of a strided convolution as s_h * s_w stride-1 convolutions of g, one per phase of the
+    input grid (sub-pixel decomposition), interleaved. The forward pass reads
+    x[s o + t - lo] w[t]; the input pixels i = s q + r - lo of one phase r get
+    sum_m g[q - m] w[r + s m], a plain correlation of g with the taps w[r::s] flipped. Same
+    products as XLA's transpose rule (a convolution of g dilated with zeros, which XLA:CPU runs
+    outside its fast library: the 3x3 stride-2 input gradient of res3's first block took 0.36 s
+    of the R50-FPN train step, 25 GFLOP/s), without the multiplications by the inserted zeros."""
+    n, h, w_, c = x_shape
+    kh, kw, _, o = w.shape
+    (sh, sw), (oh, ow) = strides, g.shape[1:3]
+    # [kh, kw, C, O] -> flipped, in / out swapped: [kh, kw, O, C], then each phase's taps.
+    rows = []
+    for ry in range(sh):
+        my, iy, ny, py = _phase(h, oh, kh, sh, padding[0][0], ry)
+        cols = []
+        for rx in range(sw):
+            mx, ix, nx, px = _phase(w_, ow, kw, sw, padding[1][0], rx)
+            if my <= 0 or mx <= 0 or ny <= 0 or nx <= 0:
+                cols.append((ix, jnp.zeros((n, max(ny, 0), max(nx, 0), c), g.dtype)))
+                continue
+            taps = jnp.swapaxes(jnp.flip(w[ry::sh, rx::sw], (0, 1)), 2, 3)
+            gp = lax.pad(g, jnp.zeros((), g.dtype), ((0, 0, 0), (*py, 0), (*px, 0), (0, 0, 0)))
+            cols.append((ix, _conv(gp, taps, (1, 1), ((0, 0), (0, 0)))))
+        rows.append((iy, cols))
+    # Interleave: the phase starting at input row iy (column ix) fills rows iy, iy + s, ...
+    ph, pw = -(-h // sh), -(-w_ // sw)
+    grid = [[None] * sw for _ in range(sh)]
+    for iy, cols in rows:
+        for ix, part in cols:
+            pad = ((0, 0), (0, ph - part.shape[1]), (0, pw - part.shape[2]), (0, 0))
+            grid[iy][ix] = jnp.pad(part, pad)
+    dx = jnp.stack([jnp.stack(row, axis=3) for row in grid], axis=2)  # [N, ph, sh, pw, sw, C]
+    return dx.reshape(n, ph * sh, pw * sw, c)[:, :h, :w_]
 
 
 def _pointwise_bwd(strides, residuals, g):

@@ -5,6 +5,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jax import lax
 
 from mrcnn_jax.ops import conv as conv_ops
@@ -114,11 +116,20 @@ def test_pointwise_forward_is_a_matmul_and_training_keeps_the_convolution(stride
 
     ref = lax.conv_general_dilated(x, w, (stride, stride), "VALID", dimension_numbers=DN)
     np.testing.assert_allclose(jax.jit(ours)(x, w), ref, rtol=1e-5, atol=1e-5)
-    # Inference: a dot, no convolution. Under differentiation: XLA's convolution forward.
+    # Inference: a dot, no convolution. Under differentiation: XLA's convolution forward, except
+    # for narrow outputs (the RPN's objectness and deltas), which stay a dot.
     primal = str(jax.make_jaxpr(ours)(x, w))
     assert "dot_general" in primal and "conv_general_dilated" not in primal
-    trained = str(jax.make_jaxpr(jax.grad(lambda w: jnp.sum(ours(x, w))))(w))
-    assert "conv_general_dilated" in trained
+    trained = lambda w: str(jax.make_jaxpr(jax.grad(lambda w: jnp.sum(ours(x, w))))(w))
+    assert "conv_general_dilated" not in trained(w)
+    wide = jnp.asarray(rng.normal(size=(1, 1, 5, conv_ops.NARROW_OUTPUTS + 1)), jnp.float32)
+    assert "conv_general_dilated" in trained(wide)
+    np.testing.assert_allclose(
+        jax.grad(lambda w: jnp.sum(jnp.sin(ours(x, w))))(w),
+        jax.grad(lambda w: jnp.sum(jnp.sin(lax.conv_general_dilated(
+            x, w, (stride, stride), "VALID", dimension_numbers=DN))))(w),
+        rtol=1e-4, atol=1e-4,
+    )
     # 3x3 convolutions are never turned into matmuls.
     w3 = jnp.asarray(rng.normal(size=(3, 3, 5, 7)), jnp.float32)
     assert "conv_general_dilated" in str(jax.make_jaxpr(ours)(x, w3))
@@ -142,3 +153,41 @@ def test_strided_pointwise_keeps_only_the_pixels_it_reads_for_the_gradient():
     kept = [leaf.shape for leaf in jax.tree.leaves(vjp)]
     assert (2, 4, 5, 5) in kept and x.shape not in kept
     assert sum(int(np.prod(s)) for s in kept) == 2 * 4 * 5 * 5 + 5 * 7
+
+
+def _input_grad_ref(x_shape, w, stride, padding, g):
+    """numpy: dx[i] = sum over (output o, tap t) with s o + t - lo = i of g[o] w[t]^T."""
+    dx = np.zeros(x_shape, np.float64)
+    (sh, sw), ((ly, _), (lx, _)) = stride, padding
+    for oy in range(g.shape[1]):
+        for ox in range(g.shape[2]):
+            for ty in range(w.shape[0]):
+                for tx in range(w.shape[1]):
+                    iy, ix = sh * oy + ty - ly, sw * ox + tx - lx
+                    if 0 <= iy < x_shape[1] and 0 <= ix < x_shape[2]:
+                        dx[:, iy, ix] += g[:, oy, ox] @ w[ty, tx].T
+    return dx
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    k=st.tuples(st.integers(1, 5), st.integers(1, 5)),
+    stride=st.tuples(st.integers(2, 3), st.integers(1, 3)),
+    pads=st.tuples(*(st.integers(0, 4) for _ in range(4))),
+    size=st.tuples(st.integers(1, 12), st.integers(1, 12)),
+)
+def test_strided_input_gradient_is_the_transpose(k, stride, pads, size):
+    # Sub-pixel decomposition (`_strided_input_grad`) against the definition, for any kernel,
+    # stride, 'same'-like padding (0 <= pad <= k - 1) and odd / even / tiny sizes. (numpy, not
+    # lax's transpose rule: XLA:CPU aborts on some of these tiny shapes.)
+    padding = tuple(
+        (min(pads[2 * d], k[d] - 1), min(pads[2 * d + 1], k[d] - 1)) for d in range(2)
+    )
+    h, w_ = (max(s, k_ - p[0] - p[1]) for s, k_, p in zip(size, k, padding, strict=True))
+    out = [(n + p[0] + p[1] - k_) // s + 1 for n, k_, p, s in zip((h, w_), k, padding, stride, strict=True)]
+    rng = np.random.default_rng(sum(k) + sum(stride) + h * 13 + w_)
+    w = rng.normal(size=(*k, 3, 4)).astype(np.float32)
+    g = rng.normal(size=(2, *out, 4)).astype(np.float32)
+    got = conv_ops._strided_input_grad((2, h, w_, 3), jnp.asarray(w), stride, padding, jnp.asarray(g))
+    ref = _input_grad_ref((2, h, w_, 3), w, stride, padding, g)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
