@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from mrcnn_jax.ops import conv as conv_ops
@@ -34,9 +35,28 @@ xavier_fill = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
 LEVELS = (2, 3, 4, 5)
 
 
+@jax.custom_vjp
 def upsample_nearest_x2(x: jnp.ndarray) -> jnp.ndarray:
-    """[B, H, W, C] -> [B, 2H, 2W, C], each pixel repeated 2x2 (F.interpolate 'nearest', x2)."""
-    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    """[B, H, W, C] -> [B, 2H, 2W, C], each pixel repeated 2x2 (F.interpolate 'nearest', x2).
+
+    Its gradient, the sum of each 2x2 block, is written as the sum of the four phases
+    g[:, i::2, j::2]: XLA:CPU ran the reduction over the two strided block axes that autodiff
+    gives (`jnp.repeat`'s transpose) at under 1 GB/s, 0.2 s of the R50-FPN train step on P2."""
+    b, h, w, c = x.shape
+    return jnp.broadcast_to(x[:, :, None, :, None], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
+
+
+def _upsample_fwd(x):
+    return upsample_nearest_x2(x), None
+
+
+def _upsample_bwd(_, g):
+    b, h2, w2, c = g.shape
+    g = g.reshape(b, h2 // 2, 2, w2 // 2, 2, c)
+    return ((g[:, :, 0, :, 0] + g[:, :, 0, :, 1]) + (g[:, :, 1, :, 0] + g[:, :, 1, :, 1]),)
+
+
+upsample_nearest_x2.defvjp(_upsample_fwd, _upsample_bwd)
 
 
 class FPN(nn.Module):

@@ -110,6 +110,18 @@ def test_upsample_nearest_x2():
     np.testing.assert_array_equal(upsample_nearest_x2(x)[0, ..., 0], expect)
 
 
+def test_upsample_nearest_x2_gradient_sums_each_block():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 3, 5, 4)), jnp.float32)
+    g = rng.normal(size=(2, 6, 10, 4)).astype(np.float32)
+    _, vjp = jax.vjp(upsample_nearest_x2, x)
+    expect = g.reshape(2, 3, 2, 5, 2, 4).sum(axis=(2, 4))
+    np.testing.assert_allclose(vjp(jnp.asarray(g))[0], expect, rtol=1e-6, atol=1e-6)
+    ref = lambda x: jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)  # autodiff's own transpose
+    np.testing.assert_allclose(jax.vjp(ref, x)[1](jnp.asarray(g))[0], expect, rtol=1e-6, atol=1e-6)
+    assert vjp(jnp.asarray(g))[0].dtype == jnp.float32
+
+
 def test_bfloat16():
     feats = make_feats(2, 2)
     fpn = FPN(channels=8, dtype=jnp.bfloat16)
