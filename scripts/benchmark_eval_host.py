@@ -7,7 +7,7 @@ COCO results (full-resolution mask pasting + RLE), in-process and with paste wor
 The detections are synthetic (random boxes of 20-400 px, random 28 x 28 mask probabilities) and
 come from a predict function that returns them at once, so the figure is the host's rate alone:
 what an accelerator that predicts faster than that waits for. The ground truth has the images and
-no annotations, which keeps COCOeval's own share small; it is timed again on its own and taken
+no annotations, which keeps COCOeval's own share small; its call inside the run is timed and taken
 out of the figure. With --device-masks, more runs paste the masks and write their RLE strings
 on the default JAX device (`eval.device_masks`); the host then only slices the strings out.
 """
@@ -114,17 +114,30 @@ def main(argv):
         result["setup"]["device_compile_s"] = time.perf_counter() - start
         modes += [("device", w) for w in args.device_workers]
     reference = None
+    coco_times = []  # COCOeval's share, timed inside each run and taken out of its figure
+    real_coco_evaluate = evaluate.coco_evaluate
+
+    def timed_coco_evaluate(*a, **kw):
+        start = time.perf_counter()
+        try:
+            return real_coco_evaluate(*a, **kw)
+        finally:
+            coco_times.append(time.perf_counter() - start)
+
     for mode, workers in modes:
         fn = predict if mode == "host" else evaluate._with_mask_rles(predict, mask_rles)
-        start = time.perf_counter()
-        _, results = evaluate.run_evaluation(
-            fn, (h for h, _ in pairs), gt, labels, paste_workers=workers
-        )
-        total = time.perf_counter() - start
+        coco_times.clear()
+        evaluate.coco_evaluate = timed_coco_evaluate
+        try:
+            start = time.perf_counter()
+            _, results = evaluate.run_evaluation(
+                fn, (h for h, _ in pairs), gt, labels, paste_workers=workers
+            )
+            total = time.perf_counter() - start
+        finally:
+            evaluate.coco_evaluate = real_coco_evaluate
         reference = results if reference is None else reference
-        start = time.perf_counter()  # COCOeval's share, measured again on the same results
-        evaluate.coco_evaluate(gt, results, evaluate.IOU_TYPES)
-        coco_s = time.perf_counter() - start
+        coco_s = sum(coco_times)
         run = {"masks": mode, "workers": workers, "convert_s": total - coco_s,
                **differences(reference, results),
                "images_per_s": args.images / (total - coco_s), "results": len(results),
