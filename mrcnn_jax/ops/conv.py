@@ -139,7 +139,7 @@ def _strided_input_grad(x_shape, w, strides, padding, g):
     outside its fast library: the 3x3 stride-2 input gradient of res3's first block took 0.36 s
     of the R50-FPN train step, 25 GFLOP/s), without the multiplications by the inserted zeros."""
     n, h, w_, c = x_shape
-    kh, kw, _, o = w.shape
+    kh, kw = w.shape[:2]
     (sh, sw), (oh, ow) = strides, g.shape[1:3]
     # [kh, kw, C, O] -> flipped, in / out swapped: [kh, kw, O, C], then each phase's taps.
     rows = []
