@@ -141,25 +141,21 @@ def _strided_input_grad(x_shape, w, strides, padding, g):
     n, h, w_, c = x_shape
     kh, kw = w.shape[:2]
     (sh, sw), (oh, ow) = strides, g.shape[1:3]
-    # [kh, kw, C, O] -> flipped, in / out swapped: [kh, kw, O, C], then each phase's taps.
-    rows = []
-    for ry in range(sh):
-        my, iy, ny, py = _phase(h, oh, kh, sh, padding[0][0], ry)
-        cols = []
-        for rx in range(sw):
-            mx, ix, nx, px = _phase(w_, ow, kw, sw, padding[1][0], rx)
-            if my <= 0 or mx <= 0 or ny <= 0 or nx <= 0:
-                cols.append((ix, jnp.zeros((n, max(ny, 0), max(nx, 0), c), g.dtype)))
-                continue
-            taps = jnp.swapaxes(jnp.flip(w[ry::sh, rx::sw], (0, 1)), 2, 3)
-            gp = lax.pad(g, jnp.zeros((), g.dtype), ((0, 0, 0), (*py, 0), (*px, 0), (0, 0, 0)))
-            cols.append((ix, _conv(gp, taps, (1, 1), ((0, 0), (0, 0)))))
-        rows.append((iy, cols))
-    # Interleave: the phase starting at input row iy (column ix) fills rows iy, iy + s, ...
+    # grid[iy][ix]: the phase whose first input row / column is iy / ix, which fills rows
+    # iy, iy + s, ... (padded to ph x pw for the interleave).
     ph, pw = -(-h // sh), -(-w_ // sw)
     grid = [[None] * sw for _ in range(sh)]
-    for iy, cols in rows:
-        for ix, part in cols:
+    for ry in range(sh):
+        my, iy, ny, py = _phase(h, oh, kh, sh, padding[0][0], ry)
+        for rx in range(sw):
+            mx, ix, nx, px = _phase(w_, ow, kw, sw, padding[1][0], rx)
+            if my <= 0 or mx <= 0 or ny <= 0 or nx <= 0:  # no tap reaches these pixels
+                part = jnp.zeros((n, max(ny, 0), max(nx, 0), c), g.dtype)
+            else:
+                # The phase's taps, flipped, in / out swapped: [my, mx, O, C].
+                taps = jnp.swapaxes(jnp.flip(w[ry::sh, rx::sw], (0, 1)), 2, 3)
+                gp = lax.pad(g, jnp.zeros((), g.dtype), ((0, 0, 0), (*py, 0), (*px, 0), (0, 0, 0)))
+                part = _conv(gp, taps, (1, 1), ((0, 0), (0, 0)))
             pad = ((0, 0), (0, ph - part.shape[1]), (0, pw - part.shape[2]), (0, 0))
             grid[iy][ix] = jnp.pad(part, pad)
     dx = jnp.stack([jnp.stack(row, axis=3) for row in grid], axis=2)  # [N, ph, sh, pw, sw, C]
