@@ -20,6 +20,7 @@ features (the gather transposes to a scatter-add), not to the boxes' integer tap
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -272,9 +273,9 @@ def multilevel_roi_align_many(
     idx = jnp.concatenate([i for i, _ in taps], axis=1)
     wts = jnp.concatenate([w for _, w in taps], axis=1)
     out = _gather_pool_taps(flat, idx, wts)  # [sum of R_i out_i^2, C]
-    splits = [math.prod(shape) for shape in out_shapes]
-    outs, start = [], 0
-    for shape, n in zip(out_shapes, splits, strict=True):
-        outs.append(out[start : start + n].reshape(*shape, c).astype(features[0].dtype))
-        start += n
-    return outs
+    ends = list(itertools.accumulate(math.prod(shape) for shape in out_shapes))
+    parts = jnp.split(out, ends[:-1])
+    return [
+        p.reshape(*shape, c).astype(features[0].dtype)
+        for p, shape in zip(parts, out_shapes, strict=True)
+    ]
