@@ -194,15 +194,27 @@ def _bwd(strides, padding, residuals, g):
     sh, sw = strides
     xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
     g2 = g.reshape(-1, o)
-    span = (n, sh * (oh - 1) + 1, sw * (ow - 1) + 1, c)
 
-    def tap_grad(_, ab):
-        # One tap at a time (a scan, not kh * kw independent slices), so at most one [N*OH*OW, C]
-        # copy of the input is alive: unrolled, XLA kept all of them and the train step's
-        # temporaries doubled.
-        window = lax.dynamic_slice(xp, (0, ab[0], ab[1], 0), span)
-        tap = window[:, ::sh, ::sw, :].reshape(-1, c)
-        return None, jnp.einsum("mc,mo->co", tap, g2, preferred_element_type=jnp.float32)
+    # One tap at a time (a scan, not kh * kw independent slices), so at most one copy of the
+    # input is alive: unrolled, XLA kept all of them and the train step's temporaries doubled.
+    if (sh, sw) == (1, 1):
+        # Channels first, each tap is a [C, N*OH*OW] x [N*OH*OW, O] matmul that XLA:CPU gives to
+        # YNNPACK (~375 GFLOP/s); x^T @ dy with the tap in NHWC contracts the lhs' major dimension
+        # and went to Eigen (~230). The transpose rides on the padding copy and each tap's slice
+        # is a copy either way (docs/performance.md, change 13).
+        xt = jnp.transpose(xp, (3, 0, 1, 2))
+
+        def tap_grad(_, ab):
+            window = lax.dynamic_slice(xt, (0, 0, ab[0], ab[1]), (c, n, oh, ow))
+            return None, jnp.dot(window.reshape(c, -1), g2, preferred_element_type=jnp.float32)
+
+    else:  # strided windows of a channels-first copy were slower (strided minor-dimension reads)
+        span = (n, sh * (oh - 1) + 1, sw * (ow - 1) + 1, c)
+
+        def tap_grad(_, ab):
+            window = lax.dynamic_slice(xp, (0, ab[0], ab[1], 0), span)
+            tap = window[:, ::sh, ::sw, :].reshape(-1, c)
+            return None, jnp.einsum("mc,mo->co", tap, g2, preferred_element_type=jnp.float32)
 
     if kh * kw == 1:
         dw = tap_grad(None, jnp.zeros((2,), jnp.int32))[1][None]

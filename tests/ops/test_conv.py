@@ -32,7 +32,9 @@ def _uses_custom_vjp(fn, *args) -> bool:
      (1, 2, 0, 7), (1, 3, 0, 10),
      # stride 1, asymmetric / partial padding (the written-out input gradient), and a padding
      # beyond k - 1 (the transpose rule)
-     (3, 1, (0, 2), 9), (5, 1, (1, 3), 11), (3, 1, (3, 0), 8)],
+     (3, 1, (0, 2), 9), (5, 1, (1, 3), 11), (3, 1, (3, 0), 8),
+     # a padded 1x1 is not pointwise: the general weight gradient with a single tap
+     (1, 1, (1, 0), 7)],
 )
 def test_forward_and_gradients_match_lax(k, stride, pad, hw):
     rng = np.random.default_rng(k * 10 + stride)
@@ -54,6 +56,30 @@ def test_forward_and_gradients_match_lax(k, stride, pad, hw):
     g_ours = jax.jit(jax.grad(lambda x, w: jnp.sum(ours(x, w) * cot), argnums=(0, 1)))(x, w)
     for a, b in zip(g_ours, g_ref, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_stride_one_weight_gradient_taps_are_channels_first_matmuls():
+    # Each tap's dW is [C, M] x [M, O] (the lhs contracted on its minor dimension), the form
+    # XLA:CPU hands to YNNPACK; x^T @ dy on an NHWC tap contracts dimension 0 of both.
+    x = jnp.ones((2, 6, 7, 5), jnp.float32)
+    w = jnp.ones((3, 3, 5, 4), jnp.float32)
+
+    def loss(w):
+        return jnp.sum(conv_ops.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=DN))
+
+    dots = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                dots.append((eqn.params["dimension_numbers"], [v.aval.shape for v in eqn.invars]))
+            for param in eqn.params.values():
+                if hasattr(param, "jaxpr"):  # a closed jaxpr: the scan body
+                    walk(param.jaxpr)
+
+    walk(jax.make_jaxpr(jax.grad(loss))(w).jaxpr)
+    taps = [shapes for dims, shapes in dots if dims == (((1,), (0,)), ((), ()))]
+    assert taps == [[(5, 2 * 6 * 7), (2 * 6 * 7, 4)]]
 
 
 @pytest.mark.parametrize(
