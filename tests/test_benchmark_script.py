@@ -241,6 +241,20 @@ def test_attribute_sums_per_stage_and_call():
     assert sum(r["share"] for r in out["stages"]) == pytest.approx(1.0)
 
 
+def test_thunk_totals_charges_untraced_time_to_the_instruction_before_it():
+    _, info = ps.parse_hlo(_HLO)
+    call = [(0, 10, "conv.2"), (10, 12, "wgrad"),  # the dot's event covers its launch only
+            (5, 60, "while.5"),  # a container spans its body: it covers nothing
+            (40, 50, "add.3"), (45, 55, "fusion.1")]  # overlapping events: no gap
+    events = call + [(s + 1000, e + 1000, op) for s, e, op in call]  # a second call, 940 ns later
+    durations, gaps = ps.thunk_totals(events, info, calls=2)
+    assert durations["wgrad"] == 4 and durations["while.5"] == 110
+    assert dict(gaps) == {"wgrad": 2 * 28}  # 12 -> 40 in each call; 55 -> 1000 is between calls
+    # When the earliest instruction does not run once per call, the whole trace is one span.
+    _, one_span = ps.thunk_totals(events, info, calls=3)
+    assert one_span == {"wgrad": 2 * 28, "fusion.1": 1000 - 55}
+
+
 def test_eval_host_benchmark_device_masks_smoke(tmp_path):
     """scripts/benchmark_eval_host.py: host and device-mask runs give the same results."""
     spec = importlib.util.spec_from_file_location(
