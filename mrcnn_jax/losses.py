@@ -23,7 +23,7 @@ import optax
 from mrcnn_jax import targets as tgt
 from mrcnn_jax.inference import anchors_for, batch_proposals, mask_head_on_valid, pool_many
 from mrcnn_jax.mask_rcnn import MaskRCNN
-from mrcnn_jax.ops.matching import MatchLabel
+from mrcnn_jax.ops.matching import MatchLabel, leading_rows
 
 
 def smooth_l1(x: jnp.ndarray, beta: float) -> jnp.ndarray:
@@ -86,8 +86,11 @@ def _per_image_targets(model_cfg, anchors, batch, keys, proposals_and_valid):
         positive_fraction=roi.positive_fraction,
         box_weights=tuple(roi.box_weights),
     )
-    rpn_t = jax.vmap(rpn_fn, in_axes=(0, None, 0, 0))(
-        keys[:, 0], anchors, batch["gt_boxes"], gt_trainable
+    # The number of leading gt rows holding a trainable gt, over the whole batch: unbatched, so
+    # that the matcher's `lax.switch` on it stays a switch under vmap.
+    gt_rows = leading_rows(gt_trainable)
+    rpn_t = jax.vmap(lambda key, gt, trainable: rpn_fn(key, anchors, gt, trainable, gt_rows=gt_rows))(
+        keys[:, 0], batch["gt_boxes"], gt_trainable
     )
     props, props_valid = proposals_and_valid
     samples = jax.vmap(roi_fn)(

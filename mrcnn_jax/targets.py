@@ -53,15 +53,19 @@ def rpn_targets(
     positive_fraction: float,
     box_weights,
     anchor_chunk: int = 0,
+    gt_rows: jnp.ndarray | None = None,
 ) -> RPNTargets:
     """anchors: [A, 4]; gt_boxes: [M, 4]; gt_trainable: [M] bool -> sampled RPN targets.
 
     Matching 0.7 / 0.3 with low-quality matches (each gt's best anchors are positive), then 256
     anchors sampled at up to 50% positive (detectron2 RPN defaults). anchor_chunk > 0 matches the
-    anchors that many at a time (`match_boxes`: same result, no [M, A] IoU matrix).
+    anchors that many at a time (`match_boxes`: same result, no [M, A] IoU matrix); gt_rows (an
+    int32 scalar, `matching.leading_rows` of the batch's gt_trainable) matches against only the
+    leading gt rows that hold a trainable gt (same result, less work).
     """
     matched, labels = match_boxes(
-        gt_boxes, anchors, gt_trainable, fg_iou, bg_iou, allow_low_quality=True, chunk=anchor_chunk
+        gt_boxes, anchors, gt_trainable, fg_iou, bg_iou, allow_low_quality=True, chunk=anchor_chunk,
+        rows=gt_rows,
     )
     pos, neg = subsample(key, labels, batch_size_per_image, positive_fraction)
     labels = jnp.where(pos, MatchLabel.POSITIVE, jnp.where(neg, MatchLabel.NEGATIVE, MatchLabel.IGNORE))

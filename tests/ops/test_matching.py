@@ -9,7 +9,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mrcnn_jax.ops import boxes as box_ops
-from mrcnn_jax.ops.matching import MatchLabel, match, match_boxes, sample_indices, subsample
+from mrcnn_jax.ops.matching import (
+    MatchLabel,
+    leading_rows,
+    match,
+    match_boxes,
+    row_buckets,
+    sample_indices,
+    subsample,
+)
 
 POS, NEG, IGN = int(MatchLabel.POSITIVE), int(MatchLabel.NEGATIVE), int(MatchLabel.IGNORE)
 
@@ -95,6 +103,64 @@ def test_match_boxes_in_chunks_equals_the_full_matrix(seed, low_quality, chunk):
     rm, rl = _match_reference(iou, gt_valid, np.float32(0.7), np.float32(0.3), low_quality)
     np.testing.assert_array_equal(np.asarray(lab), rl)
     np.testing.assert_array_equal(np.asarray(m), rm)
+
+
+def test_leading_rows_and_row_buckets():
+    valid = np.zeros((2, 10), bool)
+    assert int(leading_rows(jnp.asarray(valid))) == 0
+    valid[0, [1, 3]] = True  # a gap (a crowd or padded row) below the last valid one
+    valid[1, 6] = True
+    assert int(leading_rows(jnp.asarray(valid))) == 7
+    assert int(leading_rows(jnp.asarray(valid[0]))) == 4
+    assert row_buckets(100) == (8, 16, 32, 64, 100)
+    assert row_buckets(16) == (8, 16) and row_buckets(8) == (8,) and row_buckets(3) == (3,)
+
+
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    low_quality=st.booleans(),
+    num_gt=st.sampled_from([9, 20, 40]),
+    chunk=st.sampled_from([0, 7, 64]),
+)
+@settings(max_examples=40, deadline=None)
+def test_match_boxes_on_leading_rows_equals_all_rows(seed, low_quality, num_gt, chunk):
+    """A batch of two images whose valid gt (with gaps) end at random rows: matching on the
+    leading rows' bucket, the rows unbatched under vmap, agrees with the loop reference on all
+    rows exactly, ties for a gt's highest IoU included."""
+    rng = np.random.default_rng(seed)
+    gts, valids, preds = [], [], _random_boxes(rng, 50, 64)
+    for _ in range(2):
+        gt = _random_boxes(rng, num_gt, 64)
+        last = int(rng.integers(0, num_gt + 1))
+        valid = (np.arange(num_gt) < last) & (rng.random(num_gt) < 0.8)
+        gt[~valid] = 0.0
+        preds[rng.integers(0, 50, 3)] = gt[rng.integers(0, num_gt, 3)]  # exact matches
+        gts.append(gt)
+        valids.append(valid)
+    gt, valid = np.stack(gts), np.stack(valids)
+
+    def per_image(g, v, rows):
+        return match_boxes(g, jnp.asarray(preds), v, 0.7, 0.3, low_quality, chunk, rows=rows)
+
+    fn = jax.jit(jax.vmap(per_image, in_axes=(0, 0, None)))
+    m, lab = fn(jnp.asarray(gt), jnp.asarray(valid), leading_rows(jnp.asarray(valid)))
+    for i in range(2):
+        iou = np.asarray(box_ops.pairwise_iou(jnp.asarray(gt[i]), jnp.asarray(preds)))
+        rm, rl = _match_reference(iou, valid[i], np.float32(0.7), np.float32(0.3), low_quality)
+        np.testing.assert_array_equal(np.asarray(lab[i]), rl)
+        np.testing.assert_array_equal(np.asarray(m[i]), rm)
+
+
+def test_match_boxes_rows_stay_a_switch_under_vmap():
+    """With the rows unbatched, vmap keeps one matcher per bucket behind a `cond` (a batched index
+    would run all of them and select)."""
+    gt, valid = jnp.zeros((2, 40, 4)), jnp.zeros((2, 40), bool)
+    preds = jnp.zeros((30, 4))
+    fn = jax.vmap(lambda g, v, r: match_boxes(g, preds, v, 0.7, 0.3, True, 8, rows=r),
+                  in_axes=(0, 0, None))
+    jaxpr = jax.make_jaxpr(fn)(gt, valid, jnp.int32(5))
+    conds = [e for e in jaxpr.eqns if e.primitive.name == "cond"]
+    assert len(conds) == 1 and len(conds[0].params["branches"]) == len(row_buckets(40)) == 4
 
 
 @given(
