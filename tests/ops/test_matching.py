@@ -116,13 +116,22 @@ def test_leading_rows_and_row_buckets():
     assert row_buckets(16) == (8, 16) and row_buckets(8) == (8,) and row_buckets(3) == (3,)
 
 
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _match_on_leading_rows(gt, valid, preds, low_quality, chunk):
+    """As `losses` does: the batch's row count closed over (unbatched) by the vmapped matcher."""
+    rows = leading_rows(valid)
+    return jax.vmap(
+        lambda g, v: match_boxes(g, preds, v, 0.7, 0.3, low_quality, chunk, rows=rows)
+    )(gt, valid)
+
+
 @given(
     seed=st.integers(0, 2**31 - 1),
     low_quality=st.booleans(),
-    num_gt=st.sampled_from([9, 20, 40]),
-    chunk=st.sampled_from([0, 7, 64]),
+    num_gt=st.sampled_from([9, 40]),
+    chunk=st.sampled_from([0, 7]),
 )
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=30, deadline=None)
 def test_match_boxes_on_leading_rows_equals_all_rows(seed, low_quality, num_gt, chunk):
     """A batch of two images whose valid gt (with gaps) end at random rows: matching on the
     leading rows' bucket, the rows unbatched under vmap, agrees with the loop reference on all
@@ -138,12 +147,8 @@ def test_match_boxes_on_leading_rows_equals_all_rows(seed, low_quality, num_gt, 
         gts.append(gt)
         valids.append(valid)
     gt, valid = np.stack(gts), np.stack(valids)
-
-    def per_image(g, v, rows):
-        return match_boxes(g, jnp.asarray(preds), v, 0.7, 0.3, low_quality, chunk, rows=rows)
-
-    fn = jax.jit(jax.vmap(per_image, in_axes=(0, 0, None)))
-    m, lab = fn(jnp.asarray(gt), jnp.asarray(valid), leading_rows(jnp.asarray(valid)))
+    m, lab = _match_on_leading_rows(jnp.asarray(gt), jnp.asarray(valid), jnp.asarray(preds),
+                                    low_quality, chunk)
     for i in range(2):
         iou = np.asarray(box_ops.pairwise_iou(jnp.asarray(gt[i]), jnp.asarray(preds)))
         rm, rl = _match_reference(iou, valid[i], np.float32(0.7), np.float32(0.3), low_quality)
