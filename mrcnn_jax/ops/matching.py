@@ -127,7 +127,7 @@ def match_boxes(
         run = lambda k: lambda: match_boxes(
             gt_boxes[:k], boxes, gt_valid[:k], fg_threshold, bg_threshold, allow_low_quality, chunk
         )
-        return jax.lax.switch(jnp.minimum(branch, len(sizes) - 1), [run(k) for k in sizes])
+        return jax.lax.switch(branch, [run(k) for k in sizes])  # switch clamps the index
     if chunk <= 0 or chunk >= num or num_gt == 0:
         iou = box_ops.pairwise_iou(gt_boxes, boxes)
         return match(iou, gt_valid, fg_threshold, bg_threshold, allow_low_quality)
