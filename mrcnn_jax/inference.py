@@ -90,9 +90,11 @@ def batch_proposals(model_cfg, logits, deltas, anchors, image_sizes, level_count
     )
 
 
-def mask_head_on_valid(head, pooled, valid, chunk: int, *, remat: bool = False):
+def mask_head_on_valid(head, pooled, valid, chunk: int, *, classes=None, remat: bool = False):
     """Mask logits [B, K, S, S, C'] of pooled RoIs [B, K, s, s, C] of which only the `valid`
-    [B, K] ones matter (the sampled positives in training, the detections at inference).
+    [B, K] ones matter (the sampled positives in training, the detections at inference). With
+    `classes` [B, K], `head` is called as head(x, classes) on each block (the class-selected
+    logits, [B, K, S, S]).
 
     chunk = 0 runs `head` on all B x K RoIs. chunk > 0 scans over the K slots in blocks of
     `chunk` (K padded to a multiple of it; chunk >= K is one block), every image's j-th block at
@@ -105,26 +107,29 @@ def mask_head_on_valid(head, pooled, valid, chunk: int, *, remat: bool = False):
     256 floats per image fewer).
     """
     b, k = valid.shape
+    # The head's per-RoI inputs: the pooled features, and the classes when given.
+    inputs = (pooled,) if classes is None else (pooled, classes)
+    flat = lambda a, n: a.reshape(b * n, *a.shape[2:])
     if chunk <= 0:
-        out = head(pooled.reshape(b * k, *pooled.shape[2:]))
+        out = head(*(flat(a, k) for a in inputs))
         return out.reshape(b, k, *out.shape[1:])
     chunk = min(chunk, k)
     blocks = -(-k // chunk)
     if blocks * chunk != k:  # padding slots: never valid, so never computed
         extra = blocks * chunk - k
-        pooled = jnp.pad(pooled, ((0, 0), (0, extra)) + ((0, 0),) * (pooled.ndim - 2))
-        valid = jnp.pad(valid, ((0, 0), (0, extra)))
+        pad = lambda a: jnp.pad(a, ((0, 0), (0, extra)) + ((0, 0),) * (a.ndim - 2))
+        inputs, valid = tuple(pad(a) for a in inputs), pad(valid)
     run = jax.checkpoint(head) if remat else head
-    out_spec = jax.eval_shape(head, pooled[:, :chunk].reshape(b * chunk, *pooled.shape[2:]))
+    out_spec = jax.eval_shape(head, *(flat(a[:, :chunk], chunk) for a in inputs))
 
     def body(_, block):
-        x, v = block  # [B, chunk, s, s, C], [B, chunk]
-        x = x.reshape(b * chunk, *x.shape[2:])
-        skip = lambda x: jnp.zeros(out_spec.shape, out_spec.dtype)
-        return None, jax.lax.cond(jnp.any(v), run, skip, x)
+        xs, v = block  # ([B, chunk, s, s, C], [B, chunk] classes), [B, chunk]
+        xs = tuple(flat(a, chunk) for a in xs)
+        skip = lambda *xs: jnp.zeros(out_spec.shape, out_spec.dtype)
+        return None, jax.lax.cond(jnp.any(v), run, skip, *xs)
 
     to_blocks = lambda a: jnp.swapaxes(a.reshape(b, blocks, chunk, *a.shape[2:]), 0, 1)
-    _, out = jax.lax.scan(body, None, (to_blocks(pooled), to_blocks(valid)))
+    _, out = jax.lax.scan(body, None, (tuple(map(to_blocks, inputs)), to_blocks(valid)))
     out = out.reshape(blocks, b, chunk, *out.shape[2:])  # [blocks, B, chunk, S, S, C']
     return jnp.swapaxes(out, 0, 1).reshape(b, blocks * chunk, *out.shape[3:])[:, :k]
 
@@ -168,14 +173,14 @@ def predict(
         image_sizes,
     )
     mask_in = pool(feats, boxes, roi.mask_pool_size, roi)
-    mask_logits = mask_head_on_valid(
+    # The mask of each detection is its predicted class's channel, the only one computed.
+    chosen = mask_head_on_valid(
         functools.partial(model.apply, variables, method=MaskRCNN.mask_logits),
         mask_in,
         valid,
         test.mask_head_chunk,
+        classes=classes,
     )
-    # The mask of each detection is read from its predicted class's channel.
-    chosen = jnp.take_along_axis(mask_logits, classes[:, :, None, None, None], axis=-1)[..., 0]
     masks = jax.nn.sigmoid(chosen.astype(jnp.float32))
     return Detections(boxes=boxes, scores=scores, classes=classes, valid=valid, masks=masks)
 

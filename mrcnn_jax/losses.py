@@ -58,10 +58,10 @@ def box_losses(class_logits, class_deltas, samples: tgt.RoISamples, *, beta):
     return cls, box
 
 
-def mask_loss(mask_logits, classes, mask_targets, valid):
-    """One image: logits [Km, S, S, C+1] -> BCE on the gt class channel, mean over positives."""
-    chosen = jnp.take_along_axis(mask_logits, classes[:, None, None, None], axis=-1)[..., 0]
-    bce = optax.sigmoid_binary_cross_entropy(chosen, mask_targets)
+def mask_loss(class_logits, mask_targets, valid):
+    """One image: the gt class's mask logits [Km, S, S] (`MaskRCNN.mask_logits` with the classes)
+    -> BCE against the targets, mean over the valid RoIs."""
+    bce = optax.sigmoid_binary_cross_entropy(class_logits, mask_targets)
     per_roi = jnp.mean(bce, axis=(1, 2))
     return jnp.sum(jnp.where(valid, per_roi, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
 
@@ -155,9 +155,10 @@ def make_loss_fn(model: MaskRCNN, model_cfg: ml_collections.ConfigDict, image_si
             m_pooled,
             m_valid,
             roi.mask_head_chunk,
+            classes=m_classes,
             remat=roi.mask_head_remat,
         ).astype(jnp.float32)
-        mask = jax.vmap(mask_loss)(m_logits, m_classes, m_targets, m_valid)
+        mask = jax.vmap(mask_loss)(m_logits, m_targets, m_valid)
 
         losses = {
             "loss_rpn_cls": jnp.mean(rpn_cls) * rpn.loss_weight,

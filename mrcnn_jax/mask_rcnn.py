@@ -90,9 +90,10 @@ class MaskRCNN(nn.Module):
         """pooled: [R, 7, 7, C] -> (logits [R, K+1], class-specific deltas [R, K+1, 4])."""
         return self.box_head(pooled)
 
-    def mask_logits(self, pooled: jnp.ndarray) -> jnp.ndarray:
-        """pooled: [R, 14, 14, C] -> mask logits [R, 28, 28, K+1]."""
-        return self.mask_head(pooled)
+    def mask_logits(self, pooled: jnp.ndarray, classes: jnp.ndarray | None = None) -> jnp.ndarray:
+        """pooled: [R, 14, 14, C] -> mask logits [R, 28, 28, K+1]; with classes [R], each RoI's
+        class channel only, [R, 28, 28] (what the loss and inference use)."""
+        return self.mask_head(pooled, classes)
 
     def __call__(self, images: jnp.ndarray, train: bool = False):
         """Touches every part once (for `init`): the heads run on whole-image boxes."""

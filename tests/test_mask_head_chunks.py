@@ -42,6 +42,19 @@ def test_matches_one_pass_on_positives_with_same_gradients(chunk, remat):
     assert not np.any(np.asarray(out1)[:, blocks_used * chunk :])
 
 
+@pytest.mark.parametrize("chunk", [0, 3, 8])
+def test_class_selected_heads_get_their_rois_classes_in_every_block(chunk):
+    w, pooled, valid, head = _head_and_inputs(positives=(7, 3))
+    classes = jnp.asarray(np.random.default_rng(1).integers(0, 4, size=valid.shape), jnp.int32)
+    pick = lambda x, c: jnp.take_along_axis(head(w, x), c[:, None, None, None], axis=-1)[..., 0]
+    out = inference.mask_head_on_valid(pick, pooled, valid, chunk, classes=classes)
+    full = inference.mask_head_on_valid(lambda x: head(w, x), pooled, valid, 0)
+    ref = np.take_along_axis(np.asarray(full), np.asarray(classes)[..., None, None, None], -1)
+    v = np.asarray(valid)
+    assert out.shape == (2, 8, 2, 2)
+    np.testing.assert_allclose(np.asarray(out)[v], ref[..., 0][v], rtol=1e-6)
+
+
 def test_skipped_blocks_do_not_run_the_head():
     w, pooled, valid, head = _head_and_inputs(positives=(3, 1))
     calls = []

@@ -234,6 +234,36 @@ def test_mask_head_matches_numpy_reference():
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
 
 
+def test_mask_head_class_logits_are_the_class_channel_with_the_same_gradients():
+    # With classes the predictor computes only each RoI's class channel (MaskPredictor): the
+    # values and every parameter's gradient are those of picking that channel from all of them.
+    rng = np.random.RandomState(1)
+    k, c = 4, 6
+    x = jnp.asarray(rng.randn(2, 3, 14, 14, c), jnp.float32)  # leading [B, R]
+    classes = jnp.asarray([[0, 4, 2], [2, 2, 1]], jnp.int32)
+    targets = jnp.asarray(rng.rand(2, 3, 28, 28) > 0.5, jnp.float32)
+    head = MaskHead(num_classes=k, num_convs=2, conv_dim=8)
+    params = randomize(head.init(jax.random.key(0), x)["params"], 2, scale=0.2)
+    picked = lambda p: jnp.take_along_axis(
+        head.apply({"params": p}, x), classes[..., None, None, None], axis=-1
+    )[..., 0]
+    selected = lambda p: head.apply({"params": p}, x, classes)
+    assert selected(params).shape == (2, 3, 28, 28)
+    np.testing.assert_allclose(selected(params), picked(params), rtol=1e-5, atol=1e-6)
+
+    loss = lambda f: lambda p: jnp.sum(jax.nn.sigmoid(f(p)) * targets)
+    g_pick, g_sel = jax.grad(loss(picked))(params), jax.grad(loss(selected))(params)
+    for a, b in zip(jax.tree.leaves(g_sel), jax.tree.leaves(g_pick), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+    # Only the classes used get a predictor gradient.
+    used = np.zeros(k + 1, bool)
+    used[np.asarray(classes).ravel()] = True
+    assert np.all(np.asarray(g_sel["predictor"]["bias"])[~used] == 0)
+    assert np.all(np.asarray(g_sel["predictor"]["bias"])[used] != 0)
+    with pytest.raises(ValueError, match="classes"):
+        head.apply({"params": params}, x, classes[:, :2])
+
+
 def test_mask_head_gradient_runs():
     x = jnp.asarray(np.random.RandomState(0).randn(2, 14, 14, 4), jnp.float32)
     head = MaskHead(num_classes=3, num_convs=1, conv_dim=8)
@@ -262,6 +292,11 @@ def test_mask_head_init_and_bfloat16():
     }
     out = head.apply(variables, x)
     assert out.shape == (2, 3, 28, 28, 5) and out.dtype == jnp.bfloat16
+    # The predictor's parameters are those of the 1x1 nn.Conv it replaced (checkpoints, convert).
+    assert params["predictor"]["kernel"].shape == (1, 1, 64, 5)
+    assert params["predictor"]["bias"].shape == (5,)
+    one = head.apply(variables, x, jnp.ones((2, 3), jnp.int32))
+    assert one.shape == (2, 3, 28, 28) and one.dtype == jnp.bfloat16
     assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(variables))
     # c2_msra_fill: std sqrt(2 / fan_out); torch's fan_out of a ConvTranspose2d weight
     # [C_in, C_out, 2, 2] is 4 * C_in.
