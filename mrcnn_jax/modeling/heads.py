@@ -143,8 +143,11 @@ class MaskPredictor(nn.Module):
         )
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
         x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
-        if classes is None:
-            return conv_ops.conv_nhwc(x, kernel, (1, 1), ((0, 0), (0, 0))) + bias
+        if classes is None:  # as nn.Conv with the library's hook computed it
+            y = conv_ops.conv_general_dilated(
+                x, kernel, (1, 1), ((0, 0), (0, 0)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+            )
+            return y + bias
         if classes.shape != x.shape[:1]:
             raise ValueError(f"classes {classes.shape} must be one per RoI of x {x.shape}")
         # Out-of-range classes are clipped (padding RoIs carry class 0, the background).
@@ -169,11 +172,11 @@ class MaskHead(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray, classes: jnp.ndarray | None = None) -> jnp.ndarray:
         lead = x.shape[:-3]
-        x = x.reshape((-1,) + x.shape[-3:])
         if classes is not None:
             if classes.shape != lead:
                 raise ValueError(f"classes {classes.shape} must match the RoIs of x {x.shape}")
             classes = classes.reshape(-1)
+        x = x.reshape((-1,) + x.shape[-3:])
         for i in range(1, self.num_convs + 1):
             conv = nn.Conv(
                 self.conv_dim,
