@@ -19,9 +19,8 @@ from collections.abc import Iterator, Sequence
 import ml_collections
 import numpy as np
 from absl import logging
-from PIL import Image
 
-from mrcnn_jax import evaluate, inference, mask_rcnn, visualize
+from mrcnn_jax import evaluate, image_io, inference, mask_rcnn, visualize
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -151,13 +150,9 @@ def _image_files(path: str) -> list[str]:
 
 
 def read_rgb(path: str) -> np.ndarray:
-    """Any image file -> uint8 [h, w, 3] RGB (grayscale, palette, RGBA and 16-bit converted)."""
-    with Image.open(path) as im:
-        if im.mode in ("I;16", "I;16B", "I"):
-            arr = np.asarray(im, np.float64)
-            arr = np.clip(arr / max(arr.max(), 1) * 255, 0, 255).astype(np.uint8)
-            return np.stack([arr] * 3, axis=-1)
-        return np.asarray(im.convert("RGB"))
+    """Any image file -> uint8 [h, w, 3] RGB, upright as displayed (EXIF orientation), converted
+    as the prepared datasets convert it (`image_io.read_rgb`)."""
+    return image_io.read_rgb(path)
 
 
 def _inputs(config, spec: str) -> Iterator[tuple[str, int, np.ndarray]]:

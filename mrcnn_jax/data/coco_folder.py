@@ -22,6 +22,7 @@ import re
 import numpy as np
 import tensorflow_datasets as tfds
 
+from mrcnn_jax import image_io
 from mrcnn_jax.data import coco_utils
 
 logger = logging.getLogger(__name__)
@@ -71,10 +72,19 @@ def coco_folder_config(root: str, split: str) -> CocoFolderConfig:
     )
 
 
+def _declared_size(meta: dict) -> tuple[int, int] | None:
+    h, w = meta.get("height"), meta.get("width")
+    ok = coco_utils.is_int(h) and coco_utils.is_int(w) and h > 0 and w > 0
+    return (h, w) if ok else None
+
+
 def _load(image_dir: str, meta: dict):
-    """-> (bytes, height, width), or the repair kind explaining why the image is dropped."""
+    """-> (bytes, height, width, EXIF repair kind or None), or the repair kind explaining why the
+    image is dropped."""
     try:
-        return coco_utils.read_image(os.path.join(image_dir, meta["file_name"]))
+        return image_io.read_image(
+            os.path.join(image_dir, meta["file_name"]), _declared_size(meta)
+        )
     except FileNotFoundError:
         return "image_file_missing"
     except Exception:  # noqa: BLE001 - PIL raises many types (OSError, SyntaxError, ...) for bad files
@@ -110,12 +120,14 @@ def build_example(meta: dict, anns: list[dict], loaded, label_of: dict, log: coc
     iid = meta["id"]
     dropped = loaded if isinstance(loaded, str) else None
     if dropped is None:
-        data, h, w = loaded
-        jh, jw = meta.get("height"), meta.get("width")
-        if not (coco_utils.is_int(jh) and coco_utils.is_int(jw) and jh > 0 and jw > 0):
+        data, h, w, exif = loaded
+        declared = _declared_size(meta)
+        if declared is None:
             log.add("image_size_missing", iid)  # repaired: the file's size is used
-        elif (jh, jw) != (h, w):
+        elif declared != (h, w):
             dropped = "image_size_mismatch"
+        if exif is not None and dropped is None:
+            log.add(exif, iid)
     if dropped is not None:
         log.add(dropped, iid)
         for a in anns:

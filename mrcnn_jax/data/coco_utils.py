@@ -1,5 +1,5 @@
 """COCO-format records: the stored example layout, annotation parsing and repair, masks as
-compressed RLE, and image conversion to 8-bit RGB.
+compressed RLE (images are read by `mrcnn_jax.image_io`).
 
 Runs at dataset preparation time (plain Python, numpy, PIL, pycocotools). Bad input is repaired or
 dropped and counted in a `RepairLog` (first few ids per kind, logged as one summary); only an
@@ -21,7 +21,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import inspect
-import io
 import json
 import logging
 import math
@@ -29,7 +28,6 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
-import PIL.Image
 import tensorflow_datasets as tfds
 from etils import epath
 from pycocotools import mask as mask_utils
@@ -44,6 +42,9 @@ REPAIR_KINDS = {
     "image_file_unreadable": "image file cannot be decoded: image dropped",
     "image_size_missing": "image height / width missing: taken from the file",
     "image_size_mismatch": "image file size differs from its height / width: image dropped",
+    "image_exif_applied": "EXIF orientation applied (as detectron2's read_image): image kept upright",
+    "image_exif_ignored": "EXIF rotation not applied: the annotation's height / width are those of"
+    " the stored pixels",
     "annotation_invalid": "annotation is not an object, or processing it failed: dropped",
     "annotation_unknown_image": "annotation for an unknown image id: dropped",
     "annotation_unknown_category": "annotation with an undeclared category id: dropped",
@@ -368,42 +369,6 @@ def encode_mask(mask: np.ndarray) -> bytes:
 
 
 # ------------------------------------------------------------------------------ images
-
-
-def _to_rgb8(image: PIL.Image.Image) -> np.ndarray:
-    """Any PIL image -> [H, W, 3] uint8 RGB: 16-bit scaled by 255 / 65535, alpha dropped (as PIL's
-    and detectron2's convert("RGB")), palettes expanded, grayscale replicated."""
-    if image.mode.startswith("I") or image.mode == "F":
-        a = np.asarray(image).astype(np.float64)
-        # "I;16*" are 16-bit; plain "I" / "F" hold 16-bit data when anything exceeds 8 bits.
-        if image.mode.startswith("I;16") or a.max(initial=0) > 255:
-            a = a * (255.0 / 65535.0)
-        g = np.clip(np.round(a), 0, 255).astype(np.uint8)
-        return np.repeat(g[..., None], 3, axis=-1)
-    return np.asarray(image.convert("RGB"))
-
-
-def encode_png(rgb: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    PIL.Image.fromarray(rgb).save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
-
-
-def read_image(path: str) -> tuple[bytes, int, int]:
-    """Reads and fully decodes an image file -> (8-bit RGB JPEG / PNG bytes, height, width).
-
-    RGB JPEGs (all but a few hundred COCO images) are kept byte for byte; anything else is converted
-    (`_to_rgb8`) and re-encoded as PNG. Raises FileNotFoundError, or another exception when the file
-    cannot be decoded (truncated, not an image).
-    """
-    with open(path, "rb") as f:
-        data = f.read()
-    with PIL.Image.open(io.BytesIO(data)) as image:
-        image.load()  # decode everything now: truncated files fail here, not mid-training
-        if image.format == "JPEG" and image.mode == "RGB":
-            return data, image.height, image.width
-        rgb = _to_rgb8(image)
-    return encode_png(rgb), rgb.shape[0], rgb.shape[1]
 
 
 # ------------------------------------------------------------------------------ ground truth

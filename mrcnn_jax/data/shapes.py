@@ -21,6 +21,7 @@ import math
 import numpy as np
 import tensorflow_datasets as tfds
 
+from mrcnn_jax import image_io
 from mrcnn_jax.data import coco_utils
 
 CLASS_NAMES = ("circle", "square", "triangle")
@@ -130,7 +131,7 @@ def make_example(seed: int, split: str, index: int, size: int) -> dict:
             ys.max() + 1,
         ]  # tight, COCO's width convention
     return {
-        "image": coco_utils.encode_png(image),
+        "image": image_io.encode_png(image),
         "image_id": image_id,
         "height": size,
         "width": size,

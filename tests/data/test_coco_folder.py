@@ -371,7 +371,7 @@ def test_a_record_that_fails_unexpectedly_is_dropped_not_fatal():
     meta = {"id": 1, "file_name": "a.png", "height": 4, "width": 4}
     good = {"id": 1, "category_id": 3, "segmentation": [_rect(0, 0, 3, 3)], "bbox": [0, 0, 3, 3]}
     odd = {**good, "id": 2, "category_id": 5}  # no label: repair_annotation raises KeyError
-    ex = coco_folder.build_example(meta, [good, odd], (b"png", 4, 4), {3: 1}, log)
+    ex = coco_folder.build_example(meta, [good, odd], (b"png", 4, 4, None), {3: 1}, log)
     assert ex["objects"]["id"] == [1] and log.as_dict() == {
         "annotation_invalid": {"count": 1, "first_ids": [2]}
     }

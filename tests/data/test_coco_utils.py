@@ -8,6 +8,7 @@ import PIL.Image
 import pytest
 from pycocotools import mask as mask_utils
 
+from mrcnn_jax import image_io
 from mrcnn_jax.data import coco_utils
 
 H, W = 20, 30
@@ -203,25 +204,26 @@ def test_read_image_converts_every_mode_to_rgb(tmp_path):
         np.repeat(np.round(g16 / 257.0).astype(np.uint8)[..., None], 3, -1),
     )
     for name, (image, expected) in cases.items():
-        data, h, w = coco_utils.read_image(_save(image, tmp_path / f"{name}.png"))
+        data, h, w, exif = image_io.read_image(_save(image, tmp_path / f"{name}.png"))
+        assert exif is None
         assert (h, w) == (6, 9), name
         np.testing.assert_array_equal(_decoded(data), expected, err_msg=name)
 
 
 def test_read_image_keeps_rgb_jpeg_bytes_and_fails_on_bad_files(tmp_path):
     path = _save(PIL.Image.new("RGB", (8, 5), (10, 200, 30)), tmp_path / "a.jpg", "JPEG")
-    data, h, w = coco_utils.read_image(path)
-    assert data == open(path, "rb").read() and (h, w) == (5, 8)
+    data, h, w, exif = image_io.read_image(path)
+    assert data == open(path, "rb").read() and (h, w) == (5, 8) and exif is None
     garbage = tmp_path / "bad.jpg"
     garbage.write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
     with pytest.raises(Exception):  # noqa: B017 - PIL's error type depends on the corruption
-        coco_utils.read_image(str(garbage))
+        image_io.read_image(str(garbage))
     truncated = tmp_path / "truncated.jpg"
     truncated.write_bytes(open(path, "rb").read()[:-40])
     with pytest.raises(OSError):
-        coco_utils.read_image(str(truncated))
+        image_io.read_image(str(truncated))
     with pytest.raises(FileNotFoundError):
-        coco_utils.read_image(str(tmp_path / "missing.jpg"))
+        image_io.read_image(str(tmp_path / "missing.jpg"))
 
 
 def test_ground_truth_dict_restores_coco_fields():
