@@ -13,6 +13,11 @@
 
 Metric values are fractions in [0, 1]; a size bucket without ground truth (pycocotools' -1) is
 reported as NaN in Python and as `null` in the JSON files. An empty result list scores 0.
+
+Several hosts (jax.process_count() > 1), as the TF Model Garden and detectron2 do: each host
+predicts and converts its own shard of the split, the results (compact JSON bytes) are gathered
+(`gather_results`), process 0 alone scores the union and writes the files, and the metrics are
+broadcast so every host returns the same dict (`broadcast_metrics`).
 """
 
 from __future__ import annotations
@@ -20,12 +25,14 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
+import dataclasses
 import io
 import json
 import logging
 import math
 import multiprocessing
 import os
+import struct
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
@@ -380,6 +387,140 @@ def _converter_pool(workers: int) -> concurrent.futures.ProcessPoolExecutor | No
     return pool
 
 
+# Bytes one host hands to one allgather: with N hosts each device holds N x this per call, so the
+# results (hundreds of MB on COCO) travel in pieces of at most this much across all hosts.
+_GATHER_BYTES = 1 << 27
+_MIN_GATHER_CHUNK = 1 << 16
+_GATHER_HEADER = struct.Struct("<qq?")  # payload bytes, real images, whether masks were predicted
+# The keys `coco_evaluate` can return, in its order: the layout `broadcast_metrics` sends.
+_METRIC_KEYS = tuple(f"{kind}/{name}" for kind in IOU_TYPES for name in METRIC_NAMES)
+
+
+@dataclasses.dataclass(frozen=True)
+class Hosts:
+    """The processes taking part in an evaluation, as `run_evaluation` sees them.
+
+    index of count: this process; allgather(x) -> [count, *x.shape] (every host's x, by process
+    index) and broadcast(x) -> process 0's x are collectives: every process calls them in the same
+    order with uint8 arrays of one shape. `Hosts.from_jax()`, the default, is jax's process index
+    and count with `multihost_utils.process_allgather` / `broadcast_one_to_all`; tests hand in
+    fakes to simulate several hosts in one process.
+    """
+
+    index: int
+    count: int
+    allgather: Callable[[np.ndarray], np.ndarray]
+    broadcast: Callable[[np.ndarray], np.ndarray]
+
+    def __post_init__(self):
+        if not 0 <= self.index < self.count:
+            raise ValueError(f"process index {self.index} outside [0, {self.count})")
+
+    @classmethod
+    def from_jax(cls) -> Hosts:
+        from jax.experimental import multihost_utils
+
+        return cls(
+            jax.process_index(),
+            jax.process_count(),
+            multihost_utils.process_allgather,
+            multihost_utils.broadcast_one_to_all,
+        )
+
+
+def encode_results(results: Sequence[dict]) -> bytes:
+    """COCO results -> compact JSON bytes (no spaces), what a host sends in `gather_results`.
+
+    JSON keeps them exact: Python writes each float's shortest round-trip repr, and the RLE counts
+    are already ASCII strings. Pickle would be about as big and runs code when loaded.
+    """
+    return json.dumps(list(results), separators=(",", ":")).encode("ascii")
+
+
+def decode_results(data: bytes) -> list[dict]:
+    """`encode_results` bytes -> the results."""
+    return json.loads(data)
+
+
+def gather_results(
+    results: Sequence[dict],
+    hosts: Hosts,
+    *,
+    has_masks: bool,
+    num_images: int,
+    chunk_bytes: int | None = None,
+) -> tuple[list[dict] | None, bool, int]:
+    """This host's results -> (every host's results in process order on process 0, else None;
+    whether any host predicted masks; the real images of all hosts).
+
+    Every host calls it, with or without images of its own: one allgather of a fixed-size header
+    (payload length, images, masks), then the payloads (`encode_results`) zero-padded to the
+    longest, in pieces of `chunk_bytes` (default: `_GATHER_BYTES` / count) so the devices that
+    carry the collective never hold more than that per host. Hosts read contiguous slices of the
+    split in process order (`pipeline.eval_batches`), so the union keeps the single-host order.
+    """
+    payload = np.frombuffer(encode_results(results), np.uint8)
+    header = np.frombuffer(
+        _GATHER_HEADER.pack(len(payload), int(num_images), bool(has_masks)), np.uint8
+    )
+    headers = np.asarray(hosts.allgather(header), np.uint8).reshape(hosts.count, -1)
+    fields = [_GATHER_HEADER.unpack(row.tobytes()) for row in headers]
+    lengths = [length for length, _, _ in fields]
+    total_images = sum(images for _, images, _ in fields)
+    any_masks = any(masks for _, _, masks in fields)
+    longest = max(lengths)
+    chunk = int(chunk_bytes or max(_MIN_GATHER_CHUNK, _GATHER_BYTES // hosts.count))
+    padded = np.zeros(longest, np.uint8)
+    padded[: len(payload)] = payload
+    pieces = []
+    for start in range(0, longest, chunk):
+        piece = np.asarray(hosts.allgather(padded[start : start + chunk]), np.uint8)
+        if hosts.index == 0:  # the others take part in the collective and drop what it brings
+            pieces.append(piece.reshape(hosts.count, -1))
+    if hosts.index != 0:
+        return None, any_masks, total_images
+    union: list[dict] = []
+    for host, length in enumerate(lengths):
+        data = b"".join(piece[host].tobytes() for piece in pieces)[:length]
+        union.extend(decode_results(data))
+    return union, any_masks, total_images
+
+
+def broadcast_metrics(metrics: Mapping[str, float] | None, hosts: Hosts) -> dict[str, float]:
+    """Process 0's metrics (the others pass None) -> the same dict on every host.
+
+    Sent as the float64 bytes of every `coco_evaluate` key in a fixed order plus one byte saying
+    whether the key is there: bytes, not floats, so jax without x64 cannot round them to float32,
+    and NaN (a size bucket without ground truth) comes through as NaN.
+    """
+    values = np.full(len(_METRIC_KEYS), np.nan, "<f8")
+    present = np.zeros(len(_METRIC_KEYS), np.uint8)
+    if hosts.index == 0:
+        unknown = sorted(set(metrics) - set(_METRIC_KEYS))
+        if unknown:
+            raise ValueError(f"cannot broadcast metrics {unknown}: expected keys of {_METRIC_KEYS}")
+        for i, key in enumerate(_METRIC_KEYS):
+            if key in metrics:
+                values[i], present[i] = metrics[key], 1
+    packed = np.concatenate([values.view(np.uint8), present])
+    received = np.asarray(hosts.broadcast(packed), np.uint8).reshape(-1)
+    values = np.frombuffer(received[: values.nbytes].tobytes(), "<f8")
+    present = received[values.nbytes :]
+    return {
+        key: float(value)
+        for key, value, there in zip(_METRIC_KEYS, values, present, strict=True)
+        if there
+    }
+
+
+def _write_results(path: str, results: Sequence[dict]) -> None:
+    parent = os.path.dirname(path)
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(results, f)
+
+
 def run_evaluation(
     predict_fn: Callable,
     batches: Iterable[Mapping],
@@ -390,6 +531,7 @@ def run_evaluation(
     mask_paste: str = "detectron2",
     on_batch: Callable[[object, dict], None] | None = None,
     paste_workers: int = 0,
+    hosts: Hosts | None = None,
 ) -> tuple[dict[str, float], list[dict]]:
     """Streams `batches` through `predict_fn(batch) -> Detections` and scores them with COCOeval.
 
@@ -404,8 +546,16 @@ def run_evaluation(
     worker processes, while this one feeds the accelerator the next batches; at most 2 batches
     per worker wait in flight, and the results keep the batches' order. 0 converts in this
     process, between predictions.
-    -> (metrics as `coco_evaluate`, results).
+
+    hosts (default `Hosts.from_jax()`): with more than one, `batches` is this host's shard; every
+    host converts its own, the results are gathered (`gather_results`) and process 0 alone scores
+    the union against `gt` (the other hosts may pass gt=None) and writes `results_path`; the
+    metrics are then broadcast (`broadcast_metrics`). One host alone takes none of these steps.
+    -> (metrics as `coco_evaluate`, the same on every host; results: all hosts' on process 0,
+    this host's own on the others).
     """
+    if hosts is None:
+        hosts = Hosts.from_jax()
     results: list[dict] = []
     has_masks = False
     start, num_images = time.time(), 0
@@ -446,14 +596,20 @@ def run_evaluation(
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
-    if results_path:
-        parent = os.path.dirname(results_path)
-        if parent:
-            os.makedirs(parent, exist_ok=True)
-        with open(results_path, "w") as f:
-            json.dump(results, f)
-    iou_types = IOU_TYPES if has_masks else ("bbox",)
-    metrics = coco_evaluate(gt, results, iou_types)
+    if hosts.count > 1:  # every host takes part, with or without images of its own
+        union, has_masks, num_images = gather_results(
+            results, hosts, has_masks=has_masks, num_images=num_images
+        )
+        if hosts.index == 0:
+            results = union
+    metrics = None
+    if hosts.index == 0:
+        if results_path:
+            _write_results(results_path, results)
+        iou_types = IOU_TYPES if has_masks else ("bbox",)
+        metrics = coco_evaluate(gt, results, iou_types)
+    if hosts.count > 1:
+        metrics = broadcast_metrics(metrics, hosts)
     log.info("COCO metrics over %d images:\n%s", num_images, format_metrics_table(metrics))
     return metrics, results
 
@@ -550,16 +706,28 @@ def _with_mask_rles(predict: Callable, mask_rles: Callable) -> Callable:
     return predict_with_mask_rles
 
 
-def evaluate_model(config, model, variables, workdir: str, step: int, summary_writer=None) -> dict:
+def evaluate_model(
+    config, model, variables, workdir: str, step: int, summary_writer=None,
+    hosts: Hosts | None = None,
+) -> dict:
     """COCO bbox / segm metrics of `variables` on `config.data.eval_split`, written to `workdir`.
 
     Streams the eval pipeline through the jitted predict function (one compile for the padded
     size), writes WORKDIR/results_step_STEP.json, the metric files and overlay PNGs of the first
     `config.eval.num_overlays` images under WORKDIR/overlays_STEP/. -> metrics.
+
+    On several hosts (`hosts`, default `Hosts.from_jax()`) every host must call it: each predicts
+    its own shard of the split and `run_evaluation` gathers the results. Process 0 alone builds
+    the ground truth, scores all images and writes the results JSON, the metric files, the
+    summaries and the overlays (of the first images of its shard, which are the split's first
+    images, as on one host); the other hosts write nothing and return the same metrics.
     """
     from mrcnn_jax import inference, visualize
     from mrcnn_jax.data import pipeline
 
+    if hosts is None:
+        hosts = Hosts.from_jax()
+    main = hosts.index == 0
     info = pipeline.dataset_info(config)
     predict_fn = inference.make_predict_fn(model, config.model, config.data.image_size)
     overlay_dir = os.path.join(workdir, f"overlays_{int(step)}")
@@ -591,16 +759,20 @@ def evaluate_model(config, model, variables, workdir: str, step: int, summary_wr
         # than it saves (H200: 193 img/s in one process, 97 with 8 workers).
         paste_workers = 0
 
+    # The shard is named only with several hosts, so one host calls the pipeline as it always did.
+    shard = {} if hosts.count == 1 else {"process_index": hosts.index, "process_count": hosts.count}
     metrics, _ = run_evaluation(
         predict,
-        pipeline.eval_batches(config),
-        pipeline.coco_ground_truth(config),
+        pipeline.eval_batches(config, **shard),
+        pipeline.coco_ground_truth(config) if main else None,  # reads every image's annotations
         info.label_to_category_id,
         mask_threshold=config.model.test.mask_threshold,
         mask_paste=config.model.test.mask_paste,
         results_path=os.path.join(workdir, f"results_step_{int(step)}.json"),
-        on_batch=pictures if remaining[0] > 0 else None,
+        on_batch=pictures if main and remaining[0] > 0 else None,
         paste_workers=paste_workers,
+        hosts=hosts,
     )
-    write_metrics(workdir, step, metrics, summary_writer)
+    if main:
+        write_metrics(workdir, step, metrics, summary_writer)
     return metrics

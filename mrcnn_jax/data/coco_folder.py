@@ -37,8 +37,14 @@ class CocoFolderConfig(tfds.core.BuilderConfig):
     split: str = ""
 
 
+def resolve_root(root: str) -> str:
+    """`config.data.root` as one absolute path ("~" expanded: shells leave it in
+    `--config.data.root=~/coco`), so every use of it names the same folder."""
+    return os.path.abspath(os.path.expanduser(root)) if root else root
+
+
 def annotation_path(root: str, split: str) -> str:
-    return os.path.join(root, "annotations", f"instances_{split}.json")
+    return os.path.join(resolve_root(root), "annotations", f"instances_{split}.json")
 
 
 def tfds_split_name(split: str) -> str:
@@ -59,7 +65,7 @@ def coco_folder_config(root: str, split: str) -> CocoFolderConfig:
 
     Raises FileNotFoundError naming the annotation file when it does not exist.
     """
-    root = os.path.abspath(os.path.expanduser(root))
+    root = resolve_root(root)
     path = annotation_path(root, split)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"COCO annotation file not found: {path}")
@@ -170,13 +176,24 @@ class CocoFolder(coco_utils.InstancesBuilder):
             categories=categories, num_instances={tfds_split_name(cfg.split): num_instances}
         )
         metas = [images[i] for i in sorted(images)]
-        key = 0
-        for meta, loaded in _read_images(metas, os.path.join(cfg.root, cfg.split)):
+        image_dir = os.path.join(cfg.root, cfg.split)
+        key, missing = 0, []
+        for meta, loaded in _read_images(metas, image_dir):
+            if loaded == "image_file_missing":
+                missing.append(meta["file_name"])
             ex = build_example(meta, anns.get(meta["id"], []), loaded, label_of, log)
             if ex is not None:
                 num_instances.append(int(sum(not c for c in ex["objects"]["is_crowd"])))
                 yield key, ex
                 key += 1
+        log.log_summary(path)
+        if not key:
+            raise ValueError(
+                f"{path}: none of its {len(metas)} images could be used from {image_dir}"
+                f" (repairs: {log.as_dict()}); is config.data.root the folder that holds"
+                f" annotations/ and {cfg.split}/?"
+            )
         self.info.metadata["repairs"] = log.as_dict()
         self.info.metadata["annotation_file"] = path
-        log.log_summary(path)
+        # Checked when the split is loaded: a file that appears later re-prepares it.
+        self.info.metadata["missing_files"] = missing

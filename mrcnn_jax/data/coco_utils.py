@@ -197,6 +197,14 @@ def index_images(images: list, log: RepairLog) -> dict[int, dict]:
     return out
 
 
+def _member(value, ids: set) -> bool:
+    """`value in ids`, False for unhashable values (a list or dict where an id belongs)."""
+    try:
+        return value in ids
+    except TypeError:
+        return False
+
+
 def group_annotations(
     annotations: list, image_ids: Iterable[int], category_ids: Iterable[int], log: RepairLog
 ) -> dict[int, list[dict]]:
@@ -214,9 +222,9 @@ def group_annotations(
             log.add("annotation_id_reassigned", aid if is_int(aid) else f"#{i}")
             ann, aid, next_id = {**ann, "id": next_id}, next_id, next_id + 1
         used.add(aid)
-        if ann.get("image_id") not in image_ids:
+        if not _member(ann.get("image_id"), image_ids):
             log.add("annotation_unknown_image", aid)
-        elif ann.get("category_id") not in category_ids:
+        elif not _member(ann.get("category_id"), category_ids):
             log.add("annotation_unknown_category", aid)
         else:
             out[ann["image_id"]].append(ann)

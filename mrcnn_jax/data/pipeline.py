@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 import os
+import shutil
 from collections.abc import Iterator
 
 import numpy as np
@@ -36,6 +38,7 @@ from array_record.python import array_record_data_source
 from mrcnn_jax.data import coco_folder, coco_utils, shapes, transforms
 
 AUTOTUNE = tf.data.AUTOTUNE
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,14 +114,46 @@ def _builder(src: _Source) -> tuple[tfds.core.DatasetBuilder, str]:
     raise ValueError(f"config.data.dataset must be 'shapes' or 'coco_folder', got {src.dataset!r}")
 
 
-@functools.lru_cache(maxsize=32)
-def _load_split(src: _Source) -> _Split:
-    """The prepared split, prepared now when it is not yet (no download)."""
+def _prepare(src: _Source) -> tuple[tfds.core.DatasetBuilder, str]:
     builder, name = _builder(src)
     skip_stats = tfds.download.ComputeStatsMode.SKIP  # statistics over COCO take minutes; unused
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(compute_stats=skip_stats)
     )
+    return builder, name
+
+
+def _stale_missing_files(builder: tfds.core.DatasetBuilder, src: _Source) -> list[str]:
+    """Images that were missing when this coco_folder split was prepared: (logged) the ones
+    still missing, or -> those present now, which call for preparing it again."""
+    missing = list(builder.info.metadata.get("missing_files", []))
+    if not missing:
+        return []
+    image_dir = os.path.join(coco_folder.resolve_root(src.root), src.split)
+    present = [f for f in missing if os.path.isfile(os.path.join(image_dir, f))]
+    if not present:
+        logger.warning(
+            "%s: %d images of %s were missing from %s when it was prepared and are left out"
+            " (first: %s)", builder.data_dir, len(missing),
+            builder.info.metadata.get("annotation_file"), image_dir, missing[:3],
+        )
+    return present
+
+
+@functools.lru_cache(maxsize=32)
+def _load_split(src: _Source) -> _Split:
+    """The prepared split, prepared now when it is not yet (no download). A coco_folder split
+    prepared while some of its images were missing is prepared again once any of them exists
+    (a copy or mount that had not finished), instead of training and evaluating on a subset."""
+    builder, name = _prepare(src)
+    present = _stale_missing_files(builder, src)
+    if present:
+        logger.warning(
+            "%s: %d images missing when it was prepared exist now (first: %s); preparing it again",
+            builder.data_dir, len(present), present[:3],
+        )
+        shutil.rmtree(builder.data_dir)
+        builder, name = _prepare(src)
     meta = builder.info.metadata
     num_instances = np.asarray(meta["num_instances"][name], np.int64)
     if len(num_instances) != builder.info.splits[name].num_examples:

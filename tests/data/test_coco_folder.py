@@ -375,3 +375,58 @@ def test_a_record_that_fails_unexpectedly_is_dropped_not_fatal():
     assert ex["objects"]["id"] == [1] and log.as_dict() == {
         "annotation_invalid": {"count": 1, "first_ids": [2]}
     }
+
+
+def _small_folder(root, files, split="s"):
+    """ROOT/annotations/instances_{split}.json with one 8 x 8 image per name (the files in
+    `files` written), one box instance each."""
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    (root / split).mkdir(exist_ok=True)
+    names = ["a.png", "b.png", "c.png"]
+    for name in files:
+        PIL.Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(root / split / name)
+    data = {
+        "images": [{"id": i + 1, "file_name": n, "height": 8, "width": 8}
+                   for i, n in enumerate(names)],
+        "categories": [{"id": 1, "name": "thing"}],
+        "annotations": [
+            {"id": i + 1, "image_id": i + 1, "category_id": 1, "bbox": [1, 1, 4, 4],
+             "segmentation": [_rect(1, 1, 5, 5)], "area": 16, "iscrowd": 0}
+            for i in range(len(names))
+        ],
+    }
+    (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(data))
+
+
+def test_images_missing_at_preparation_are_picked_up_once_they_exist(tmp_path):
+    root = tmp_path / "coco"
+    _small_folder(root, ["a.png"])
+    config = _config(root, tmp_path / "tfds")
+    config.data.num_classes, config.data.train_split, config.data.eval_split = 1, "s", "s"
+    src = pipeline._Source.of(config.data, "s")
+    assert pipeline._load_split(src).num_examples == 1  # b, c missing: left out
+    pipeline._load_split.cache_clear()
+    assert pipeline._load_split(src).num_examples == 1  # still missing: the prepared split is kept
+    _small_folder(root, ["b.png", "c.png"])  # the copy finished; same annotation file
+    pipeline._load_split.cache_clear()
+    split = pipeline._load_split(src)
+    assert split.num_examples == 3
+    assert split.builder.info.metadata["missing_files"] == []
+
+
+def test_a_folder_without_usable_images_names_it(tmp_path):
+    root = tmp_path / "coco"
+    _small_folder(root, [])
+    config = _config(root, tmp_path / "tfds")
+    config.data.num_classes = 1
+    with pytest.raises(ValueError, match=r"none of its 3 images could be used from .*coco/s"):
+        pipeline._load_split(pipeline._Source.of(config.data, "s"))
+
+
+def test_a_root_with_a_tilde_is_the_same_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    _small_folder(tmp_path / "coco", ["a.png", "b.png", "c.png"])
+    config = _config("~/coco", tmp_path / "tfds")
+    config.data.num_classes, config.data.train_split, config.data.eval_split = 1, "s", "s"
+    info = pipeline.dataset_info(config)
+    assert (info.num_train, info.num_eval) == (3, 3)  # the train split was found through "~"

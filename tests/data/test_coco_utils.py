@@ -111,13 +111,15 @@ def test_group_annotations_drops_unknown_ids_and_fixes_annotation_ids():
         {"id": 4, "image_id": 99, "category_id": 3},  # unknown image
         {"id": 5, "image_id": 10, "category_id": 8},  # undeclared category
         "not an annotation",
+        {"id": 2, "image_id": [10], "category_id": 3},  # unhashable ids: dropped, not a crash
+        {"id": 3, "image_id": 10, "category_id": {"id": 3}},
     ]
     out = coco_utils.group_annotations(anns, [10, 11], [3, 4], log)
     assert [a["id"] for a in out[10]] == [1, 6] and [a["id"] for a in out[11]] == [7]
     assert log.as_dict() == {
         "annotation_id_reassigned": {"count": 2, "first_ids": [1, "#2"]},
-        "annotation_unknown_image": {"count": 1, "first_ids": [4]},
-        "annotation_unknown_category": {"count": 1, "first_ids": [5]},
+        "annotation_unknown_image": {"count": 2, "first_ids": [4, 2]},
+        "annotation_unknown_category": {"count": 2, "first_ids": [5, 3]},
         "annotation_invalid": {"count": 1, "first_ids": ["#5"]},
     }
 
