@@ -476,7 +476,7 @@ def gather_results(
     for start in range(0, longest, chunk):
         piece = np.asarray(hosts.allgather(padded[start : start + chunk]), np.uint8)
         if hosts.index == 0:  # the others take part in the collective and drop what it brings
-            pieces.append(piece.reshape(hosts.count, -1))
+            pieces.append(piece.reshape(hosts.count, -1)[::-1])
     if hosts.index != 0:
         return None, any_masks, total_images
     union: list[dict] = []

@@ -599,10 +599,14 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     """Trains Mask R-CNN per `config` in `workdir`, resuming from its latest checkpoint if any."""
     from mrcnn_jax import evaluate as evaluate_lib
     from mrcnn_jax import losses, mask_rcnn
-    from mrcnn_jax.data import pipeline
+    from mrcnn_jax.data import pipeline, transforms
 
     tc = config.train
     image_size = tuple(config.data.image_size)
+    # The evaluation split, its categories and sizes are checked (and prepared) now, not first
+    # at step eval_every: a typo in config.data.eval_split must not cost a run its first hours.
+    pipeline.dataset_info(config)
+    transforms.check_resize_fits(config.data, train=False)
     placement = make_placement(tc.parallelism)
     if placement.kind == "pmap":
         placement = dataclasses.replace(placement, shard_for_pmap=pipeline.shard_for_pmap)

@@ -424,7 +424,7 @@ def stand_ins(monkeypatch):
     import mrcnn_jax.data
     from mrcnn_jax import evaluate, losses, mask_rcnn
 
-    calls = {"batches": [], "eval": []}
+    calls = {"batches": [], "eval": [], "info": 0}
 
     def train_batches(config, start_step, process_index=0, process_count=1):
         calls["batches"].append(start_step)
@@ -436,6 +436,7 @@ def stand_ins(monkeypatch):
 
     pipeline = types.ModuleType("mrcnn_jax.data.pipeline")
     pipeline.train_batches = train_batches
+    pipeline.dataset_info = lambda config: calls.__setitem__("info", calls["info"] + 1)
     pipeline.shard_for_pmap = train._reshape_for_pmap
     monkeypatch.setitem(sys.modules, "mrcnn_jax.data.pipeline", pipeline)
     monkeypatch.setattr(mrcnn_jax.data, "pipeline", pipeline, raising=False)
@@ -470,7 +471,7 @@ def glue_config(num_steps):
 def test_train_and_evaluate_resumes_evaluates_and_fine_tunes(tmp_path, stand_ins):
     workdir = str(tmp_path / "run")
     state = train.train_and_evaluate(glue_config(4), workdir)
-    assert int(state.step) == 4 and stand_ins["batches"] == [0]
+    assert int(state.step) == 4 and stand_ins["batches"] == [0] and stand_ins["info"] == 1
     assert [s for s, _ in stand_ins["eval"]] == [2, 4]
     assert ckpt_lib.latest_step(os.path.join(workdir, "checkpoints")) == 4
     records = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
@@ -504,3 +505,14 @@ def test_train_and_evaluate_resumes_evaluates_and_fine_tunes(tmp_path, stand_ins
     np.testing.assert_array_equal(
         variables["batch_stats"]["bn1"]["var"], resumed.model_state["batch_stats"]["bn1"]["var"]
     )
+
+
+def test_a_bad_eval_split_stops_training_before_its_first_step(tmp_path):
+    from configs import tiny
+
+    config = tiny.get_config()
+    config.data.eval_split = "val"  # shapes has "validation"
+    workdir = tmp_path / "run"
+    with pytest.raises(ValueError, match="config.data.eval_split"):
+        train.train_and_evaluate(config, str(workdir))
+    assert not (workdir / "checkpoints").exists() or not any((workdir / "checkpoints").iterdir())

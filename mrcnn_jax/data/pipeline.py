@@ -342,6 +342,21 @@ def _train_indices(
     return indices
 
 
+def _warn_instances_cut(split: _Split, indices: np.ndarray, max_instances: int) -> None:
+    """Logs how many instances training leaves out: an image keeps its first `max_instances`
+    (non-crowd first, annotation order), the rest would be trained as background."""
+    counts = split.num_instances[indices]
+    over = counts > max_instances
+    if over.any():
+        logger.warning(
+            "config.data.max_instances=%d: %d of this host's %d training images have more"
+            " non-crowd instances (up to %d); %d instances past the first %d of each are left out"
+            " of the training targets. Raise config.data.max_instances to keep them.",
+            max_instances, int(over.sum()), len(counts), int(counts.max()),
+            int(np.sum(counts[over] - max_instances)), max_instances,
+        )
+
+
 def _stream_seeds(seed: int, process_index: int) -> tuple[tf.Tensor, tf.Tensor]:
     """Independent stateless seeds [2] for the epoch shuffles and for augmentation."""
     base = tf.constant([seed, process_index], tf.int64)
@@ -374,6 +389,7 @@ def train_batches(
     split = _split(d, d.train_split)
     _check_num_classes(d, split)
     indices = _train_indices(split, d.skip_empty_train, pi, pc)
+    _warn_instances_cut(split, indices, d.max_instances)
     n, table = len(indices), tf.constant(indices)
     shuffle_seed, aug_seed = _stream_seeds(config.seed, pi)
     read, params, features = _RecordReader(split), _Params.of(d, train=True), split.features

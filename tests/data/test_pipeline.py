@@ -219,3 +219,19 @@ def test_split_images_yields_the_stored_images(config, examples):
         np.testing.assert_array_equal(
             image, reference.decode_image(examples["validation"][iid]["image"])
         )
+
+
+def test_instances_cut_by_max_instances_are_reported(config, caplog):
+    split = pipeline._split(config.data, config.data.train_split)
+    counts = split.num_instances
+    assert counts.max() > config.data.max_instances  # the fixture's shapes exceed the maximum
+    with caplog.at_level("WARNING", logger="mrcnn_jax.data.pipeline"):
+        next(pipeline.train_batches(config, process_index=0, process_count=1))
+    over = counts[counts > config.data.max_instances]
+    expected = (
+        f"config.data.max_instances={config.data.max_instances}: {len(over)} of this host's"
+        f" {int(np.sum(counts > 0))} training images"
+    )
+    text = caplog.text
+    assert expected in text, text
+    assert f"{int(np.sum(over - config.data.max_instances))} instances past the first" in text
