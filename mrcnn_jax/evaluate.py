@@ -387,8 +387,8 @@ def _converter_pool(workers: int) -> concurrent.futures.ProcessPoolExecutor | No
     return pool
 
 
-# Bytes one host hands to one allgather: with N hosts each device holds N x this per call, so the
-# results (hundreds of MB on COCO) travel in pieces of at most this much across all hosts.
+# The most one allgather of results brings to each device, all hosts together (each of N hosts
+# sends this / N): the results, hundreds of MB on COCO, travel in pieces.
 _GATHER_BYTES = 1 << 27
 _MIN_GATHER_CHUNK = 1 << 16
 _GATHER_HEADER = struct.Struct("<qq?")  # payload bytes, real images, whether masks were predicted
@@ -476,7 +476,7 @@ def gather_results(
     for start in range(0, longest, chunk):
         piece = np.asarray(hosts.allgather(padded[start : start + chunk]), np.uint8)
         if hosts.index == 0:  # the others take part in the collective and drop what it brings
-            pieces.append(piece.reshape(hosts.count, -1)[::-1])
+            pieces.append(piece.reshape(hosts.count, -1))
     if hosts.index != 0:
         return None, any_masks, total_images
     union: list[dict] = []
@@ -491,21 +491,29 @@ def broadcast_metrics(metrics: Mapping[str, float] | None, hosts: Hosts) -> dict
 
     Sent as the float64 bytes of every `coco_evaluate` key in a fixed order plus one byte saying
     whether the key is there: bytes, not floats, so jax without x64 cannot round them to float32,
-    and NaN (a size bucket without ground truth) comes through as NaN.
+    and NaN (a size bucket without ground truth) comes through as NaN. Process 0 passes None when
+    its scoring failed (it gets {} back and raises its own error): the other hosts then raise
+    instead of waiting for a collective that never comes.
     """
     values = np.full(len(_METRIC_KEYS), np.nan, "<f8")
     present = np.zeros(len(_METRIC_KEYS), np.uint8)
-    if hosts.index == 0:
+    scored = np.zeros(1, np.uint8)
+    if hosts.index == 0 and metrics is not None:
+        scored[0] = 1
         unknown = sorted(set(metrics) - set(_METRIC_KEYS))
         if unknown:
             raise ValueError(f"cannot broadcast metrics {unknown}: expected keys of {_METRIC_KEYS}")
         for i, key in enumerate(_METRIC_KEYS):
             if key in metrics:
                 values[i], present[i] = metrics[key], 1
-    packed = np.concatenate([values.view(np.uint8), present])
+    packed = np.concatenate([values.view(np.uint8), present, scored])
     received = np.asarray(hosts.broadcast(packed), np.uint8).reshape(-1)
+    if not received[-1]:
+        if hosts.index == 0:
+            return {}
+        raise RuntimeError("process 0 failed to score the evaluation: see its log")
     values = np.frombuffer(received[: values.nbytes].tobytes(), "<f8")
-    present = received[values.nbytes :]
+    present = received[values.nbytes : -1]
     return {
         key: float(value)
         for key, value, there in zip(_METRIC_KEYS, values, present, strict=True)
@@ -604,10 +612,15 @@ def run_evaluation(
             results = union
     metrics = None
     if hosts.index == 0:
-        if results_path:
-            _write_results(results_path, results)
-        iou_types = IOU_TYPES if has_masks else ("bbox",)
-        metrics = coco_evaluate(gt, results, iou_types)
+        try:
+            if results_path:
+                _write_results(results_path, results)
+            iou_types = IOU_TYPES if has_masks else ("bbox",)
+            metrics = coco_evaluate(gt, results, iou_types)
+        except BaseException:
+            if hosts.count > 1:  # the other hosts wait in the broadcast: let them stop
+                broadcast_metrics(None, hosts)
+            raise
     if hosts.count > 1:
         metrics = broadcast_metrics(metrics, hosts)
     log.info("COCO metrics over %d images:\n%s", num_images, format_metrics_table(metrics))

@@ -205,6 +205,25 @@ def test_hosts_score_all_images_as_one_host(tmp_path, count, num_images, batch_s
     assert not any((tmp_path / f"host{i}").exists() for i in range(1, count))
 
 
+def test_a_failure_to_score_on_process_0_stops_every_host():
+    gt, per_image = _noisy_images(4)
+    cluster = FakeCluster(2)
+
+    def host(hosts):
+        pairs = _shard(per_image, hosts.index, 2, 2)
+        try:  # process 0 has no ground truth to score against
+            evaluate.run_evaluation(
+                _by_batch(pairs), [b for b, _ in pairs], None, LABEL_TO_CAT, hosts=hosts
+            )
+        except Exception as error:  # noqa: BLE001 - what each host raised is the result here
+            return error
+        return None
+
+    on_0, on_1 = cluster.run(host)
+    assert isinstance(on_0, AttributeError)  # its own error, not a wrapper
+    assert isinstance(on_1, RuntimeError) and "process 0" in str(on_1)
+
+
 # ------------------------------------------------------------------ evaluate_model
 
 

@@ -235,3 +235,21 @@ def test_instances_cut_by_max_instances_are_reported(config, caplog):
     text = caplog.text
     assert expected in text, text
     assert f"{int(np.sum(over - config.data.max_instances))} instances past the first" in text
+
+
+def test_jpegs_decode_as_pil_decodes_them():
+    import io
+
+    import PIL.Image
+
+    rng = np.random.default_rng(0)
+    noisy = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    for subsampling in (0, 2):  # 4:4:4 and 4:2:0 chroma
+        buf = io.BytesIO()
+        PIL.Image.fromarray(noisy).save(buf, format="JPEG", quality=75, subsampling=subsampling)
+        data = buf.getvalue()
+        decoded = pipeline.decode_rgb(data).numpy()
+        np.testing.assert_array_equal(decoded, reference.decode_image(data))
+    png = io.BytesIO()
+    PIL.Image.fromarray(noisy).save(png, format="PNG")
+    np.testing.assert_array_equal(pipeline.decode_rgb(png.getvalue()).numpy(), noisy)
