@@ -1,14 +1,17 @@
 """Mask R-CNN training losses as one pure function of (params, model state, batch, keys).
 
-`make_loss_fn(model, model_cfg, image_size)` returns
+`make_loss_fn(model, model_cfg, image_size, axis_name=None)` returns
 
     loss_fn(params, model_state, batch, example_keys) -> (total, (metrics, new_model_state))
 
-with the targets computed in the graph (fixed shapes, one compile). Each loss is computed per
-image with a per-image normaliser and then averaged over the batch, so a batch split over devices
-gives the same value as on one device. The normalisers follow detectron2 for a full batch:
-RPN losses / 256 sampled anchors, box losses / 512 sampled RoIs, mask loss averaged over the
-positive RoIs' 28x28 pixels.
+with the targets computed in the graph (fixed shapes, one compile). The normalisers follow
+detectron2: RPN losses / 256 sampled anchors and box losses / the sampled RoIs, per image (the
+same count for every image of a full batch), averaged over the batch; the mask loss is one mean
+over the positive RoIs of the whole batch and their 28 x 28 pixels, as torchvision's
+`maskrcnn_loss` and detectron2's `mask_rcnn_loss` take it, so an image with one positive RoI
+weighs as one RoI, not as much as an image with 128. A batch split over devices gives the values
+of one device with the whole batch: under `jit` over a mesh the loss sees the global batch; under
+`pmap` pass `axis_name`, over which the mask loss's RoI count is summed.
 """
 
 from __future__ import annotations
@@ -60,10 +63,23 @@ def box_losses(class_logits, class_deltas, samples: tgt.RoISamples, *, beta):
 
 def mask_loss(class_logits, mask_targets, valid):
     """One image: the gt class's mask logits [Km, S, S] (`MaskRCNN.mask_logits` with the classes)
-    -> BCE against the targets, mean over the valid RoIs."""
+    -> (sum over the valid RoIs of their mean pixel BCE, number of valid RoIs); `batch_mean` of
+    these over the batch is the loss."""
     bce = optax.sigmoid_binary_cross_entropy(class_logits, mask_targets)
     per_roi = jnp.mean(bce, axis=(1, 2))
-    return jnp.sum(jnp.where(valid, per_roi, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+    return jnp.sum(jnp.where(valid, per_roi, 0.0)), jnp.sum(valid)
+
+
+def batch_mean(total, count, axis_name: str | None = None):
+    """sum(total) / sum(count) over the batch (0 when count is 0). Under `pmap` (axis_name) each
+    device holds a shard: the count is summed over the devices and the device's share scaled by
+    their number, so that the mean over devices that the train step takes of the loss and of the
+    gradients is the whole batch's."""
+    total, count = jnp.sum(total), jnp.sum(count)
+    if axis_name is None:
+        return total / jnp.maximum(count, 1)
+    devices = jax.lax.psum(1, axis_name)
+    return total * devices / jnp.maximum(jax.lax.psum(count, axis_name), 1)
 
 
 def _per_image_targets(model_cfg, anchors, batch, keys, proposals_and_valid):
@@ -99,8 +115,17 @@ def _per_image_targets(model_cfg, anchors, batch, keys, proposals_and_valid):
     return rpn_t, samples
 
 
-def make_loss_fn(model: MaskRCNN, model_cfg: ml_collections.ConfigDict, image_size):
-    """Binds the model and hyper-parameters; see the module docstring for the contract."""
+def make_loss_fn(
+    model: MaskRCNN,
+    model_cfg: ml_collections.ConfigDict,
+    image_size,
+    axis_name: str | None = None,
+):
+    """Binds the model and hyper-parameters; see the module docstring for the contract.
+
+    axis_name: the device axis when the loss runs per device under `pmap` (`train.PMAP_AXIS`);
+    None on one device or under `jit` over a mesh.
+    """
     anchors_np, level_counts = anchors_for(model_cfg, image_size)
     rpn, roi = model_cfg.rpn, model_cfg.roi
 
@@ -158,14 +183,14 @@ def make_loss_fn(model: MaskRCNN, model_cfg: ml_collections.ConfigDict, image_si
             classes=m_classes,
             remat=roi.mask_head_remat,
         ).astype(jnp.float32)
-        mask = jax.vmap(mask_loss)(m_logits, m_targets, m_valid)
+        mask_sums, mask_counts = jax.vmap(mask_loss)(m_logits, m_targets, m_valid)
 
         losses = {
             "loss_rpn_cls": jnp.mean(rpn_cls) * rpn.loss_weight,
             "loss_rpn_box": jnp.mean(rpn_box) * rpn.loss_weight,
             "loss_cls": jnp.mean(box_cls),
             "loss_box": jnp.mean(box_reg),
-            "loss_mask": jnp.mean(mask),
+            "loss_mask": batch_mean(mask_sums, mask_counts, axis_name),
         }
         total = sum(losses.values())
         metrics = {

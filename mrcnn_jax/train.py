@@ -627,7 +627,9 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     logging.info("training from step %d to %d", int(state.step), tc.num_steps)
     step_fn = compile_train_step(
         placement,
-        loss_fn=losses.make_loss_fn(model, config.model, image_size),
+        loss_fn=losses.make_loss_fn(
+            model, config.model, image_size, PMAP_AXIS if placement.kind == "pmap" else None
+        ),
         learning_rate_fn=schedule,
         trainable=trainable,
     )

@@ -330,7 +330,7 @@ def jax_train_setup(config, batch_np: dict, weights_npz: str | None = None, wrap
     state = placement.put_state(train.create_train_state(variables, tx, train_key))
     step_fn = train.compile_train_step(
         placement,
-        loss_fn=losses.make_loss_fn(model, config.model, image_size),
+        loss_fn=losses.make_loss_fn(model, config.model, image_size, axis),
         learning_rate_fn=schedule,
         trainable=trainable,
     )

@@ -451,7 +451,9 @@ def stand_ins(monkeypatch):
     monkeypatch.setattr(
         mask_rcnn, "trainable_mask", lambda params, cfg: {"conv1": False, "bn1": True, "head": True}
     )
-    monkeypatch.setattr(losses, "make_loss_fn", lambda model, cfg, size: make_loss_fn(model))
+    monkeypatch.setattr(
+        losses, "make_loss_fn", lambda model, cfg, size, axis_name=None: make_loss_fn(model)
+    )
     monkeypatch.setattr(evaluate, "evaluate_model", evaluate_model, raising=False)
     return calls
 
