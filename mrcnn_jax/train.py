@@ -310,7 +310,11 @@ class Placement:
 
     def put_state(self, state: TrainState) -> TrainState:
         if self.kind == "pmap":
-            return flax.jax_utils.replicate(state)
+            # Through a pmapped identity, so the state carries the sharding the step's outputs
+            # have (jax >= 0.8: a mesh over the pmap axis) rather than `replicate`'s: otherwise
+            # the second step sees a new input sharding and compiles the whole step again.
+            same = jax.pmap(lambda x: x, axis_name=PMAP_AXIS, donate_argnums=(0,))
+            return same(flax.jax_utils.replicate(state))
         return jax.device_put(state, NamedSharding(self.mesh, P()))
 
     def get_state(self, state: TrainState) -> TrainState:

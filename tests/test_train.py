@@ -518,3 +518,29 @@ def test_a_bad_eval_split_stops_training_before_its_first_step(tmp_path):
     with pytest.raises(ValueError, match="config.data.eval_split"):
         train.train_and_evaluate(config, str(workdir))
     assert not (workdir / "checkpoints").exists() or not any((workdir / "checkpoints").iterdir())
+
+
+@pytest.mark.parametrize("parallelism", ["pmap", "mesh"])
+def test_the_placed_step_compiles_once(parallelism):
+    """Placed state in, state out, and again: the step must not see a new input sharding on its
+    second call (under pmap `replicate`'s sharding differed from the step's outputs')."""
+    model, state, schedule = tiny_state()
+    placement = train.make_placement(parallelism, devices=jax.devices()[:1])
+    step = train.compile_train_step(placement, loss_fn=make_loss_fn(model), learning_rate_fn=schedule)
+    compiles = []
+
+    def listen(event, duration, **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        state = placement.put_state(state)
+        counts = []
+        for s in range(3):
+            state, metrics = step(state, placement.put_batch(make_batch(s)))
+            jax.block_until_ready(metrics)
+            counts.append(len(compiles))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert counts[1] == counts[0] and counts[2] == counts[0], counts
