@@ -121,6 +121,10 @@ def get_config() -> ml_collections.ConfigDict:
     tr.global_batch_size = 16
     tr.base_lr = 0.02  # at `lr_reference_batch`; scaled linearly to global_batch_size
     tr.lr_reference_batch = 16
+    # Divide num_steps, warmup_steps, decay_steps, checkpoint_every and eval_every by
+    # global_batch_size / lr_reference_batch, as the learning rate is multiplied by it (detectron2
+    # auto_scale_workers): the recipe's epochs at any batch. Off: the steps are taken as written.
+    tr.scale_schedule = False
     tr.num_steps = 90_000
     tr.decay_steps = (60_000, 80_000)
     tr.decay_factor = 0.1

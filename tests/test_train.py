@@ -544,3 +544,23 @@ def test_the_placed_step_compiles_once(parallelism):
     finally:
         jax.monitoring.unregister_event_duration_listener(listen)
     assert counts[1] == counts[0] and counts[2] == counts[0], counts
+
+
+def test_scale_schedule_keeps_the_recipe_epochs_at_any_batch():
+    from configs import coco_r50_fpn_1x
+
+    tc = coco_r50_fpn_1x.get_config().train
+    tc.global_batch_size = 64
+    scaled = train.scale_schedule(tc)
+    assert (scaled.num_steps, scaled.decay_steps, scaled.warmup_steps) == (22_500, (15_000, 20_000), 250)
+    assert (scaled.checkpoint_every, scaled.eval_every) == (1250, 2500)
+    assert tc.num_steps == 90_000  # the input is not changed
+    # Images seen and the rate at each image: the 1x recipe's.
+    assert scaled.num_steps * 64 == 90_000 * 16
+    lr = train.scaled_learning_rate(tc.base_lr, 64, tc.lr_reference_batch)
+    assert lr == pytest.approx(0.08)
+    tc.scale_schedule = False
+    assert train.scale_schedule(tc).num_steps == 90_000
+    tc.scale_schedule, tc.global_batch_size, tc.eval_every = True, 16, 0
+    same = train.scale_schedule(tc)
+    assert (same.num_steps, same.decay_steps, same.eval_every) == (90_000, (60_000, 80_000), 0)
