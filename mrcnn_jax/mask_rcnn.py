@@ -54,6 +54,7 @@ class MaskRCNN(nn.Module):
     dtype: jnp.dtype = jnp.float32
     remat_backbone: bool = False
     per_image_stages: int = 0  # ResNet.per_image_stages: the frozen stages, image by image
+    frozen_stages: int = 0  # ResNet.frozen_stages: freeze_at, whose norms keep their statistics
 
     def setup(self):
         self.backbone = ResNet(
@@ -65,6 +66,7 @@ class MaskRCNN(nn.Module):
             dtype=self.dtype,
             remat=self.remat_backbone,
             per_image_stages=self.per_image_stages,
+            frozen_stages=self.frozen_stages,
         )
         self.fpn = FPN(channels=self.fpn_channels, dtype=self.dtype)
         self.rpn_head = RPNHead(
@@ -115,8 +117,15 @@ def build_model(
     sharded_batch: the batch axis is split over several devices by GSPMD (jit over a Mesh); an
     image-by-image loop would then run over the global batch, so `frozen_stages_per_image`'s
     auto leaves it off.
+    axis_name: the pmap axis, which "sync_bn" averages its statistics over. Without one (one
+    device, or jit over a mesh) "sync_bn" is a batch norm over the batch the step sees, which
+    under a mesh is the global batch: the same statistics.
     """
     norm = NormKind(model_cfg.norm)
+    if norm == NormKind.SYNC_BN and axis_name is None:
+        # No device axis: one device, or `jit` over a mesh, where the step sees the global batch
+        # and a batch norm's statistics are already the whole batch's, SyncBN's.
+        norm = NormKind.BATCH_NORM
     return MaskRCNN(
         num_classes=model_cfg.num_classes,
         depth=model_cfg.depth,
@@ -132,6 +141,7 @@ def build_model(
         dtype=jnp.dtype(model_cfg.dtype),
         remat_backbone=model_cfg.remat_backbone,
         per_image_stages=model_cfg.freeze_at if _frozen_per_image(model_cfg, sharded_batch) else 0,
+        frozen_stages=model_cfg.freeze_at,
     )
 
 

@@ -3,9 +3,15 @@
 | kind        | where the numbers live                        | statistics                         |
 |-------------|-----------------------------------------------|------------------------------------|
 | FROZEN_BN   | `batch_stats`: scale, bias, mean, var         | fixed (pretrained backbones)       |
-| BATCH_NORM  | `params`: scale, bias; `batch_stats`: mean, var | per-device batch in training     |
+| BATCH_NORM  | `params`: scale, bias; `batch_stats`: mean, var | the batch one step sees        |
 | SYNC_BN     | as BATCH_NORM                                 | whole global batch (`axis_name`)   |
 | GROUP_NORM  | `params`: scale, bias                         | 32 groups per example              |
+
+"The batch one step sees" is each device's under `pmap` and the global batch under `jit` over a
+mesh (GSPMD computes the statistics over the sharded batch), so with `train.parallelism="mesh"`
+BATCH_NORM and SYNC_BN are the same; `mask_rcnn.build_model` builds SYNC_BN without a device axis
+as BATCH_NORM. Frozen stages (`freeze_at`) keep their running statistics in training
+(`ResNet.frozen_stages`).
 
 Epsilon is 1e-5 everywhere, as torch.nn.BatchNorm2d / GroupNorm, torchvision's FrozenBatchNorm2d and
 detectron2's FrozenBatchNorm2d, so imported weights give the same outputs.

@@ -151,6 +151,10 @@ class ResNet(nn.Module):
                      backward pass (R50-FPN, 800 x 1216, batch 2 on the CPU: 267 MiB fewer
                      temporaries, docs/performance.md change 11). FROZEN_BN / GROUP_NORM only:
                      batch-statistics norms always run on the batch.
+    frozen_stages:   stages 1..N (as `freeze_at`) are frozen: their norms run as in inference
+                     even in training, so BATCH_NORM / SYNC_BN there normalise with, and keep, their
+                     running statistics, as detectron2's freeze() turns them into FrozenBatchNorm.
+                     (Their parameters are frozen by the train step, `backbone_trainable_mask`.)
 
     The stem output (after the max-pool) is sown as intermediates["stem"].
     """
@@ -163,6 +167,7 @@ class ResNet(nn.Module):
     dtype: Any = jnp.float32
     remat: bool = False
     per_image_stages: int = 0
+    frozen_stages: int = 0
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool, _stages: tuple[int, int] = (1, 5)):
@@ -182,7 +187,11 @@ class ResNet(nn.Module):
             first = self.per_image_stages + 1
         if first <= 1 <= last:
             stem_norm = make_norm(
-                norm_kind, train=train, axis_name=self.axis_name, dtype=self.dtype, name="bn1"
+                norm_kind,
+                train=train and self.frozen_stages < 1,
+                axis_name=self.axis_name,
+                dtype=self.dtype,
+                name="bn1",
             )
             x = stem_norm(_conv(64, 7, 2, self.dtype, "conv1")(x))
             # torchvision MaxPool2d(3, 2, padding=1): flax pads with -inf (reduce_window init).
@@ -195,7 +204,8 @@ class ResNet(nn.Module):
             for j in range(num_blocks):
                 strides = 2 if (j == 0 and stage > 0) else 1
                 name = f"layer{stage + 1}_{j}"
-                x = self._block(kind, planes, strides, norm_kind, name)(x, train)
+                frozen = stage + 2 <= self.frozen_stages
+                x = self._block(kind, planes, strides, norm_kind, name)(x, train and not frozen)
             feats[f"c{stage + 2}"] = x
         return (x, feats) if last < 5 else feats
 

@@ -455,3 +455,48 @@ def test_per_image_stages_keep_batch_norm_on_the_batch():
         ResNet(depth=18, norm=NormKind.FROZEN_BN, per_image_stages=6).init(
             jax.random.key(0), x, train=False
         )
+
+
+@pytest.mark.parametrize("norm", [NormKind.BATCH_NORM, NormKind.SYNC_BN])
+def test_frozen_stages_keep_their_norm_statistics_in_training(norm):
+    """detectron2's freeze(): the frozen stem and stages normalise with their running statistics
+    and never update them; the trainable stages' statistics move."""
+    x = np.random.RandomState(0).randn(2, 64, 64, 3).astype(np.float32) * 3 + 1
+    axis = "batch" if norm is NormKind.SYNC_BN else None
+    frozen = ResNet(18, norm, frozen_stages=2, axis_name=axis)
+    variables = ResNet(18, NormKind.BATCH_NORM).init(jax.random.key(0), x, train=False)
+
+    def step(v, xs):
+        return frozen.apply(v, xs, train=True, mutable=["batch_stats", "intermediates"])
+
+    if axis:  # one "device" holding the batch: SyncBN's statistics are the batch's
+        _, upd = jax.vmap(step, in_axes=(None, 0), axis_name=axis)(variables, x[None])
+        upd = jax.tree.map(lambda a: a[0], upd)
+    else:
+        _, upd = step(variables, x)
+    before, after = variables["batch_stats"], upd["batch_stats"]
+    for key in before:
+        same = all(
+            np.array_equal(a, b)
+            for a, b in zip(jax.tree.leaves(before[key]), jax.tree.leaves(after[key]), strict=True)
+        )
+        stage = 1 if key == "bn1" else int(key[len("layer")]) + 1
+        assert same == (stage <= 2), key
+    # The frozen stem normalised with the running statistics: its inference-mode output.
+    _, eval_upd = ResNet(18, NormKind.BATCH_NORM).apply(
+        variables, x, train=False, mutable=["intermediates"]
+    )
+    np.testing.assert_array_equal(
+        upd["intermediates"]["stem"][0], eval_upd["intermediates"]["stem"][0]
+    )
+
+
+def test_sync_bn_without_a_device_axis_is_a_batch_norm_over_the_step_batch():
+    from configs import tiny
+    from mrcnn_jax import mask_rcnn
+
+    cfg = tiny.get_config().model
+    cfg.norm = "sync_bn"
+    model = mask_rcnn.build_model(cfg)  # jit over a mesh: no axis name
+    assert model.norm is NormKind.BATCH_NORM
+    assert mask_rcnn.build_model(cfg, axis_name="batch").norm is NormKind.SYNC_BN
