@@ -13,6 +13,7 @@ included) into nested dicts, and `from_state_dict(target, ...)` rebuilds it on r
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -177,6 +178,39 @@ def load_weights(path: str) -> dict[str, Any]:
     return {"params": restored["params"], **restored.get("model_state", {})}
 
 
+LABELS_FILE = "labels.json"  # in a workdir: class names and dataset category ids of the labels
+
+
+def write_labels(workdir: str, class_names, label_to_category_id: Mapping[int, int]) -> str:
+    """Writes WORKDIR/labels.json: what the model's contiguous labels mean (`read_labels`), so that
+    prediction names the classes and writes the dataset's category ids without the dataset."""
+    path = os.path.join(workdir, LABELS_FILE)
+    os.makedirs(workdir, exist_ok=True)
+    data = {
+        "class_names": list(class_names),
+        "label_to_category_id": {str(k): int(v) for k, v in label_to_category_id.items()},
+    }
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+    return path
+
+
+def read_labels(workdir: str) -> tuple[tuple[str, ...], dict[int, int]] | None:
+    """(class names with "background" first, {label: category id}) from WORKDIR/labels.json, or
+    None when the workdir has none. Raises ValueError naming the file when it is malformed."""
+    path = os.path.join(workdir, LABELS_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        names = tuple(str(n) for n in data["class_names"])
+        mapping = {int(k): int(v) for k, v in data["label_to_category_id"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path}: not a labels file ({e!r})") from e
+    return names, mapping
+
+
 class WeightsMismatchError(ValueError):
     """Loaded weights do not fit the model; the message lists every offending name."""
 
@@ -186,13 +220,15 @@ def merge_weights(
     loaded: Mapping[str, Any],
     *,
     skip: Callable[[str], bool] | None = None,
+    source: str | None = None,
 ) -> dict[str, Any]:
     """Copies `loaded` into `fresh` (both {collection: tree}); returns the merged variables.
 
     Names are 'collection/module/.../leaf' (e.g. 'params/box_head/cls_score/kernel'). A name for
     which `skip(name)` is True keeps its fresh value (re-initialised, e.g. class-dependent layers).
     Every other name must exist in both with the same shape, else WeightsMismatchError lists all
-    missing, unexpected and mis-shaped names. Values take the fresh dtype.
+    missing, unexpected and mis-shaped names (and `source`, where the weights came from). Values
+    take the fresh dtype.
     """
     skip = skip or (lambda name: False)
     new = traverse_util.flatten_dict(dict(fresh), sep="/")
@@ -205,7 +241,7 @@ def merge_weights(
         if k in old and not skip(k) and np.shape(old[k]) != np.shape(new[k])
     )
     if missing or unexpected or misshaped:
-        lines = ["weights do not fit the model"]
+        lines = [f"weights{f' of {source}' if source else ''} do not fit the model"]
         for title, names in (
             ("missing", missing),
             ("unexpected", unexpected),

@@ -63,6 +63,19 @@ CONFIG_FILE = "config.json"  # the target config, in the format of `main.save_co
 # themselves (91 rows with background 0); our labels are 1..80 in sorted id order (coco_utils).
 COCO_CATEGORY_IDS = tuple(i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83))
 COCO_TORCHVISION_ROWS = (0, *COCO_CATEGORY_IDS)  # our label l <- torchvision row
+# Their names, in the same order (COCO 2017 `categories`).
+COCO_CLASS_NAMES = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
+    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
+    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
+    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
+    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
+    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
+    "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant",
+    "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
+    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
+    "teddy bear", "hair drier", "toothbrush",
+)
 
 # Variables whose shape depends on the number of classes.
 CLASS_DEPENDENT = (
@@ -690,7 +703,20 @@ def convert_file(
         "num_classes": config.model.num_classes,
         "class_rows": None if rows is None else list(rows),
     }
+    coco = rows == COCO_TORCHVISION_ROWS or (
+        layout != "torchvision" and class_map == "auto" and config.model.num_classes == 80
+    )
+    if coco:
+        # torchvision's 91 rows mapped to the 80 COCO ids; a detectron2 80-class model is taken
+        # to be COCO's (its contiguous classes are the sorted COCO ids).
+        info["labels"] = "coco" if rows == COCO_TORCHVISION_ROWS else "coco (assumed: 80 classes)"
     save_converted(converted, workdir, info)
+    if coco:
+        ckpt_lib.write_labels(
+            workdir,
+            ("background", *COCO_CLASS_NAMES),
+            {label: cid for label, cid in enumerate(COCO_CATEGORY_IDS, start=1)},
+        )
     # The config the weights were converted for, as `main` writes it: `predict.Predictor.from_workdir`
     # and `predict.load_config` read it back.
     with open(os.path.join(workdir, CONFIG_FILE), "w") as f:

@@ -7,6 +7,11 @@
 `predict_main` runs the same over an image file, a folder of images, or a dataset split
 ("split:NAME"), writing WORKDIR/predictions/results.json (COCO results format) and an overlay PNG
 per image.
+
+The weights are the workdir's latest checkpoint, else `config.train.init_checkpoint` (as
+`--mode=eval`). What the labels mean (class names, the dataset's category ids for results.json)
+comes from WORKDIR/labels.json, which training and `mrcnn_jax.convert` write, else from the
+config's dataset when it is on this machine.
 """
 
 from __future__ import annotations
@@ -85,14 +90,29 @@ class Predictor:
 
     @classmethod
     def from_workdir(cls, workdir: str, config=None, class_names=None) -> Predictor:
-        """Loads WORKDIR/config.json (unless `config` is given) and the latest checkpoint."""
+        """Loads WORKDIR/config.json (unless `config` is given) and the latest checkpoint of
+        `workdir`, else `config.train.init_checkpoint`; the weights must fit the config's model
+        (`checkpoint.WeightsMismatchError` names every name that does not, and the source)."""
+        import jax
+
         from mrcnn_jax import checkpoint
 
         if config is None:
             config = load_config(os.path.join(workdir, "config.json"))
         if class_names is None:
-            class_names = _class_names(config)
-        return cls(config, checkpoint.load_weights(workdir), class_names)
+            class_names = _labels(workdir, config)[0]
+        source = weights_source(workdir, config)
+        model = mask_rcnn.build_model(config.model)
+        fresh = jax.eval_shape(
+            lambda: mask_rcnn.init_variables(
+                model, jax.random.key(0), tuple(config.data.image_size)
+            )
+        )
+        fresh = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), fresh)
+        variables = checkpoint.merge_weights(
+            fresh, checkpoint.load_weights(source), source=source
+        )
+        return cls(config, variables, class_names)
 
     def __call__(self, image: np.ndarray) -> Prediction:
         from mrcnn_jax.data.transforms import preprocess_for_eval
@@ -125,15 +145,43 @@ def _numpy(dets):
     return {f.name: np.asarray(getattr(dets, f.name)) for f in dataclasses.fields(dets)}
 
 
-def _class_names(config) -> Sequence[str] | None:
-    """The dataset's class names when its info is at hand, else None (generic names)."""
+def weights_source(workdir: str, config) -> str:
+    """The workdir when it holds a checkpoint, else config.train.init_checkpoint (as `--mode=eval`
+    takes them); FileNotFoundError naming both when neither does."""
+    from mrcnn_jax import checkpoint
+
+    directory = os.path.join(workdir, checkpoint.CHECKPOINT_DIR)
+    if checkpoint.latest_step(directory) is not None:
+        return workdir
+    if config.train.init_checkpoint:
+        return config.train.init_checkpoint
+    raise FileNotFoundError(f"no checkpoint in {directory} and no config.train.init_checkpoint")
+
+
+def _labels(workdir: str, config) -> tuple[Sequence[str] | None, dict[int, int]]:
+    """(class names or None, {label: dataset category id}) of the model's labels: WORKDIR/labels.json
+    (or that of config.train.init_checkpoint's workdir), else the config's dataset when it is on
+    this machine, else (None, {}) with a warning: results then carry the contiguous labels."""
+    from mrcnn_jax import checkpoint
+
+    for directory in (workdir, config.train.init_checkpoint):
+        if directory and os.path.isdir(directory):
+            found = checkpoint.read_labels(directory)
+            if found is not None:
+                return found
     try:
         from mrcnn_jax.data import pipeline
 
-        return pipeline.dataset_info(config).class_names
-    except Exception as e:  # noqa: BLE001 - no dataset on this machine: fall back to generic names
-        logging.warning("class names unavailable (%s); using generic names", e)
-        return None
+        info = pipeline.dataset_info(config)
+        return info.class_names, dict(info.label_to_category_id)
+    except Exception as e:  # noqa: BLE001 - no dataset on this machine: say what that means
+        logging.warning(
+            "no %s in %s and the config's dataset is not at hand (%s): generic class names, and"
+            " results.json's category_id are the model's contiguous labels 1..%d, not the"
+            " dataset's category ids", checkpoint.LABELS_FILE, workdir, e,
+            config.model.num_classes,
+        )
+        return None, {}
 
 
 def _image_files(path: str) -> list[str]:
@@ -163,16 +211,25 @@ def _inputs(config, spec: str) -> Iterator[tuple[str, int, np.ndarray]]:
         for image_id, image in pipeline.split_images(config, spec[len("split:") :]):
             yield str(image_id), int(image_id), image
         return
-    for i, path in enumerate(_image_files(spec)):
-        yield os.path.splitext(os.path.basename(path))[0], i, read_rgb(path)
+    files = _image_files(spec)
+    stems = [os.path.splitext(os.path.basename(p))[0] for p in files]
+    for i, path in enumerate(files):
+        # a.jpg and a.png both in the folder: their outputs are named a.jpg / a.png, not both a.
+        name = os.path.basename(path) if stems.count(stems[i]) > 1 else stems[i]
+        try:
+            image = read_rgb(path)
+        except Exception as e:  # noqa: BLE001 - PIL raises many types; one bad file is skipped
+            logging.warning("skipped %s: not a readable image (%r)", path, e)
+            continue
+        yield name, i, image
 
 
 def predict_main(config, workdir: str, inputs: str, score_threshold: float = 0.5) -> list[str]:
     """Runs the latest checkpoint of `workdir` on `inputs`; -> the overlay PNG paths written."""
-    predictor = Predictor.from_workdir(workdir, config=config)
+    class_names, label_to_cat = _labels(workdir, config)
+    predictor = Predictor.from_workdir(workdir, config=config, class_names=class_names)
     out_dir = os.path.join(workdir, "predictions")
     os.makedirs(out_dir, exist_ok=True)
-    label_to_cat = _label_to_category(config)
     results, paths = [], []
     for name, image_id, image in _inputs(config, inputs):
         p = predictor(image)
@@ -197,12 +254,3 @@ def predict_main(config, workdir: str, inputs: str, score_threshold: float = 0.5
         json.dump(results, f)
     logging.info("wrote %d detections on %d images to %s", len(results), len(paths), out_dir)
     return paths
-
-
-def _label_to_category(config) -> dict[int, int]:
-    try:
-        from mrcnn_jax.data import pipeline
-
-        return dict(pipeline.dataset_info(config).label_to_category_id)
-    except Exception:  # noqa: BLE001 - no dataset: contiguous labels are written as they are
-        return {}

@@ -644,8 +644,10 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     image_size = tuple(config.data.image_size)
     # The evaluation split, its categories and sizes are checked (and prepared) now, not first
     # at step eval_every: a typo in config.data.eval_split must not cost a run its first hours.
-    pipeline.dataset_info(config)
+    info = pipeline.dataset_info(config)
     transforms.check_resize_fits(config.data, train=False)
+    if jax.process_index() == 0:  # what the labels mean, for prediction without the dataset
+        ckpt_lib.write_labels(workdir, info.class_names, info.label_to_category_id)
     placement = make_placement(tc.parallelism)
     if placement.kind == "pmap":
         placement = dataclasses.replace(placement, shard_for_pmap=pipeline.shard_for_pmap)
@@ -724,7 +726,7 @@ def evaluate_checkpoint(config, workdir: str) -> dict[str, Any]:
         source, step = config.train.init_checkpoint, 0
     else:
         raise FileNotFoundError(f"no checkpoint in {directory} and no config.train.init_checkpoint")
-    variables = ckpt_lib.merge_weights(variables, ckpt_lib.load_weights(source))
+    variables = ckpt_lib.merge_weights(variables, ckpt_lib.load_weights(source), source=source)
     logging.info("evaluating the weights of %s (step %d)", source, step)
     metrics = evaluate_lib.evaluate_model(config, model, variables, workdir, step)
     writer = MetricWriter(workdir, log_every=1, num_steps=step, images_per_step=0)

@@ -164,3 +164,29 @@ def test_merge_weights_lists_every_mismatch_and_skips():
     assert "missing (2)" in text and "params/a/kernel" in text and "batch_stats/bn/mean" in text
     assert "unexpected (1)" in text and "params/extra/w" in text
     assert "mis-shaped (1)" in text and "params/cls/bias: checkpoint (9,) vs model (4,)" in text
+
+
+def test_labels_round_trip_and_malformed_files_name_the_file(tmp_path):
+    path = ckpt_lib.write_labels(str(tmp_path), ("background", "cat", "dog"), {1: 17, 2: 18})
+    assert ckpt_lib.read_labels(str(tmp_path)) == (("background", "cat", "dog"), {1: 17, 2: 18})
+    assert ckpt_lib.read_labels(str(tmp_path / "none")) is None
+    with open(path, "w") as f:
+        f.write('{"class_names": ["background"]}')
+    with pytest.raises(ValueError, match="labels.json"):
+        ckpt_lib.read_labels(str(tmp_path))
+
+
+def test_prediction_labels_come_from_the_workdir_before_the_dataset(tmp_path, caplog):
+    from configs import coco_folder
+    from mrcnn_jax import predict
+
+    config = coco_folder.get_config()
+    config.data.root = str(tmp_path / "not_here")
+    names, mapping = predict._labels(str(tmp_path), config)  # no labels.json, no dataset
+    assert names is None and mapping == {}
+    assert "category_id are the model's contiguous labels" in caplog.text
+    ckpt_lib.write_labels(str(tmp_path / "init"), ("background", "a"), {1: 9})
+    config.train.init_checkpoint = str(tmp_path / "init")
+    assert predict._labels(str(tmp_path), config) == (("background", "a"), {1: 9})
+    ckpt_lib.write_labels(str(tmp_path), ("background", "b"), {1: 4})  # the workdir's own first
+    assert predict._labels(str(tmp_path), config) == (("background", "b"), {1: 4})

@@ -400,8 +400,8 @@ def fresh_variables(config, seed):
     return traverse_util.unflatten_dict(random_tensors(convert.target_shapes(config.model), seed), sep="/")
 
 
-def small_d2_pickle(path, seed=6):
-    tensors = random_tensors(d2_detector_shapes(depth=18, c=16, fc=32, mask_dim=16, convs=1, k=2), seed=seed)
+def small_d2_pickle(path, seed=6, k=2):
+    tensors = random_tensors(d2_detector_shapes(depth=18, c=16, fc=32, mask_dim=16, convs=1, k=k), seed=seed)
     with open(path, "wb") as f:
         pickle.dump({"model": tensors, "__author__": "Detectron2 Model Zoo"}, f)
     return tensors
@@ -444,6 +444,13 @@ def test_converted_checkpoint_loads_and_fine_tunes_with_other_classes(tmp_path):
 
     saved = predict.load_config(os.path.join(workdir, convert.CONFIG_FILE))
     assert saved.model.depth == 18 and saved.model.stride_in_1x1 and saved.data.num_classes == 2
+    assert ckpt_lib.read_labels(workdir) is None  # 2 classes: not taken to be COCO
+    # Prediction checks the weights against the config's model and names where they came from.
+    predictor = predict.Predictor.from_workdir(workdir, class_names=("background", "a", "b"))
+    for k, x in flat(predictor.variables).items():
+        np.testing.assert_array_equal(x, flat(loaded)[k], err_msg=k)
+    with pytest.raises(ckpt_lib.WeightsMismatchError, match=f"of {workdir} do not fit"):
+        predict.Predictor.from_workdir(workdir, config=small_d2_config(num_classes=5))
     with pytest.raises(FileExistsError):
         convert.save_converted(out, workdir)
 
@@ -469,6 +476,18 @@ def test_converted_checkpoint_loads_and_fine_tunes_with_other_classes(tmp_path):
     )
     with pytest.raises(ckpt_lib.WeightsMismatchError, match="fpn/output2/bias"):
         convert.merge_pretrained(fresh5, bad)
+
+
+def test_an_80_class_conversion_writes_the_coco_labels(tmp_path):
+    pkl = str(tmp_path / "model_final.pkl")
+    small_d2_pickle(pkl, k=80)
+    workdir = str(tmp_path / "converted")
+    convert.convert_file("detectron2", pkl, workdir, small_d2_config(80), allow_pickle=True)
+    names, mapping = ckpt_lib.read_labels(workdir)
+    assert names[0] == "background" and len(names) == 81 and len(mapping) == 80
+    # Label 12 is "stop sign", COCO category 13 (id 12 is unused); 80 is the toothbrush, id 90.
+    assert (names[12], mapping[12]) == ("stop sign", 13) and (names[80], mapping[80]) == ("toothbrush", 90)
+    assert '"labels": "coco (assumed: 80 classes)"' in (tmp_path / "converted" / convert.INFO_FILE).read_text()
 
 
 def test_backbone_checkpoint_initialises_only_the_backbone(tmp_path):

@@ -76,16 +76,42 @@ def test_predict_mode_on_a_folder(trained, tmp_path):
     for i, shape in enumerate([(48, 64), (80, 60)]):  # sizes other than the padded size
         Image.fromarray(rng.integers(0, 255, (*shape, 3), dtype=np.uint8)).save(folder / f"im{i}.png")
     Image.fromarray(rng.integers(0, 255, (40, 40), dtype=np.uint8)).save(folder / "gray.png")
-    _run(
+    Image.fromarray(rng.integers(0, 255, (30, 50, 3), dtype=np.uint8)).save(folder / "im0.jpg")
+    (folder / "broken.png").write_bytes(b"not an image")  # skipped, the rest still predicted
+    proc = _run(
         f"--workdir={workdir}", f"--config.data.data_dir={data_dir}", "--mode=predict",
         f"--input={folder}", cwd=ROOT,
     )
+    assert "skipped" in proc.stderr and "broken.png" in proc.stderr
     out = os.path.join(workdir, "predictions")
-    assert sorted(os.listdir(out)) == ["gray.png", "im0.png", "im1.png", "results.json"]
+    # im0.jpg and im0.png keep apart: named with their extensions.
+    assert sorted(os.listdir(out)) == [
+        "gray.png", "im0.jpg.png", "im0.png.png", "im1.png", "results.json"
+    ]
     assert Image.open(os.path.join(out, "im1.png")).size == (60, 80)
+    assert Image.open(os.path.join(out, "im0.jpg.png")).size == (50, 30)
     results = json.load(open(os.path.join(out, "results.json")))
     for r in results:
-        assert r["file_name"] in {"gray", "im0", "im1"} and len(r["bbox"]) == 4
+        assert r["file_name"] in {"gray", "im0.jpg", "im0.png", "im1"} and len(r["bbox"]) == 4
+
+
+def test_predict_from_init_checkpoint_with_the_training_labels(trained, tmp_path):
+    """A fresh workdir predicts with config.train.init_checkpoint's weights, as --mode=eval does,
+    and writes the category ids of the labels.json that training wrote, with no dataset at hand."""
+    workdir, _ = trained
+    labels = json.load(open(os.path.join(workdir, "labels.json")))
+    assert labels["class_names"][0] == "background" and labels["label_to_category_id"]
+    Image.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(tmp_path / "x.png")
+    fresh = tmp_path / "fresh"
+    _run(
+        f"--workdir={fresh}", f"--config.train.init_checkpoint={workdir}", "--mode=predict",
+        f"--input={tmp_path / 'x.png'}", "--config.data.dataset=coco_folder",
+        f"--config.data.root={tmp_path / 'no_such_dataset'}", "--config.model.test.score_threshold=0.0",
+        cwd=ROOT,
+    )
+    results = json.load(open(fresh / "predictions" / "results.json"))
+    assert results, "a threshold of 0 keeps detections"
+    assert {r["category_id"] for r in results} <= set(labels["label_to_category_id"].values())
 
 
 def test_results_load_in_pycocotools(trained):

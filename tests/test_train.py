@@ -436,7 +436,11 @@ def stand_ins(monkeypatch):
 
     pipeline = types.ModuleType("mrcnn_jax.data.pipeline")
     pipeline.train_batches = train_batches
-    pipeline.dataset_info = lambda config: calls.__setitem__("info", calls["info"] + 1)
+    def dataset_info(config):
+        calls["info"] += 1
+        return types.SimpleNamespace(class_names=("background", "a"), label_to_category_id={1: 7})
+
+    pipeline.dataset_info = dataset_info
     pipeline.shard_for_pmap = train._reshape_for_pmap
     monkeypatch.setitem(sys.modules, "mrcnn_jax.data.pipeline", pipeline)
     monkeypatch.setattr(mrcnn_jax.data, "pipeline", pipeline, raising=False)
