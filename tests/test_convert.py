@@ -487,7 +487,8 @@ def test_an_80_class_conversion_writes_the_coco_labels(tmp_path):
     assert names[0] == "background" and len(names) == 81 and len(mapping) == 80
     # Label 12 is "stop sign", COCO category 13 (id 12 is unused); 80 is the toothbrush, id 90.
     assert (names[12], mapping[12]) == ("stop sign", 13) and (names[80], mapping[80]) == ("toothbrush", 90)
-    assert '"labels": "coco (assumed: 80 classes)"' in (tmp_path / "converted" / convert.INFO_FILE).read_text()
+    info = (tmp_path / "converted" / convert.INFO_FILE).read_text()
+    assert '"labels": "coco (assumed: 80 classes)"' in info
 
 
 def test_backbone_checkpoint_initialises_only_the_backbone(tmp_path):

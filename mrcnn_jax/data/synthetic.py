@@ -1,13 +1,17 @@
 """A hand-made padded batch, independent of the TFDS input pipeline (tests, notebooks, benchmarks).
 
 Each image holds a few axis-aligned rectangles (class 1) and discs (class 2) of distinct colours
-on a dark background; the gt masks are cropped to their boxes with the same definition the input
-pipeline uses (`ops.masks.crop_and_resize`).
+on a dark background, later shapes occluding earlier ones. As in the `shapes` dataset, an
+instance is what is left visible of it (fewer than `MIN_VISIBLE_PIXELS` pixels: dropped) and its
+box is that mask's tight box; the gt masks are cropped to their boxes with the same definition
+the input pipeline uses (`ops.masks.crop_and_resize`).
 """
 
 import numpy as np
 
 from mrcnn_jax.ops.masks import crop_and_resize
+
+MIN_VISIBLE_PIXELS = 16
 
 
 def _shapes(rng, size, max_instances):
@@ -24,9 +28,16 @@ def _shapes(rng, size, max_instances):
         for prev in masks:  # later shapes occlude earlier ones
             prev &= ~m
         masks.append(m)
-        boxes.append([x1, y1, x1 + s, y1 + s])
         classes.append(cls)
-    return np.array(boxes, np.float32), np.array(classes, np.int32), np.stack(masks)
+    keep = [k for k, m in enumerate(masks) if m.sum() >= MIN_VISIBLE_PIXELS]
+    for k in keep:
+        ys, xs = np.nonzero(masks[k])
+        boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])  # tight, COCO's widths
+    return (
+        np.array(boxes, np.float32).reshape(-1, 4),
+        np.array([classes[k] for k in keep], np.int32),
+        np.array([masks[k] for k in keep], bool).reshape(-1, size, size),
+    )
 
 
 def make_batch(config, batch_size: int, seed: int = 0, max_shapes: int = 3) -> dict:
@@ -58,7 +69,8 @@ def make_batch(config, batch_size: int, seed: int = 0, max_shapes: int = 3) -> d
         out["gt_boxes"][b, :n] = boxes
         out["gt_classes"][b, :n] = classes
         out["gt_valid"][b, :n] = True
-        crops = [np.asarray(crop_and_resize(mk.astype(np.float32), bx[None], s))[0]
-                 for mk, bx in zip(masks, boxes, strict=True)]
-        out["gt_masks"][b, :n] = np.stack(crops) >= 0.5
+        if n:
+            crops = [np.asarray(crop_and_resize(mk.astype(np.float32), bx[None], s))[0]
+                     for mk, bx in zip(masks, boxes, strict=True)]
+            out["gt_masks"][b, :n] = np.stack(crops) >= 0.5
     return out
