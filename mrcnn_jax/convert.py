@@ -703,8 +703,9 @@ def convert_file(
         "num_classes": config.model.num_classes,
         "class_rows": None if rows is None else list(rows),
     }
-    coco = rows == COCO_TORCHVISION_ROWS or (
-        layout != "torchvision" and class_map == "auto" and config.model.num_classes == 80
+    coco = converted.kind == "detector" and (
+        rows == COCO_TORCHVISION_ROWS
+        or (layout != "torchvision" and class_map == "auto" and config.model.num_classes == 80)
     )
     if coco:
         # torchvision's 91 rows mapped to the 80 COCO ids; a detectron2 80-class model is taken

@@ -83,9 +83,7 @@ class Predictor:
         self.model = mask_rcnn.build_model(config.model)
         self._predict = inference.make_predict_fn(self.model, config.model, config.data.image_size)
         if class_names is None:
-            class_names = ("background",) + tuple(
-                f"class_{i}" for i in range(1, config.model.num_classes + 1)
-            )
+            class_names = generic_class_names(config.model.num_classes)
         self.class_names = tuple(class_names)
 
     @classmethod
@@ -99,9 +97,9 @@ class Predictor:
 
         if config is None:
             config = load_config(os.path.join(workdir, "config.json"))
-        if class_names is None:
-            class_names = _labels(workdir, config)[0]
         source = weights_source(workdir, config)
+        if class_names is None:
+            class_names = _labels(workdir, config, source)[0]
         model = mask_rcnn.build_model(config.model)
         fresh = jax.eval_shape(
             lambda: mask_rcnn.init_variables(
@@ -145,6 +143,10 @@ def _numpy(dets):
     return {f.name: np.asarray(getattr(dets, f.name)) for f in dataclasses.fields(dets)}
 
 
+def generic_class_names(num_classes: int) -> tuple[str, ...]:
+    return ("background",) + tuple(f"class_{i}" for i in range(1, num_classes + 1))
+
+
 def weights_source(workdir: str, config) -> str:
     """The workdir when it holds a checkpoint, else config.train.init_checkpoint (as `--mode=eval`
     takes them); FileNotFoundError naming both when neither does."""
@@ -158,14 +160,36 @@ def weights_source(workdir: str, config) -> str:
     raise FileNotFoundError(f"no checkpoint in {directory} and no config.train.init_checkpoint")
 
 
-def _labels(workdir: str, config) -> tuple[Sequence[str] | None, dict[int, int]]:
-    """(class names or None, {label: dataset category id}) of the model's labels: WORKDIR/labels.json
-    (or that of config.train.init_checkpoint's workdir), else the config's dataset when it is on
-    this machine, else (None, {}) with a warning: results then carry the contiguous labels."""
+def _label_dirs(path: str) -> list[str]:
+    """Where a checkpoint path's labels.json can be: the path (a workdir), or the workdir above a
+    checkpoints directory or one step directory."""
+    from mrcnn_jax.checkpoint import CHECKPOINT_DIR
+
+    path = os.path.abspath(path)
+    if os.path.basename(path).isdigit():  # WORKDIR/checkpoints/STEP
+        path = os.path.dirname(path)
+    if os.path.basename(path) == CHECKPOINT_DIR:
+        path = os.path.dirname(path)
+    return [path]
+
+
+def _labels(
+    workdir: str, config, source: str | None = None
+) -> tuple[Sequence[str] | None, dict[int, int]]:
+    """(class names or None, {label: dataset category id}) of the model's labels: the labels.json
+    of where the weights come from (`source`, default `weights_source`), else of the workdir or
+    config.train.init_checkpoint, else the config's dataset when it is on this machine, else
+    (None, {}) with a warning: results then carry the contiguous labels."""
     from mrcnn_jax import checkpoint
 
-    for directory in (workdir, config.train.init_checkpoint):
-        if directory and os.path.isdir(directory):
+    if source is None:
+        try:
+            source = weights_source(workdir, config)
+        except FileNotFoundError:
+            source = workdir
+    candidates = [source, workdir, config.train.init_checkpoint]
+    for directory in (d for c in candidates if c for d in _label_dirs(c)):
+        if os.path.isdir(directory):
             found = checkpoint.read_labels(directory)
             if found is not None:
                 return found
@@ -226,8 +250,11 @@ def _inputs(config, spec: str) -> Iterator[tuple[str, int, np.ndarray]]:
 
 def predict_main(config, workdir: str, inputs: str, score_threshold: float = 0.5) -> list[str]:
     """Runs the latest checkpoint of `workdir` on `inputs`; -> the overlay PNG paths written."""
-    class_names, label_to_cat = _labels(workdir, config)
-    predictor = Predictor.from_workdir(workdir, config=config, class_names=class_names)
+    class_names, label_to_cat = _labels(workdir, config, weights_source(workdir, config))
+    predictor = Predictor.from_workdir(
+        workdir, config=config,
+        class_names=class_names or generic_class_names(config.model.num_classes),
+    )
     out_dir = os.path.join(workdir, "predictions")
     os.makedirs(out_dir, exist_ok=True)
     results, paths = [], []

@@ -14,7 +14,9 @@ The loss contract (`losses.make_loss_fn` and the tests' own models follow it):
 
     loss_fn(params, model_state, batch, example_keys) -> (total_loss, (metrics, new_model_state))
       model_state: every non-'params' collection; example_keys: [B_local] PRNG keys, one each;
-      total_loss: scalar mean over the local examples; metrics: dict of scalars.
+      total_loss: scalar; metrics: dict of scalars. Under pmap the step averages both (and the
+      gradients) over the devices, so each device's value must be its share such that that mean
+      is the whole batch's: a mean over its examples with equal shards, or `losses.batch_mean`.
 """
 
 from __future__ import annotations
@@ -284,8 +286,9 @@ def train_step(
     (loss, (metrics, model_state)), grads = grad_fn(state.params, state.model_state, batch, keys)
     metrics = {**metrics, "loss": loss}
     if axis_name is not None:
-        # Every device holds the mean over its own examples; equal shards make the mean of means
-        # the global mean, as one device with the whole batch would compute it.
+        # Every device holds its share of the batch's loss (a mean over its own examples, equal
+        # shards; the mask loss as `losses.batch_mean`): their mean is the global batch's, as one
+        # device with the whole batch would compute it.
         grads, metrics = lax.pmean((grads, metrics), axis_name)
         model_state = _pmean_floats(model_state, axis_name)
 

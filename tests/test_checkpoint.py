@@ -176,7 +176,7 @@ def test_labels_round_trip_and_malformed_files_name_the_file(tmp_path):
         ckpt_lib.read_labels(str(tmp_path))
 
 
-def test_prediction_labels_come_from_the_workdir_before_the_dataset(tmp_path, caplog):
+def test_prediction_labels_come_from_the_weights_workdir_before_the_dataset(tmp_path, caplog):
     from configs import coco_folder
     from mrcnn_jax import predict
 
@@ -188,5 +188,24 @@ def test_prediction_labels_come_from_the_workdir_before_the_dataset(tmp_path, ca
     ckpt_lib.write_labels(str(tmp_path / "init"), ("background", "a"), {1: 9})
     config.train.init_checkpoint = str(tmp_path / "init")
     assert predict._labels(str(tmp_path), config) == (("background", "a"), {1: 9})
-    ckpt_lib.write_labels(str(tmp_path), ("background", "b"), {1: 4})  # the workdir's own first
-    assert predict._labels(str(tmp_path), config) == (("background", "b"), {1: 4})
+    ckpt_lib.write_labels(str(tmp_path), ("background", "b"), {1: 4})
+    # No checkpoint in the workdir: the weights, and so the labels, are init_checkpoint's ...
+    assert predict._labels(str(tmp_path), config) == (("background", "a"), {1: 9})
+    # ... while weights of the workdir's own come with its labels.
+    assert predict._labels(str(tmp_path), config, str(tmp_path)) == (("background", "b"), {1: 4})
+
+
+def test_prediction_labels_follow_the_weights(tmp_path):
+    """A workdir with labels.json but no checkpoint (a run stopped before its first save) predicts
+    with init_checkpoint's weights: their labels, not the workdir's."""
+    from configs import coco_folder
+    from mrcnn_jax import predict
+
+    config = coco_folder.get_config()
+    config.data.root = str(tmp_path / "not_here")
+    ckpt_lib.write_labels(str(tmp_path / "work"), ("background", "new"), {1: 5})
+    init = tmp_path / "coco"
+    ckpt_lib.write_labels(str(init), ("background", "person"), {1: 1})
+    config.train.init_checkpoint = str(init / "checkpoints" / "0")  # a step directory
+    source = config.train.init_checkpoint  # as weights_source gives it: no checkpoint in work/
+    assert predict._labels(str(tmp_path / "work"), config, source) == (("background", "person"), {1: 1})

@@ -60,8 +60,9 @@ def _file_digest(path: str) -> str:
     return h.hexdigest()
 
 
-def coco_folder_config(root: str, split: str) -> CocoFolderConfig:
-    """The builder config of `split` under `root`, named after the annotation file's content.
+def coco_folder_config(root: str, split: str, variant: str = "") -> CocoFolderConfig:
+    """The builder config of `split` under `root`, named after the annotation file's content
+    (and `variant`: a preparation after missing images appeared, `pipeline._load_split`).
 
     Raises FileNotFoundError naming the annotation file when it does not exist.
     """
@@ -69,7 +70,10 @@ def coco_folder_config(root: str, split: str) -> CocoFolderConfig:
     path = annotation_path(root, split)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"COCO annotation file not found: {path}")
-    key = hashlib.sha1(f"{root}\0{split}\0{_file_digest(path)}".encode(), usedforsecurity=False)
+    key = hashlib.sha1(
+        f"{root}\0{split}\0{_file_digest(path)}{f'{chr(0)}{variant}' if variant else ''}".encode(),
+        usedforsecurity=False,
+    )
     return CocoFolderConfig(
         name=f"{tfds_split_name(split)}_{key.hexdigest()[:16]}",
         description=f"{path} with images in {os.path.join(root, split)}",
@@ -153,7 +157,12 @@ def build_example(meta: dict, anns: list[dict], loaded, label_of: dict, log: coc
 class CocoFolder(coco_utils.InstancesBuilder):
     """COCO-format folder; build it as `CocoFolder(config=coco_folder_config(root, split), ...)`."""
 
-    RELEASE_NOTES = {"1.0.0": "Instances with compressed-RLE masks, repaired annotations."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Instances with compressed-RLE masks, repaired annotations.",
+        "1.1.0": "Images stored upright (EXIF orientation); the files missing at preparation"
+        " recorded (`missing_files`).",
+    }
 
     def _split_generators(self, dl_manager):
         del dl_manager  # the data is already on disk

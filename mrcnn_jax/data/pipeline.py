@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import logging
 import math
 import os
-import shutil
 from collections.abc import Iterator
 
 import numpy as np
@@ -96,7 +96,7 @@ class _Source:
         )
 
 
-def _builder(src: _Source) -> tuple[tfds.core.DatasetBuilder, str]:
+def _builder(src: _Source, variant: str = "") -> tuple[tfds.core.DatasetBuilder, str]:
     kwargs = {"data_dir": src.data_dir or None, "file_format": "array_record"}
     if src.dataset == "shapes":
         if src.split not in shapes.SPLITS:
@@ -109,13 +109,13 @@ def _builder(src: _Source) -> tuple[tfds.core.DatasetBuilder, str]:
     if src.dataset == "coco_folder":
         if not src.root:
             raise ValueError("config.data.root must name the COCO folder for dataset 'coco_folder'")
-        cfg = coco_folder.coco_folder_config(src.root, src.split)
+        cfg = coco_folder.coco_folder_config(src.root, src.split, variant)
         return coco_folder.CocoFolder(config=cfg, **kwargs), coco_folder.tfds_split_name(src.split)
     raise ValueError(f"config.data.dataset must be 'shapes' or 'coco_folder', got {src.dataset!r}")
 
 
-def _prepare(src: _Source) -> tuple[tfds.core.DatasetBuilder, str]:
-    builder, name = _builder(src)
+def _prepare(src: _Source, variant: str = "") -> tuple[tfds.core.DatasetBuilder, str]:
+    builder, name = _builder(src, variant)
     skip_stats = tfds.download.ComputeStatsMode.SKIP  # statistics over COCO take minutes; unused
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(compute_stats=skip_stats)
@@ -143,17 +143,21 @@ def _stale_missing_files(builder: tfds.core.DatasetBuilder, src: _Source) -> lis
 @functools.lru_cache(maxsize=32)
 def _load_split(src: _Source) -> _Split:
     """The prepared split, prepared now when it is not yet (no download). A coco_folder split
-    prepared while some of its images were missing is prepared again once any of them exists
-    (a copy or mount that had not finished), instead of training and evaluating on a subset."""
+    prepared while some of its images were missing (a copy or mount that had not finished) is
+    replaced, once any of them exists, by one prepared with them, instead of training and
+    evaluating on a subset. The new one is a builder config of its own, named after the files
+    that appeared: nothing is deleted under a process still reading the old one, and processes
+    that notice at the same time prepare the same config."""
     builder, name = _prepare(src)
     present = _stale_missing_files(builder, src)
     if present:
+        variant = hashlib.sha1("\0".join(sorted(present)).encode(), usedforsecurity=False)
+        old = builder.data_dir
+        builder, name = _prepare(src, variant.hexdigest()[:16])
         logger.warning(
-            "%s: %d images missing when it was prepared exist now (first: %s); preparing it again",
-            builder.data_dir, len(present), present[:3],
+            "%d images missing when %s was prepared exist now (first: %s): using %s, prepared with"
+            " them (the old one can be deleted)", len(present), old, present[:3], builder.data_dir,
         )
-        shutil.rmtree(builder.data_dir)
-        builder, name = _prepare(src)
     meta = builder.info.metadata
     num_instances = np.asarray(meta["num_instances"][name], np.int64)
     if len(num_instances) != builder.info.splits[name].num_examples:

@@ -402,7 +402,8 @@ def test_images_missing_at_preparation_are_picked_up_once_they_exist(tmp_path):
     config = _config(root, tmp_path / "tfds")
     config.data.num_classes, config.data.train_split, config.data.eval_split = 1, "s", "s"
     src = pipeline._Source.of(config.data, "s")
-    assert pipeline._load_split(src).num_examples == 1  # b, c missing: left out
+    first = pipeline._load_split(src)
+    assert first.num_examples == 1  # b, c missing: left out
     pipeline._load_split.cache_clear()
     assert pipeline._load_split(src).num_examples == 1  # still missing: the prepared split is kept
     _small_folder(root, ["b.png", "c.png"])  # the copy finished; same annotation file
@@ -410,6 +411,11 @@ def test_images_missing_at_preparation_are_picked_up_once_they_exist(tmp_path):
     split = pipeline._load_split(src)
     assert split.num_examples == 3
     assert split.builder.info.metadata["missing_files"] == []
+    # Prepared beside the old one, which a running job may still be reading: nothing deleted.
+    assert split.builder.data_dir != first.builder.data_dir
+    assert len(first.builder.as_data_source(split=first.name)) == 1
+    pipeline._load_split.cache_clear()
+    assert pipeline._load_split(src).builder.data_dir == split.builder.data_dir  # and reused
 
 
 def test_a_folder_without_usable_images_names_it(tmp_path):
