@@ -684,9 +684,10 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
         )
 
     def evaluate(step, host_state):
-        return evaluate_lib.evaluate_model(
-            config, model, model_variables(host_state), workdir, step
-        )
+        # On the host: under a mesh the state's arrays span every device of every host, and each
+        # host evaluates its own shard of the split with its own batches (evaluate_model).
+        variables = jax.device_get(model_variables(host_state))
+        return evaluate_lib.evaluate_model(config, model, variables, workdir, step)
 
     writer = MetricWriter(
         workdir,

@@ -431,6 +431,7 @@ def stand_ins(monkeypatch):
         return batch_iter(config.train.global_batch_size // process_count)(start_step)
 
     def evaluate_model(config, model, variables, workdir, step):
+        assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(variables))  # host copies
         calls["eval"].append((step, jax.device_get(variables)))
         return {"AP": 0.5 + step}
 
@@ -568,3 +569,10 @@ def test_scale_schedule_keeps_the_recipe_epochs_at_any_batch():
     tc.scale_schedule, tc.global_batch_size, tc.eval_every = True, 16, 0
     same = train.scale_schedule(tc)
     assert (same.num_steps, same.decay_steps, same.eval_every) == (90_000, (60_000, 80_000), 0)
+
+
+def test_evaluation_gets_host_copies_of_the_weights_under_a_mesh(tmp_path, stand_ins):
+    config = glue_config(2)
+    config.train.parallelism = "mesh"
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert [s for s, _ in stand_ins["eval"]] == [2]  # evaluate_model asserts numpy leaves
