@@ -3,7 +3,7 @@
     for batch in eval batches:                       (fixed shapes, one compile)
         dets = predict_fn(batch)                     Detections, boxes in RESIZED pixels
         for each real example b, each valid detection:
-            box = clip(box / scale_b, original image)        drop it if empty (detectron2)
+            box = clip(box / (sx_b, sy_b), original image)   drop it if empty (detectron2)
             mask = paste(28x28 probabilities, box, orig H, W) >= threshold     (16 at a time)
                    (eval.device_masks: pasted and RLE-encoded on the device instead,
                     `make_device_mask_rles`; the host slices the strings out)
@@ -75,7 +75,7 @@ def _unpad(dets, batch, index: int) -> dict:
     """
     valid = np.asarray(_field(dets, "valid")[index], bool)
     boxes = np.asarray(_field(dets, "boxes")[index], np.float32)[valid]
-    scale = float(np.asarray(batch["scales"])[index])
+    scale = np.asarray(batch["scales"], np.float32)[index]
     height, width = (int(v) for v in np.asarray(batch["orig_sizes"])[index])
     boxes = _boxes_to_original(boxes, scale, height, width, np)
     # detectron2's detector_postprocess drops boxes left empty by the clip (Boxes.nonempty).
@@ -96,9 +96,13 @@ def _unpad(dets, batch, index: int) -> dict:
 
 def _boxes_to_original(boxes, scale, height, width, xp):
     """[n, 4] xyxy boxes of the resized image -> the original image's pixels, clipped to it; one
-    definition for the host (`_unpad`, xp=numpy) and the device (`make_device_mask_rles`)."""
+    definition for the host (`_unpad`, xp=numpy) and the device (`make_device_mask_rles`).
+
+    scale: (sy, sx) = resized / original per axis (the batch's `scales[b]`, detectron2's
+    detector_postprocess); one number for both axes is accepted too."""
+    s = xp.broadcast_to(xp.reshape(xp.asarray(scale, np.float32), (-1,)), (2,))
     limits = xp.stack([width, height, width, height]).astype(np.float32)
-    return xp.clip(boxes / scale, 0.0, limits)
+    return xp.clip(boxes / xp.stack([s[1], s[0], s[1], s[0]]), 0.0, limits)
 
 
 def _check_paste_kind(kind: str) -> None:
@@ -173,7 +177,8 @@ def detections_to_coco(
 
     dets: boxes [B, D, 4] xyxy resized pixels, scores [B, D], classes [B, D] contiguous labels,
     valid [B, D], masks [B, D, M, M] probabilities or None (a Detections struct or a mapping of
-    numpy arrays); batch: image_ids [B], scales [B], orig_sizes [B, 2] (h, w), example_valid [B].
+    numpy arrays); batch: image_ids [B], scales [B, 2] (y, x), orig_sizes [B, 2] (h, w),
+    example_valid [B].
     Dummy examples and invalid detections are skipped; boxes are divided by the scale, clipped to
     the original image and dropped when empty. Each result has image_id, category_id, score,
     bbox [x, y, w, h] original pixels and, with masks, segmentation (compressed RLE, str counts).
@@ -237,8 +242,8 @@ def make_device_mask_rles(
     its compressed COCO RLE string there (`ops.masks.mask_run_starts`, then
     `ops.masks.coco_rle_strings`; R = max_runs runs, C = 4 R characters), so the host only
     slices strings out of a byte array instead of pasting and encoding full-size masks.
-    boxes [B, D, 4] resized pixels, masks [B, D, M, M] probabilities, scales [B], orig_sizes
-    [B, 2] (h, w), as `detections_to_coco` reads them.
+    boxes [B, D, 4] resized pixels, masks [B, D, M, M] probabilities, scales [B, 2] (y, x) or
+    [B], orig_sizes [B, 2] (h, w), as `detections_to_coco` reads them.
 
     The masks are pasted on a fixed canvas [Hc, Wc] = `canvas` (one compile), image by image
     (`lax.map`: D x Hc x Wc float32 at a time). An image bigger than the canvas, or a mask with

@@ -14,7 +14,7 @@ arrays carry one more leading axis, `[devices, B, ...]`). Every shape is fixed b
 | `gt_masks`       | [B, M, S, S] uint8/float | each instance mask cropped to its gt box, resized to S    |
 | `image_ids`      | [B] int64                | the dataset's original image id (COCO id)                 |
 | `orig_sizes`     | [B, 2] int32             | (h, w) of the original image, before resize               |
-| `scales`         | [B] float32              | resized / original (same factor on both axes)             |
+| `scales`         | [B, 2] float32           | (rh / h, rw / w): resized / original, per axis            |
 | `example_valid`  | [B] bool                 | False for the dummy examples that pad the last eval batch |
 
 M = `config.data.max_instances` (default 100), S = `config.data.mask_crop_size` (default 112).
@@ -46,7 +46,8 @@ BATCH_KEYS = (
 class Detections:
     """Fixed-size, padded detections; leading `[B]` when batched.
 
-    boxes:   [B, D, 4] float32 xyxy in resized-image pixels (divide by `scales` for the original)
+    boxes:   [B, D, 4] float32 xyxy in resized-image pixels (divide x by `scales[..., 1]`, y by
+             `scales[..., 0]` for the original)
     scores:  [B, D] float32
     classes: [B, D] int32 contiguous labels 1..num_classes
     valid:   [B, D] bool, True for real detections (sorted first, by descending score)

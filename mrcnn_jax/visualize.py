@@ -184,7 +184,7 @@ def example_overlay(
     """The overlay of batch example `index` at its original size -> [orig H, orig W, 3] uint8.
 
     dets: Detections-like of the batch (numpy); batch: images [B, H, W, 3] normalised and padded,
-    image_sizes [B, 2], orig_sizes [B, 2], scales [B]. The resized image is cut out of its padding
+    image_sizes [B, 2], orig_sizes [B, 2], scales [B, 2]. The resized image is cut out of its padding
     and resized back (bilinear) to the original size, where the detections are drawn.
     """
     h, w = (int(v) for v in np.asarray(batch["image_sizes"])[index])

@@ -144,7 +144,7 @@ def jax_batch(examples: dict, max_instances: int, crop_size: int) -> dict:
         "gt_masks": masks,
         "image_ids": np.arange(1, b + 1, dtype=np.int64),
         "orig_sizes": np.tile(np.array([h, w], np.int32), (b, 1)),
-        "scales": np.ones((b,), np.float32),
+        "scales": np.ones((b, 2), np.float32),
         "example_valid": np.ones((b,), bool),
     }
 

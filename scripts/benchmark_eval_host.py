@@ -64,7 +64,7 @@ def synthetic(num_images: int, batch: int, size, detections: int, seed: int = 0)
         }
         host = {
             "image_ids": np.arange(start, start + batch),
-            "scales": np.ones(batch, np.float32),
+            "scales": np.ones((batch, 2), np.float32),
             "orig_sizes": np.tile([h, w], (batch, 1)),
             "example_valid": np.ones(batch, bool),
         }

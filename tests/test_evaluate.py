@@ -313,6 +313,30 @@ def test_boxes_mapped_to_the_original_image_by_hand():
     json.dumps(results)  # plain Python types only
 
 
+def test_boxes_mapped_back_per_axis():
+    """scales [B, 2] = (rh / h, rw / w): a 427 x 640 image resized to 800 x 1199 has factors
+    800 / 427 and 1199 / 640, which differ in the fourth digit; each axis is divided by its own
+    (detectron2's detector_postprocess), so a box at the resized border maps to the original's."""
+    sy, sx = 800 / 427, 1199 / 640
+    batch = _batch([7], [[sy, sx]], [[427, 640]], [True])
+    dets = {
+        "boxes": np.array([[[0.0, 0.0, 1199.0, 800.0], [119.9, 80.0, 599.5, 400.0]]], np.float32),
+        "scores": np.array([[0.9, 0.8]], np.float32),
+        "classes": np.array([[1, 2]], np.int32),
+        "valid": np.ones((1, 2), bool),
+        "masks": None,
+    }
+    results = evaluate.detections_to_coco(dets, batch, LABEL_TO_CAT)
+    np.testing.assert_allclose(results[0]["bbox"], [0, 0, 640, 427], atol=1e-3)
+    x1, y1 = 119.9 / sx, 80 / sy
+    np.testing.assert_allclose(
+        results[1]["bbox"], [x1, y1, 599.5 / sx - x1, 400 / sy - y1], rtol=1e-5
+    )
+    # One factor for both axes (the older batch layout) still maps both axes by it.
+    one = evaluate.detections_to_coco(dets, _batch([7], [sy], [[427, 640]], [True]), LABEL_TO_CAT)
+    np.testing.assert_allclose(one[1]["bbox"][:2], [119.9 / sy, 80 / sy], rtol=1e-5)
+
+
 def test_masks_pasted_at_the_original_size():
     """A box-filling 28x28 mask pastes back to exactly its integer box (detectron2's paste), at
     the original resolution; a mask below the threshold pastes nothing."""
@@ -703,13 +727,15 @@ def _smooth_detections(rng, batch, d, size):
     )
 
 
+@pytest.mark.parametrize("per_axis", [False, True])
 @pytest.mark.parametrize("kind", ["detectron2", "torchvision"])
-def test_device_mask_rles_give_the_host_results(kind):
+def test_device_mask_rles_give_the_host_results(kind, per_axis):
     rng = np.random.default_rng(3)
     dets = _smooth_detections(rng, 3, 12, (64, 80))
     # Image 0 is scaled down, image 1 is bigger than the canvas (host fallback), image 2 is a
     # dummy; max_runs is small enough that some masks overflow (host fallback too).
-    batch = _batch([1, 2, 0], [2.0, 1.0, 1.0], [(32, 40), (70, 90), (8, 8)], [True, True, False])
+    scales = [[2.0, 1.9], [1.0, 1.0], [1.0, 1.0]] if per_axis else [2.0, 1.0, 1.0]
+    batch = _batch([1, 2, 0], scales, [(32, 40), (70, 90), (8, 8)], [True, True, False])
     fn = evaluate.make_device_mask_rles((64, 80), 0.5, max_runs=20, mask_paste=kind)
     chars, lengths = fn(dets.boxes, dets.masks, batch["scales"], batch["orig_sizes"])
     lengths = np.asarray(lengths)

@@ -268,12 +268,14 @@ def _example(ex: dict, p: _Params, aug_seed: tf.Tensor) -> dict:
         )
     pick = tf.minimum(tf.cast(u[1] * len(p.short_sizes), tf.int32), len(p.short_sizes) - 1)
     short = tf.gather(tf.constant(p.short_sizes, tf.int32), pick)
-    image, image_size, scale = transforms.resize_normalize_pad(
+    image, image_size, scales = transforms.resize_normalize_pad(
         image, short, p.max_size, p.image_size, p.pixel_mean, p.pixel_std, p.channel_order
     )
     rh, rw = tf.cast(image_size[0], tf.float32), tf.cast(image_size[1], tf.float32)
-    # box * scale can pass the rounded resized size by up to half a pixel.
-    boxes = tf.minimum(boxes * scale, tf.stack([rw, rh, rw, rh]))
+    # Per axis, as the pixels were resized; the clip only absorbs float rounding at the border.
+    boxes = tf.minimum(
+        boxes * tf.stack([scales[1], scales[0], scales[1], scales[0]]), tf.stack([rw, rh, rw, rh])
+    )
     m, k = p.max_instances, tf.shape(boxes)[0]
     return {
         "images": tf.ensure_shape(image, [*p.image_size, 3]),
@@ -285,7 +287,7 @@ def _example(ex: dict, p: _Params, aug_seed: tf.Tensor) -> dict:
         "gt_masks": _pad(crops, m),
         "image_ids": tf.cast(ex["image_id"], tf.int64),
         "orig_sizes": tf.cast(tf.stack([h, w]), tf.int32),
-        "scales": scale,
+        "scales": scales,
         "example_valid": tf.constant(True),
     }
 
@@ -303,7 +305,7 @@ def _dummy_examples(p: _Params, n: int) -> dict[str, np.ndarray]:
         "gt_masks": np.zeros((n, m, s, s), np.uint8),
         "image_ids": np.full((n,), -1, np.int64),
         "orig_sizes": np.tile(np.array([hh, ww], np.int32), (n, 1)),
-        "scales": np.ones((n,), np.float32),
+        "scales": np.ones((n, 2), np.float32),
         "example_valid": np.zeros((n,), bool),
     }
 

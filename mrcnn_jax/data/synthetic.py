@@ -56,7 +56,7 @@ def make_batch(config, batch_size: int, seed: int = 0, max_shapes: int = 3) -> d
         "gt_masks": np.zeros((batch_size, m, s, s), np.uint8),
         "image_ids": np.arange(batch_size, dtype=np.int64) + 1,
         "orig_sizes": np.tile(np.array([h, w], np.int32), (batch_size, 1)),
-        "scales": np.ones((batch_size,), np.float32),
+        "scales": np.ones((batch_size, 2), np.float32),
         "example_valid": np.ones((batch_size,), bool),
     }
     for b in range(batch_size):

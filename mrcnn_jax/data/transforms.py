@@ -138,14 +138,21 @@ def resize_normalize_pad(
     channel_order: str,
 ):
     """image [h, w, 3] uint8 RGB -> (image [H, W, 3] float32 normalised, padded bottom / right
-    with 0; resized size [2] int32 (rh, rw); scale float32). Bilinear without antialiasing,
-    half-pixel centres (torchvision's F.interpolate and the TF Model Garden)."""
+    with 0; resized size [2] int32 (rh, rw); scales [2] float32 (rh / h, rw / w)). Bilinear
+    without antialiasing, half-pixel centres (torchvision's F.interpolate and the TF Model Garden).
+
+    The scales are the factors the pixels were actually resized by, one per axis (the rounding of
+    rh and rw makes them differ from `resize_scale`'s by up to half a pixel over the side), which
+    is how detectron2's ResizeTransform maps annotations and its detector_postprocess maps
+    detections back, and torchvision's resize_boxes / transform.postprocess likewise."""
     shape = tf.shape(image)
-    scale, rh, rw = resize_scale(shape[0], shape[1], short_size, max_size)
+    _, rh, rw = resize_scale(shape[0], shape[1], short_size, max_size)
     resized = tf.image.resize(tf.cast(image, tf.float32), tf.stack([rh, rw]), method="bilinear")
     resized = normalize(resized, mean, std, channel_order)
     padded = tf.image.pad_to_bounding_box(resized, 0, 0, out_size[0], out_size[1])
-    return padded, tf.stack([rh, rw]), scale
+    size = tf.stack([rh, rw])
+    scales = tf.cast(tf.cast(size, tf.float64) / tf.cast(shape[:2], tf.float64), tf.float32)
+    return padded, size, scales
 
 
 def flip_left_right(image: tf.Tensor, boxes: tf.Tensor, crops: tf.Tensor, width):
@@ -173,9 +180,10 @@ def check_resize_fits(data_config, train: bool) -> None:
 
 def preprocess_for_eval(
     image: np.ndarray, data_config
-) -> tuple[np.ndarray, tuple[int, int], float]:
+) -> tuple[np.ndarray, tuple[int, int], np.ndarray]:
     """One user image [h, w, 3] uint8 RGB -> (float32 [H, W, 3] normalised and padded to
-    data_config.image_size, resized (rh, rw), scale), exactly as the evaluation pipeline does it."""
+    data_config.image_size, resized (rh, rw), scales float32 [2] (rh / h, rw / w)), exactly as the
+    evaluation pipeline does it."""
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected a uint8 [h, w, 3] RGB image, got {image.dtype} {image.shape}")
@@ -189,4 +197,4 @@ def preprocess_for_eval(
         tuple(data_config.pixel_std),
         data_config.channel_order,
     )
-    return out.numpy(), (int(size[0]), int(size[1])), float(scale)
+    return out.numpy(), (int(size[0]), int(size[1])), scale.numpy()

@@ -103,7 +103,8 @@ def expected_element(ex: dict, d, flip: bool, short: int, max_size: int) -> dict
         image = image[:, ::-1]
         masks = [m[:, ::-1] for m in masks]
         boxes = np.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], axis=1)
-    scale, rh, rw = resize_scale(h, w, short, max_size)
+    _, rh, rw = resize_scale(h, w, short, max_size)
+    scale = np.array([rh / h, rw / w])  # the factors the pixels are resized by, per axis
     resized = resize_bilinear(image, rh, rw)
     if d.channel_order == "BGR":
         resized = resized[..., ::-1]
@@ -112,7 +113,7 @@ def expected_element(ex: dict, d, flip: bool, short: int, max_size: int) -> dict
         "image": (resized - np.array(d.pixel_mean)) / np.array(d.pixel_std),
         "image_sizes": (rh, rw),
         "scale": scale,
-        "boxes": np.minimum(boxes * np.float32(scale), [rw, rh, rw, rh]),
+        "boxes": np.minimum(boxes * scale[[1, 0, 1, 0]], [rw, rh, rw, rh]),
         "classes": np.full(m, -1),
         "crowd": np.zeros(m, bool),
         "masks": np.zeros((m, s, s), np.uint8),
@@ -132,7 +133,7 @@ def check_element(batch: dict, i: int, ex: dict, d, variants, atol=1e-3):
     for flip, short, max_size in variants:
         exp = expected_element(ex, d, flip, short, max_size)
         rh, rw = exp["image_sizes"]
-        if abs(batch["scales"][i] - exp["scale"]) > 1e-6 * exp["scale"]:
+        if not np.allclose(batch["scales"][i], exp["scale"], rtol=1e-6, atol=0):
             continue
         if not np.allclose(batch["images"][i][:rh, :rw], exp["image"], atol=atol):
             continue

@@ -278,7 +278,7 @@ def test_eval_batches_decode_images_and_instances(prepared):
         for i in np.flatnonzero(b["example_valid"]):
             iid = int(b["image_ids"][i])
             seen.append(iid)
-            assert b["scales"][i] == 1 and tuple(b["image_sizes"][i]) == (H, W)
+            assert (b["scales"][i] == 1).all() and tuple(b["image_sizes"][i]) == (H, W)
             # The JPEG (102) too: decoded as PIL decodes it (pipeline.decode_rgb).
             np.testing.assert_array_equal(b["images"][i][:H, :W], images[iid], err_msg=str(iid))
             inst = _instances_of(instances, iid)

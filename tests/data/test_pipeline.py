@@ -157,7 +157,8 @@ def test_preprocess_for_eval_matches_the_eval_pipeline(config, examples):
     image = reference.decode_image(examples["validation"][1]["image"])
     out, size, scale = transforms.preprocess_for_eval(image, config.data)
     np.testing.assert_array_equal(out, batch["images"][0])
-    assert size == tuple(batch["image_sizes"][0]) and scale == batch["scales"][0]
+    assert size == tuple(batch["image_sizes"][0])
+    np.testing.assert_array_equal(scale, batch["scales"][0])
 
 
 def test_coco_ground_truth_holds_the_stored_instances(config, examples):
