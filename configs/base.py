@@ -42,6 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
     m.num_classes = d.get_ref("num_classes")
     m.depth = 50  # ResNet 18 / 34 / 50 / 101
     m.norm = "frozen_bn"  # "frozen_bn" | "group_norm" | "batch_norm" | "sync_bn"
+    m.norm_eps = 1e-5  # the backbone norms' epsilon (torch's default; torchvision's COCO weights: 0)
     m.stride_in_1x1 = False  # True for detectron2's MSRA weights, False for torchvision
     m.freeze_at = 2  # detectron2 FREEZE_AT: 0 none, 1 stem, 2 stem + res2, ...
     m.width_per_group = 64

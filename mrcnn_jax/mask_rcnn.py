@@ -29,7 +29,7 @@ import ml_collections
 
 from mrcnn_jax.modeling.fpn import FPN
 from mrcnn_jax.modeling.heads import BoxHead, MaskHead
-from mrcnn_jax.modeling.norm import NormKind
+from mrcnn_jax.modeling.norm import EPSILON, NormKind
 from mrcnn_jax.modeling.resnet import ResNet, backbone_trainable_mask
 from mrcnn_jax.modeling.rpn import RPNHead
 
@@ -55,6 +55,7 @@ class MaskRCNN(nn.Module):
     remat_backbone: bool = False
     per_image_stages: int = 0  # ResNet.per_image_stages: the frozen stages, image by image
     frozen_stages: int = 0  # ResNet.frozen_stages: freeze_at, whose norms keep their statistics
+    norm_eps: float = EPSILON  # the backbone norms' epsilon (torchvision's COCO weights: 0)
 
     def setup(self):
         self.backbone = ResNet(
@@ -67,6 +68,7 @@ class MaskRCNN(nn.Module):
             remat=self.remat_backbone,
             per_image_stages=self.per_image_stages,
             frozen_stages=self.frozen_stages,
+            norm_eps=self.norm_eps,
         )
         self.fpn = FPN(channels=self.fpn_channels, dtype=self.dtype)
         self.rpn_head = RPNHead(
@@ -142,6 +144,7 @@ def build_model(
         remat_backbone=model_cfg.remat_backbone,
         per_image_stages=model_cfg.freeze_at if _frozen_per_image(model_cfg, sharded_batch) else 0,
         frozen_stages=model_cfg.freeze_at,
+        norm_eps=model_cfg.norm_eps,
     )
 
 

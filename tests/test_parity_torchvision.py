@@ -78,6 +78,9 @@ def _torchvision_run():
     images, _ = tv.transform([image])
     assert tuple(images.tensors.shape) == (1, 3, H, W) and images.image_sizes == [(H, W)]
     _lively(tv, images.tensors, gen)
+    for m in tv.modules():  # as torchvision runs its COCO_V1 weights (overwrite_eps(model, 0.0))
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.eps = 0.0
     r = types.SimpleNamespace(image=image.numpy(), x=_nhwc(images.tensors))
     with torch.no_grad():
         body = tv.backbone.body(images.tensors)

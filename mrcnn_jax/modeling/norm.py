@@ -13,8 +13,10 @@ BATCH_NORM and SYNC_BN are the same; `mask_rcnn.build_model` builds SYNC_BN with
 as BATCH_NORM. Frozen stages (`freeze_at`) keep their running statistics in training
 (`ResNet.frozen_stages`).
 
-Epsilon is 1e-5 everywhere, as torch.nn.BatchNorm2d / GroupNorm, torchvision's FrozenBatchNorm2d and
-detectron2's FrozenBatchNorm2d, so imported weights give the same outputs.
+Epsilon is 1e-5 by default, as torch.nn.BatchNorm2d / GroupNorm, torchvision's FrozenBatchNorm2d and
+detectron2's FrozenBatchNorm2d, so imported weights give the same outputs; `make_norm(epsilon=)`
+(config `model.norm_eps`) changes it: torchvision runs its COCO_V1 Mask R-CNN weights with
+FrozenBatchNorm2d eps 0 (`overwrite_eps(model, 0.0)` when they are loaded).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ class NormKind(enum.Enum):
 class FrozenBatchNorm(nn.Module):
     """Batch norm with fixed statistics and affine terms: x [..., C] -> [..., C].
 
-    y = (x - mean) * scale * rsqrt(var + eps) + bias, eps = 1e-5. All four vectors [C] live in the
+    y = (x - mean) * scale * rsqrt(var + eps) + bias, eps = 1e-5 by default. All four vectors [C] live in the
     non-trainable `"batch_stats"` collection, so they are never in `params` and never get gradients;
     they start as the identity (scale 1, bias 0, mean 0, var 1) and are meant to be overwritten by
     pretrained weights (torch `weight, bias, running_mean, running_var`).
@@ -75,6 +77,7 @@ def make_norm(
     axis_name: str | None,
     dtype: Any,
     name: str,
+    epsilon: float = EPSILON,
 ) -> nn.Module:
     """Builds the normalisation module `name` of the given kind (a NormKind or its string value).
 
@@ -83,15 +86,15 @@ def make_norm(
     """
     kind = NormKind(kind)
     if kind is NormKind.FROZEN_BN:
-        return FrozenBatchNorm(dtype=dtype, name=name)
+        return FrozenBatchNorm(epsilon=epsilon, dtype=dtype, name=name)
     if kind is NormKind.GROUP_NORM:
-        return nn.GroupNorm(num_groups=GN_GROUPS, epsilon=EPSILON, dtype=dtype, name=name)
+        return nn.GroupNorm(num_groups=GN_GROUPS, epsilon=epsilon, dtype=dtype, name=name)
     if kind is NormKind.SYNC_BN and axis_name is None:
         raise ValueError("NormKind.SYNC_BN needs the axis_name of the device axis (pmap/shard_map)")
     return nn.BatchNorm(
         use_running_average=not train,
         momentum=BN_MOMENTUM,
-        epsilon=EPSILON,
+        epsilon=epsilon,
         axis_name=axis_name if kind is NormKind.SYNC_BN else None,
         dtype=dtype,
         name=name,

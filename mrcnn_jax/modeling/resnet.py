@@ -35,7 +35,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mrcnn_jax.modeling.norm import NormKind, make_norm
+from mrcnn_jax.modeling.norm import EPSILON, NormKind, make_norm
 from mrcnn_jax.ops import conv as conv_ops
 
 # (block type, blocks per stage) for torchvision / detectron2 depths.
@@ -83,11 +83,17 @@ class BasicBlock(nn.Module):
     norm: NormKind
     axis_name: str | None = None
     dtype: Any = jnp.float32
+    norm_eps: float = EPSILON
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
         norm = lambda name: make_norm(
-            self.norm, train=train, axis_name=self.axis_name, dtype=self.dtype, name=name
+            self.norm,
+            train=train,
+            axis_name=self.axis_name,
+            dtype=self.dtype,
+            name=name,
+            epsilon=self.norm_eps,
         )
         y = nn.relu(norm("bn1")(_conv(self.features, 3, self.strides, self.dtype, "conv1")(x)))
         y = norm("bn2")(_conv(self.features, 3, 1, self.dtype, "conv2")(y))
@@ -109,11 +115,17 @@ class Bottleneck(nn.Module):
     stride_in_1x1: bool = False
     axis_name: str | None = None
     dtype: Any = jnp.float32
+    norm_eps: float = EPSILON
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
         norm = lambda name: make_norm(
-            self.norm, train=train, axis_name=self.axis_name, dtype=self.dtype, name=name
+            self.norm,
+            train=train,
+            axis_name=self.axis_name,
+            dtype=self.dtype,
+            name=name,
+            epsilon=self.norm_eps,
         )
         s1, s3 = (self.strides, 1) if self.stride_in_1x1 else (1, self.strides)
         y = nn.relu(norm("bn1")(_conv(self.features, 1, s1, self.dtype, "conv1")(x)))
@@ -155,6 +167,7 @@ class ResNet(nn.Module):
                      even in training, so BATCH_NORM / SYNC_BN there normalise with, and keep, their
                      running statistics, as detectron2's freeze() turns them into FrozenBatchNorm.
                      (Their parameters are frozen by the train step, `backbone_trainable_mask`.)
+    norm_eps:        the norms' epsilon (1e-5; torchvision's COCO_V1 detector weights use 0).
 
     The stem output (after the max-pool) is sown as intermediates["stem"].
     """
@@ -168,6 +181,7 @@ class ResNet(nn.Module):
     remat: bool = False
     per_image_stages: int = 0
     frozen_stages: int = 0
+    norm_eps: float = EPSILON
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool, _stages: tuple[int, int] = (1, 5)):
@@ -192,6 +206,7 @@ class ResNet(nn.Module):
                 axis_name=self.axis_name,
                 dtype=self.dtype,
                 name="bn1",
+                epsilon=self.norm_eps,
             )
             x = stem_norm(_conv(64, 7, 2, self.dtype, "conv1")(x))
             # torchvision MaxPool2d(3, 2, padding=1): flax pads with -inf (reduce_window init).
@@ -238,7 +253,13 @@ class ResNet(nn.Module):
         return (out[f"c{last}"], out) if last >= 2 else (out, {})
 
     def _block(self, kind: str, planes: int, strides: int, norm: NormKind, name: str) -> nn.Module:
-        common = dict(strides=strides, norm=norm, axis_name=self.axis_name, dtype=self.dtype)
+        common = dict(
+            strides=strides,
+            norm=norm,
+            axis_name=self.axis_name,
+            dtype=self.dtype,
+            norm_eps=self.norm_eps,
+        )
         wrap = (lambda cls: nn.remat(cls, static_argnums=(2,))) if self.remat else (lambda cls: cls)
         if kind == "basic":
             return wrap(BasicBlock)(features=planes, name=name, **common)

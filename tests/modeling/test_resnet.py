@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -220,6 +221,37 @@ def test_frozen_bn_matches_numpy():
     np.testing.assert_allclose(out, np_frozen_bn(x, np_tree(stats)), rtol=1e-5, atol=1e-5)
     # Identity at init (scale 1, bias 0, mean 0, var 1) up to eps.
     np.testing.assert_allclose(bn.apply(variables, x), x / np.sqrt(1 + 1e-5), rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["frozen_bn", "batch_norm", "group_norm"])
+def test_norm_eps_reaches_every_backbone_norm(kind):
+    """`model.norm_eps` (torchvision's COCO_V1 weights: FrozenBatchNorm2d eps 0) is the epsilon of
+    every norm of the backbone: 53 in R-50 (stem, 3 per block, 4 downsamples)."""
+    import configs.torchvision_r50_fpn as tv_config
+    from mrcnn_jax import mask_rcnn
+
+    model_cfg = tv_config.get_config().model
+    assert model_cfg.norm_eps == 0.0
+    model_cfg.norm = kind
+    seen = []
+
+    def record(next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name == "__call__" and isinstance(
+            module, FrozenBatchNorm | nn.BatchNorm | nn.GroupNorm
+        ):
+            seen.append(module.epsilon)
+        return next_fun(*args, **kwargs)
+
+    model = mask_rcnn.build_model(model_cfg)
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda k: mask_rcnn.init_variables(model, k, (64, 64)), jax.random.key(0))
+    assert len(seen) == 53 and set(seen) == {0.0}
+
+    x = np.random.RandomState(1).randn(2, 4).astype(np.float32)
+    bn = FrozenBatchNorm(epsilon=0.0)
+    stats = {"scale": np.ones(4), "bias": np.zeros(4), "mean": np.zeros(4), "var": np.full(4, 1e-6)}
+    np.testing.assert_allclose(bn.apply({"batch_stats": stats}, x), x * 1e3, rtol=1e-5)
 
 
 def test_frozen_bn_has_no_params():
