@@ -46,4 +46,8 @@ def get_config():
     t.detections_per_image = 100  # TEST.DETECTIONS_PER_IMAGE
     t.min_size = 0.0
     t.mask_paste = "detectron2"  # paste_masks_in_image, threshold 0.5
+
+    # The recipe is written at batch 16 (IMS_PER_BATCH); another global_batch_size keeps its
+    # epochs, the learning rate and the steps scaled together (detectron2 auto_scale_workers).
+    c.train.scale_schedule = True
     return c

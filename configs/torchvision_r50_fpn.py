@@ -56,4 +56,8 @@ def get_config():
     t.detections_per_image = 100
     t.min_size = _at_least(1e-2)  # postprocess_detections: remove_small_boxes(min_size=1e-2)
     t.mask_paste = "torchvision"  # paste_masks_in_image: integer box, 1-px zero border
+
+    # Fine-tuning keeps the base recipe's epochs at any global_batch_size (steps scaled with the
+    # learning rate, as the COCO recipes).
+    c.train.scale_schedule = True
     return c

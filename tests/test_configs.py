@@ -33,3 +33,27 @@ def test_coco_recipes_follow_detectron2():
     assert (c3.train.num_steps, tuple(c3.train.decay_steps)) == (270_000, (210_000, 250_000))
     assert c1.train.base_lr == 0.02 and c1.train.global_batch_size == 16
     assert c1.model.depth == 50 and c1.model.freeze_at == 2 and c1.model.norm == "frozen_bn"
+
+
+@pytest.mark.parametrize(
+    "name, scaled",
+    [
+        ("coco_r50_fpn_1x", True),
+        ("coco_r50_fpn_3x", True),
+        ("detectron2_r50_fpn_1x", True),
+        ("detectron2_r50_fpn_3x", True),
+        ("torchvision_r50_fpn", True),
+        ("coco_folder", False),  # its steps are written for its own batch of 8
+    ],
+)
+def test_recipes_keep_their_epochs_at_any_batch(name, scaled):
+    from mrcnn_jax.train import scale_schedule
+
+    config = importlib.import_module(f"configs.{name}").get_config()
+    assert config.train.scale_schedule is scaled
+    as_written = scale_schedule(config.train)
+    assert as_written.num_steps == config.train.num_steps  # at the batch the steps are written for
+    config.train.global_batch_size = 2 * config.train.lr_reference_batch
+    doubled = scale_schedule(config.train)
+    expected = round(config.train.num_steps / 2) if scaled else config.train.num_steps
+    assert doubled.num_steps == expected
