@@ -83,6 +83,7 @@ def batch_proposals(model_cfg, logits, deltas, anchors, image_sizes, level_count
         min_size=rpn.min_size,
         box_weights=tuple(rpn.box_weights),
         sigmoid_scores=rpn.sigmoid_scores,
+        size_divisibility=rpn.size_divisibility,
     )
     logits, deltas = jax.lax.stop_gradient((logits, deltas))
     return jax.vmap(fn, in_axes=(0, 0, None, 0))(

@@ -26,6 +26,7 @@ import optax
 from mrcnn_jax import targets as tgt
 from mrcnn_jax.inference import anchors_for, batch_proposals, mask_head_on_valid, pool_many
 from mrcnn_jax.mask_rcnn import MaskRCNN
+from mrcnn_jax.ops.anchors import inside_padded_image
 from mrcnn_jax.ops.matching import MatchLabel, leading_rows
 
 
@@ -105,9 +106,12 @@ def _per_image_targets(model_cfg, anchors, batch, keys, proposals_and_valid):
     # The number of leading gt rows holding a trainable gt, over the whole batch: unbatched, so
     # that the matcher's `lax.switch` on it stays a switch under vmap.
     gt_rows = leading_rows(gt_trainable)
-    rpn_t = jax.vmap(lambda key, gt, trainable: rpn_fn(key, anchors, gt, trainable, gt_rows=gt_rows))(
-        keys[:, 0], batch["gt_boxes"], gt_trainable
-    )
+
+    def rpn_one(key, gt, trainable, image_size):
+        inside = inside_padded_image(anchors, image_size, rpn.size_divisibility)
+        return rpn_fn(key, anchors, gt, trainable, gt_rows=gt_rows, anchor_valid=inside)
+
+    rpn_t = jax.vmap(rpn_one)(keys[:, 0], batch["gt_boxes"], gt_trainable, batch["image_sizes"])
     props, props_valid = proposals_and_valid
     samples = jax.vmap(roi_fn)(
         keys[:, 1], props, props_valid, batch["gt_boxes"], batch["gt_classes"], gt_trainable

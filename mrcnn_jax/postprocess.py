@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from mrcnn_jax.ops import boxes as box_ops
+from mrcnn_jax.ops.anchors import inside_padded_image
 from mrcnn_jax.ops.nms import batched_nms
 
 NEG_INF = -jnp.inf
@@ -26,6 +27,7 @@ def proposals(
     min_size: float,
     box_weights,
     sigmoid_scores: bool = False,
+    size_divisibility: int = 0,
 ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
     """RPN outputs for one image -> (boxes [P, 4], scores [P], valid [P]), P = post_nms_topk.
 
@@ -36,7 +38,12 @@ def proposals(
     static anchor counts per level, in anchor order. `sigmoid_scores`: NMS and the final ranking
     use sigmoid(logit), as torchvision's `filter_proposals` (the top-k per level is on the logits in
     both); float32 sigmoid saturates at 1.0 for logits above ~17, so ties are broken differently.
+    size_divisibility > 0: only the anchors of the image padded to a multiple of it compete
+    (`ops.anchors.inside_padded_image`), as in detectron2 / torchvision, whose batches are padded
+    that far and no further.
     """
+    inside = inside_padded_image(anchors, image_size, size_divisibility)
+    logits = jnp.where(inside, logits, NEG_INF)
     boxes, scores, levels = [], [], []
     start = 0
     for level, count in enumerate(level_counts):
@@ -49,10 +56,11 @@ def proposals(
         start += count
     boxes = box_ops.clip_boxes(jnp.concatenate(boxes), image_size[0], image_size[1])
     scores = jnp.concatenate(scores).astype(jnp.float32)
+    finite = jnp.isfinite(scores)  # before the sigmoid, which maps -inf (and NaN-free) to 0
     if sigmoid_scores:
         scores = jax.nn.sigmoid(scores)
     levels = jnp.concatenate(levels)
-    keep = box_ops.valid_boxes(boxes, min_size) & jnp.isfinite(scores)
+    keep = box_ops.valid_boxes(boxes, min_size) & finite & jnp.isfinite(scores)
     scores = jnp.where(keep, scores, NEG_INF)
     idx, valid = batched_nms(boxes, scores, levels, nms_iou, post_nms_topk)
     return boxes[idx], jnp.where(valid, scores[idx], NEG_INF), valid

@@ -54,6 +54,7 @@ def rpn_targets(
     box_weights,
     anchor_chunk: int = 0,
     gt_rows: jnp.ndarray | None = None,
+    anchor_valid: jnp.ndarray | None = None,
 ) -> RPNTargets:
     """anchors: [A, 4]; gt_boxes: [M, 4]; gt_trainable: [M] bool -> sampled RPN targets.
 
@@ -61,11 +62,13 @@ def rpn_targets(
     anchors sampled at up to 50% positive (detectron2 RPN defaults). anchor_chunk > 0 matches the
     anchors that many at a time (`match_boxes`: same result, no [M, A] IoU matrix); gt_rows (an
     int32 scalar, `matching.leading_rows` of the batch's gt_trainable) matches against only the
-    leading gt rows that hold a trainable gt (same result, less work).
+    leading gt rows that hold a trainable gt (same result, less work). anchor_valid [A] bool
+    (`ops.anchors.inside_padded_image`): the other anchors are IGNORE, never sampled and never a
+    gt's best anchor.
     """
     matched, labels = match_boxes(
         gt_boxes, anchors, gt_trainable, fg_iou, bg_iou, allow_low_quality=True, chunk=anchor_chunk,
-        rows=gt_rows,
+        rows=gt_rows, box_valid=anchor_valid,
     )
     pos, neg = subsample(key, labels, batch_size_per_image, positive_fraction)
     labels = jnp.where(pos, MatchLabel.POSITIVE, jnp.where(neg, MatchLabel.NEGATIVE, MatchLabel.IGNORE))

@@ -87,3 +87,43 @@ def test_detections_match_reference():
     np.testing.assert_array_equal(np.asarray(classes)[: len(cand)], [c[1] for c in cand])
     np.testing.assert_allclose(np.asarray(boxes)[: len(cand)], [c[2] for c in cand], atol=1e-3)
     assert np.all(np.asarray(scores)[~v] == 0) and np.all(np.asarray(classes)[~v] == 0)
+
+
+def test_proposals_only_from_the_anchors_of_the_image_padded_to_32():
+    """On a 256 x 256 canvas, a 70 x 100 image's proposals are those of the same image padded to
+    96 x 128 (detectron2 / torchvision): the anchors centred in the extra padding, whatever their
+    scores (here the highest), do not compete. Without size_divisibility they take the top."""
+    from mrcnn_jax.ops import anchors as anchor_ops
+
+    rng = np.random.default_rng(5)
+    strides, sizes = (8, 16, 32), (16, 32, 64)
+    canvas, image, padded = (256, 256), np.array([70, 100], np.int32), (96, 128)
+    anchors = anchor_ops.generate_anchors(canvas, strides, sizes)
+    counts = anchor_ops.num_anchors_per_level(canvas, strides, 3)
+    inside = np.asarray(anchor_ops.inside_padded_image(anchors, image, 32))
+    logits = rng.normal(size=len(anchors)).astype(np.float32)
+    logits[~inside] += 10.0  # the padding's anchors score highest
+    deltas = rng.normal(scale=0.1, size=(len(anchors), 4)).astype(np.float32)
+    kw = dict(pre_nms_topk=50, post_nms_topk=40, nms_iou=0.7, min_size=0.0,
+              box_weights=(1, 1, 1, 1))
+    boxes, scores, valid = postprocess.proposals(
+        logits, deltas, anchors, image, level_counts=counts, size_divisibility=32, **kw
+    )
+    small = anchor_ops.generate_anchors(padded, strides, sizes)
+    ref = postprocess.proposals(
+        logits[inside], deltas[inside], small, image,
+        level_counts=anchor_ops.num_anchors_per_level(padded, strides, 3), **kw,
+    )
+    for ours, theirs in zip((boxes, scores, valid), ref, strict=True):
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+    assert np.asarray(valid).sum() == 40
+    _, all_scores, _ = postprocess.proposals(
+        logits, deltas, anchors, image, level_counts=counts, **kw
+    )
+    assert np.asarray(all_scores)[0] > 5.0  # the padding's anchors win without the mask
+    # torchvision ranks by sigmoid: masked anchors must not come back as sigmoid(-inf) = 0
+    _, sig_scores, sig_valid = postprocess.proposals(
+        logits, deltas, anchors, image, level_counts=counts, size_divisibility=32,
+        sigmoid_scores=True, **kw,
+    )
+    assert np.asarray(sig_valid).sum() == 40 and np.all(np.asarray(sig_scores)[:40] > 0)

@@ -86,3 +86,34 @@ def test_mask_targets_at_gt_box_reproduce_the_gt_crop():
             gt["gt_masks"][g].astype(np.float32), np.array([[0, 0, s_, s_]], np.float32), 28
         ))[0] >= 0.5
         assert (ref == (tmask[i] > 0.5)).mean() > 0.97
+
+
+def test_rpn_targets_never_sample_anchors_in_the_padding():
+    """An image in the top-left corner of the canvas: with anchor_valid, every sampled anchor
+    (positive or negative) is an anchor of the image padded to 32, and the labels of those
+    anchors are the ones the matcher gives on the padded image's anchors alone."""
+    from mrcnn_jax.ops import anchors as anchor_ops
+    from mrcnn_jax.ops.matching import match_boxes
+
+    anchors, _ = inference.anchors_for(CFG.model, CFG.data.image_size)
+    gt = _gt(seed=2)
+    image = np.array([20, 28], np.int32)  # padded to 32 x 32 of the 64 x 64 canvas
+    boxes = (gt["gt_boxes"] * 0.3).astype(np.float32)
+    inside = np.asarray(anchor_ops.inside_padded_image(anchors, image, 32))
+    assert 0 < inside.sum() < len(anchors) // 2
+    kw = dict(
+        fg_iou=RPN.fg_iou, bg_iou=RPN.bg_iou, batch_size_per_image=RPN.batch_size_per_image,
+        positive_fraction=RPN.positive_fraction, box_weights=RPN.box_weights,
+    )
+    t = targets.rpn_targets(
+        jax.random.key(0), anchors, boxes, gt["gt_valid"], anchor_valid=inside, **kw
+    )
+    labels = np.asarray(t.labels)
+    assert (labels[~inside] == MatchLabel.IGNORE).all()
+    assert (labels[inside] == MatchLabel.POSITIVE).any()
+    assert (labels != MatchLabel.IGNORE).sum() == RPN.batch_size_per_image
+    _, alone = match_boxes(boxes, anchors[inside], gt["gt_valid"], RPN.fg_iou, RPN.bg_iou, True)
+    sampled = labels[inside] != MatchLabel.IGNORE
+    np.testing.assert_array_equal(labels[inside][sampled], np.asarray(alone)[sampled])
+    free = targets.rpn_targets(jax.random.key(0), anchors, boxes, gt["gt_valid"], **kw)
+    assert (np.asarray(free.labels)[~inside] == MatchLabel.NEGATIVE).any()  # the old behaviour

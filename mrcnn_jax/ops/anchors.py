@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -85,3 +86,27 @@ def generate_anchors(
         shifts = np.stack([sx, sy, sx, sy], axis=-1).reshape(-1, 1, 4)  # [fh * fw, 1, 4]
         levels.append((shifts + cell[None]).reshape(-1, 4))
     return np.concatenate(levels, axis=0).astype(np.float32)
+
+
+def inside_padded_image(anchors, image_size, size_divisibility: int):
+    """anchors [A, 4] of the canvas, image_size [2] (h, w) of one resized image -> [A] bool: the
+    anchors that exist when the image is padded only to a multiple of `size_divisibility`, as
+    detectron2's ImageList and torchvision's GeneralizedRCNNTransform pad it (32 for FPN);
+    0 = all of them.
+
+    Every image here is padded to one canvas so that one graph serves all; the anchors centred in
+    the extra padding see only zeros and are neither training samples nor proposals (otherwise
+    they are half or more of the RPN's sampled negatives at COCO sizes on a 1344 x 1344 canvas).
+    The anchor of feature cell (y, x) at stride s exists iff x * s < W_pad and y * s < H_pad
+    (the ceil(W_pad / s) cells of each level). Centres are multiples of the stride (offset 0) and
+    the padded sides multiples of 32, so the half-pixel margin only absorbs float rounding.
+    """
+    anchors = jnp.asarray(anchors, jnp.float32)
+    if size_divisibility <= 0:
+        return jnp.ones(anchors.shape[:1], bool)
+    d = jnp.int32(size_divisibility)
+    size = jnp.asarray(image_size).astype(jnp.int32)
+    h_pad, w_pad = ((size + d - 1) // d * d).astype(jnp.float32)
+    cx = (anchors[:, 0] + anchors[:, 2]) * 0.5
+    cy = (anchors[:, 1] + anchors[:, 3]) * 0.5
+    return (cx < w_pad - 0.5) & (cy < h_pad - 0.5)

@@ -23,12 +23,17 @@ class MatchLabel(enum.IntEnum):
     POSITIVE = 1
 
 
+# Relative tolerance of "equals the gt's highest IoU" in the low-quality rule (~16 float32 ulps).
+TIE_RTOL = 2.0**-20
+
+
 def match(
     iou: jnp.ndarray,
     gt_valid: jnp.ndarray,
     fg_threshold: float,
     bg_threshold: float,
     allow_low_quality: bool,
+    pred_valid: jnp.ndarray | None = None,
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
     """iou: [G, N] gt x prediction; gt_valid: [G] bool -> (matched_gt [N] int32, labels [N] int32).
 
@@ -39,23 +44,43 @@ def match(
     With no valid gt every prediction is NEGATIVE with matched_gt 0.
 
     allow_low_quality (Faster R-CNN sec. 3.1.2 (i), RPN): for each valid gt, every prediction whose
-    IoU equals that gt's highest IoU (ties included) becomes POSITIVE. Like detectron2 the
-    matched_gt of such a prediction stays its argmax gt. Unlike detectron2 it needs that highest IoU
-    to be > 0: a valid gt that overlaps no prediction at all (degenerate, or outside the anchors'
-    reach) would otherwise turn every prediction with IoU 0 into a positive.
+    IoU equals that gt's highest IoU (ties included, to a relative TIE_RTOL) becomes POSITIVE.
+    Like detectron2 the matched_gt of such a prediction stays its argmax gt. Unlike detectron2 it
+    needs that highest IoU to be > 0: a valid gt that overlaps no prediction at all (degenerate,
+    or outside the anchors' reach) would otherwise turn every prediction with IoU 0 into a
+    positive.
+
+    pred_valid: [N] bool or None (all valid). An invalid prediction does not exist for the
+    matcher: it is IGNORE (matched_gt 0) and never any gt's highest IoU (the RPN's anchors in the
+    padding of a fixed-size canvas, which detectron2 / torchvision never generate).
     """
     num_gt, num_pred = iou.shape
     if num_gt == 0:  # static shape: nothing to match
         zeros = jnp.zeros((num_pred,), jnp.int32)
-        return zeros, jnp.full((num_pred,), int(MatchLabel.NEGATIVE), jnp.int32)
-    masked = _masked(iou, gt_valid)
+        labels = jnp.full((num_pred,), int(MatchLabel.NEGATIVE), jnp.int32)
+        return zeros, _ignore_invalid(labels, pred_valid)
+    masked = _masked(iou, gt_valid, pred_valid)
     highest = jnp.max(masked, axis=1) if allow_low_quality else None
-    return _match_masked(masked, gt_valid, highest, fg_threshold, bg_threshold)
+    matched, labels = _match_masked(masked, gt_valid, highest, fg_threshold, bg_threshold)
+    return _valid_only(matched, labels, pred_valid)
 
 
-def _masked(iou: jnp.ndarray, gt_valid: jnp.ndarray) -> jnp.ndarray:
-    # IoU is in [0, 1], so -1 keeps padded gt out of every max / argmax.
-    return jnp.where(gt_valid[:, None], iou.astype(jnp.float32), -1.0)
+def _masked(iou: jnp.ndarray, gt_valid: jnp.ndarray, pred_valid=None) -> jnp.ndarray:
+    # IoU is in [0, 1], so -1 keeps padded gt (and invalid predictions) out of every max / argmax.
+    keep = gt_valid[:, None] if pred_valid is None else gt_valid[:, None] & pred_valid[None, :]
+    return jnp.where(keep, iou.astype(jnp.float32), -1.0)
+
+
+def _ignore_invalid(labels, pred_valid):
+    if pred_valid is None:
+        return labels
+    return jnp.where(pred_valid, labels, int(MatchLabel.IGNORE)).astype(jnp.int32)
+
+
+def _valid_only(matched, labels, pred_valid):
+    if pred_valid is None:
+        return matched, labels
+    return jnp.where(pred_valid, matched, 0).astype(jnp.int32), _ignore_invalid(labels, pred_valid)
 
 
 def _match_masked(masked, gt_valid, highest, fg_threshold, bg_threshold):
@@ -69,7 +94,10 @@ def _match_masked(masked, gt_valid, highest, fg_threshold, bg_threshold):
         jnp.where(best >= bg_threshold, int(MatchLabel.IGNORE), int(MatchLabel.NEGATIVE)),
     ).astype(jnp.int32)
     if highest is not None:  # [G]; -1 for padded gt
-        is_best = (masked == highest[:, None]) & (highest[:, None] > 0.0)
+        # Ties within TIE_RTOL: the chunked matcher computes the IoU twice, in loops XLA fuses
+        # differently, and the two can differ in the last bits (measured: one ulp).
+        top = highest[:, None]
+        is_best = (masked >= top - top * TIE_RTOL) & (top > 0.0)
         labels = jnp.where(jnp.any(is_best, axis=0), int(MatchLabel.POSITIVE), labels)
     any_gt = jnp.any(gt_valid)
     matched = jnp.where(any_gt, matched, 0)
@@ -106,8 +134,10 @@ def match_boxes(
     allow_low_quality: bool,
     chunk: int = 0,
     rows: jnp.ndarray | None = None,
+    box_valid: jnp.ndarray | None = None,
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """`match(pairwise_iou(gt_boxes, boxes), ...)` for gt_boxes [G, 4] and boxes [N, 4], without
+    """`match(pairwise_iou(gt_boxes, boxes), ..., pred_valid=box_valid)` for gt_boxes [G, 4] and
+    boxes [N, 4] (box_valid [N] bool or None: all valid), without
     the [G, N] matrix when chunk > 0: the boxes are taken `chunk` at a time, once for each gt's
     highest IoU (the low-quality rule needs it over all of them) and once to match, so memory is
     [G, chunk] and the IoU is computed twice. For the RPN (N ~ 250k anchors at 800 x 1216, G =
@@ -125,25 +155,38 @@ def match_boxes(
         sizes = row_buckets(num_gt)
         branch = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), rows.astype(jnp.int32))
         run = lambda k: lambda: match_boxes(
-            gt_boxes[:k], boxes, gt_valid[:k], fg_threshold, bg_threshold, allow_low_quality, chunk
+            gt_boxes[:k],
+            boxes,
+            gt_valid[:k],
+            fg_threshold,
+            bg_threshold,
+            allow_low_quality,
+            chunk,
+            box_valid=box_valid,
         )
         return jax.lax.switch(branch, [run(k) for k in sizes])  # switch clamps the index
     if chunk <= 0 or chunk >= num or num_gt == 0:
         iou = box_ops.pairwise_iou(gt_boxes, boxes)
-        return match(iou, gt_valid, fg_threshold, bg_threshold, allow_low_quality)
+        return match(iou, gt_valid, fg_threshold, bg_threshold, allow_low_quality, box_valid)
     blocks = -(-num // chunk)
     # Padding boxes are all-zero (IoU 0 with everything): they never raise a gt's highest IoU
     # above 0 and their own matches are cut off below.
-    padded = jnp.pad(boxes, ((0, blocks * chunk - num), (0, 0))).reshape(blocks, chunk, 4)
-    block_masked = lambda b: _masked(box_ops.pairwise_iou(gt_boxes, b), gt_valid)
+    pad = blocks * chunk - num
+    padded = jnp.pad(boxes, ((0, pad), (0, 0))).reshape(blocks, chunk, 4)
+    valid = jnp.ones((num,), bool) if box_valid is None else box_valid
+    valid = jnp.pad(valid, (0, pad)).reshape(blocks, chunk)
+    block_masked = lambda b, v: _masked(box_ops.pairwise_iou(gt_boxes, b), gt_valid, v)
     highest = None
     if allow_low_quality:
-        highest = jnp.max(jax.lax.map(lambda b: jnp.max(block_masked(b), axis=1), padded), axis=0)
+        highest = jnp.max(
+            jax.lax.map(lambda bv: jnp.max(block_masked(*bv), axis=1), (padded, valid)), axis=0
+        )
     matched, labels = jax.lax.map(
-        lambda b: _match_masked(block_masked(b), gt_valid, highest, fg_threshold, bg_threshold),
-        padded,
+        lambda bv: _match_masked(block_masked(*bv), gt_valid, highest, fg_threshold, bg_threshold),
+        (padded, valid),
     )
-    return matched.reshape(-1)[:num], labels.reshape(-1)[:num]
+    matched, labels = matched.reshape(-1)[:num], labels.reshape(-1)[:num]
+    return _valid_only(matched, labels, box_valid)
 
 
 def _first_k(priority: jnp.ndarray, eligible: jnp.ndarray, k: int, limit: jnp.ndarray):

@@ -108,3 +108,17 @@ def test_torchvision_rounded_values():
 def test_rejects_mismatched_sizes():
     with pytest.raises(ValueError):
         anchor_ops.generate_anchors((64, 64), STRIDES, SIZES[:3])
+
+
+@pytest.mark.parametrize("size", [(800, 1067), (640, 853), (1344, 1344), (33, 64), (1, 1)])
+@pytest.mark.parametrize("round_base", [False, True])
+def test_inside_padded_image_is_the_padded_images_anchors(size, round_base):
+    """The canvas anchors kept for an image are exactly the anchors detectron2 / torchvision
+    generate for that image padded to a multiple of 32, in the same relative order."""
+    canvas = (1344, 1344)
+    anchors = anchor_ops.generate_anchors(canvas, round_base=round_base)
+    inside = np.asarray(anchor_ops.inside_padded_image(anchors, np.array(size), 32))
+    padded = tuple(math.ceil(s / 32) * 32 for s in size)
+    expected = anchor_ops.generate_anchors(padded, round_base=round_base)
+    np.testing.assert_array_equal(anchors[inside], expected)
+    assert np.asarray(anchor_ops.inside_padded_image(anchors, np.array(size), 0)).all()

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from mrcnn_jax.ops import boxes as box_ops
 from mrcnn_jax.ops.matching import (
+    TIE_RTOL,
     MatchLabel,
     leading_rows,
     match,
@@ -42,7 +43,7 @@ def _match_reference(iou, gt_valid, fg, bg, low_quality):
                 continue
             top = max(iou[i])
             for j in range(n):
-                if top > 0 and iou[i, j] == top:
+                if top > 0 and iou[i, j] >= top - top * np.float32(TIE_RTOL):  # ties
                     labels[j] = POS
     return matched, labels
 
@@ -103,6 +104,42 @@ def test_match_boxes_in_chunks_equals_the_full_matrix(seed, low_quality, chunk):
     rm, rl = _match_reference(iou, gt_valid, np.float32(0.7), np.float32(0.3), low_quality)
     np.testing.assert_array_equal(np.asarray(lab), rl)
     np.testing.assert_array_equal(np.asarray(m), rm)
+
+
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    low_quality=st.booleans(),
+    chunk=st.sampled_from([0, 7, 64]),
+    use_rows=st.booleans(),
+)
+@settings(max_examples=40, deadline=None)
+def test_invalid_predictions_do_not_exist_for_the_matcher(seed, low_quality, chunk, use_rows):
+    """With box_valid, the valid predictions get exactly the matches they would get if the
+    invalid ones were not there (loop reference on the valid columns only: an invalid box that
+    is some gt's best match no longer makes that gt's best valid box lose its low-quality
+    positive), and the invalid ones are IGNORE with matched_gt 0."""
+    rng = np.random.default_rng(seed)
+    gt = _random_boxes(rng, 10, 64)
+    preds = _random_boxes(rng, 45, 64)
+    box_valid = rng.random(45) < 0.6
+    invalid = np.flatnonzero(~box_valid)
+    if len(invalid):  # an invalid box equal to a gt: that gt's best IoU would be 1 with it
+        preds[invalid[0]] = gt[0]
+    gt_valid = rng.random(10) < 0.8
+    gt[~gt_valid] = 0.0
+    rows = leading_rows(jnp.asarray(gt_valid)) if use_rows else None
+    m, lab = match_boxes(
+        jnp.asarray(gt), jnp.asarray(preds), jnp.asarray(gt_valid), 0.7, 0.3, low_quality, chunk,
+        rows=rows, box_valid=jnp.asarray(box_valid),
+    )
+    m, lab = np.asarray(m), np.asarray(lab)
+    assert (lab[~box_valid] == IGN).all() and (m[~box_valid] == 0).all()
+    iou = np.asarray(box_ops.pairwise_iou(jnp.asarray(gt), jnp.asarray(preds[box_valid])))
+    rm, rl = _match_reference(iou, gt_valid, np.float32(0.7), np.float32(0.3), low_quality)
+    np.testing.assert_array_equal(lab[box_valid], rl)
+    np.testing.assert_array_equal(m[box_valid], rm)
+    full_m, full_l = match(jnp.asarray(iou), jnp.asarray(gt_valid), 0.7, 0.3, low_quality)
+    np.testing.assert_array_equal(lab[box_valid], np.asarray(full_l))
 
 
 def test_leading_rows_and_row_buckets():
