@@ -255,3 +255,72 @@ def merge_weights(
     if skipped:
         logging.info("kept the fresh values of %d skipped weights: %s", len(skipped), skipped)
     return traverse_util.unflatten_dict(merged, sep="/")
+
+
+CONFIG_FILE = "config.json"  # in a workdir: the run's config (`main.save_config`, `convert`)
+# What a backbone's weights assume of their input; weights run under other values are garbage.
+INPUT_CONVENTION_KEYS = (
+    "data.pixel_mean",
+    "data.pixel_std",
+    "data.channel_order",
+    "model.stride_in_1x1",
+)
+
+
+def workdir_of(path: str) -> str:
+    """The workdir of a checkpoint path: the path itself (a workdir), or the directory above a
+    `checkpoints` directory or one of its step directories."""
+    path = os.path.abspath(path)
+    if os.path.basename(path).isdigit():  # WORKDIR/checkpoints/STEP
+        path = os.path.dirname(path)
+    if os.path.basename(path) == CHECKPOINT_DIR:
+        path = os.path.dirname(path)
+    return path
+
+
+def _lookup(tree: Mapping[str, Any], dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(tree, Mapping) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return bool(np.isclose(a, b, rtol=1e-6, atol=1e-6))
+    return a == b
+
+
+def check_input_convention(config, path: str) -> None:
+    """Raises ValueError when the weights at `path` were made (trained or converted) for other
+    inputs than `config` gives them: the INPUT_CONVENTION_KEYS of the `config.json` beside them
+    against the config's, e.g. detectron2's MSRA weights (BGR, std 1, stride in the 1x1 conv)
+    under torchvision's normalisation, which runs silently and learns from garbage features.
+    Nothing is checked when the weights have no config.json (or it is unreadable)."""
+    file = os.path.join(workdir_of(path), CONFIG_FILE)
+    try:
+        with open(file) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return
+    ours = config.to_dict() if hasattr(config, "to_dict") else config
+    wrong = []
+    for key in INPUT_CONVENTION_KEYS:
+        theirs, mine = _lookup(saved, key), _lookup(ours, key)
+        if theirs is not None and mine is not None and not _same(theirs, mine):
+            wrong.append((key, theirs, mine))
+    if wrong:
+        lines = "\n  ".join(f"{k}: {t!r} there, {m!r} in this config" for k, t, m in wrong)
+        fix = " ".join(
+            f"--config.{k}={','.join(map(str, t)) if isinstance(t, list) else t}"
+            for k, t, _ in wrong
+        )
+        raise ValueError(
+            f"the weights at {path} were made for other inputs than this config gives them"
+            f" ({file}):\n  {lines}\nUse a config of their family (docs/weights.md) or set {fix}"
+        )

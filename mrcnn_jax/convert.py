@@ -57,7 +57,7 @@ from mrcnn_jax.ops.anchors import base_anchors
 
 SOURCES = ("torchvision", "detectron2")
 INFO_FILE = "conversion.json"  # written next to the checkpoint: what was converted from where
-CONFIG_FILE = "config.json"  # the target config, in the format of `main.save_config`
+CONFIG_FILE = ckpt_lib.CONFIG_FILE  # the target config, in the format of `main.save_config`
 
 # The 80 COCO category ids (ten of 1..90 are unused). torchvision's COCO models predict the ids
 # themselves (91 rows with background 0); our labels are 1..80 in sorted id order (coco_utils).

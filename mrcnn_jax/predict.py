@@ -98,6 +98,7 @@ class Predictor:
         if config is None:
             config = load_config(os.path.join(workdir, "config.json"))
         source = weights_source(workdir, config)
+        checkpoint.check_input_convention(config, source)
         if class_names is None:
             class_names = _labels(workdir, config, source)[0]
         model = mask_rcnn.build_model(config.model)
@@ -163,14 +164,9 @@ def weights_source(workdir: str, config) -> str:
 def _label_dirs(path: str) -> list[str]:
     """Where a checkpoint path's labels.json can be: the path (a workdir), or the workdir above a
     checkpoints directory or one step directory."""
-    from mrcnn_jax.checkpoint import CHECKPOINT_DIR
+    from mrcnn_jax.checkpoint import workdir_of
 
-    path = os.path.abspath(path)
-    if os.path.basename(path).isdigit():  # WORKDIR/checkpoints/STEP
-        path = os.path.dirname(path)
-    if os.path.basename(path) == CHECKPOINT_DIR:
-        path = os.path.dirname(path)
-    return [path]
+    return [workdir_of(path)]
 
 
 def _labels(

@@ -618,8 +618,11 @@ def _initial_variables(config, model, key, resuming: bool) -> dict[str, Any]:
     """Fresh variables, overwritten by config.train.init_checkpoint unless a run is resumed."""
     from mrcnn_jax import mask_rcnn
 
+    fine_tune = bool(config.train.init_checkpoint) and not resuming
+    if fine_tune:  # before anything is computed: weights of another input convention
+        ckpt_lib.check_input_convention(config, config.train.init_checkpoint)
     variables = mask_rcnn.init_variables(model, key, tuple(config.data.image_size))
-    if config.train.init_checkpoint and not resuming:
+    if fine_tune:
         from mrcnn_jax import convert
 
         # Class-dependent layers of another class count, or everything past an ImageNet
@@ -730,6 +733,7 @@ def evaluate_checkpoint(config, workdir: str) -> dict[str, Any]:
         source, step = config.train.init_checkpoint, 0
     else:
         raise FileNotFoundError(f"no checkpoint in {directory} and no config.train.init_checkpoint")
+    ckpt_lib.check_input_convention(config, source)
     variables = ckpt_lib.merge_weights(variables, ckpt_lib.load_weights(source), source=source)
     logging.info("evaluating the weights of %s (step %d)", source, step)
     metrics = evaluate_lib.evaluate_model(config, model, variables, workdir, step)

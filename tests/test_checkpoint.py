@@ -209,3 +209,37 @@ def test_prediction_labels_follow_the_weights(tmp_path):
     config.train.init_checkpoint = str(init / "checkpoints" / "0")  # a step directory
     source = config.train.init_checkpoint  # as weights_source gives it: no checkpoint in work/
     assert predict._labels(str(tmp_path / "work"), config, source) == (("background", "person"), {1: 1})
+
+
+def test_weights_made_for_other_inputs_are_refused(tmp_path):
+    """detectron2's MSRA family (BGR, std 1, stride in the 1x1) under a torchvision-normalised
+    config: every mismatching key is named, with the file and the flags that fix it, whichever
+    path of the weights is given; the same family, or weights without a config.json, pass."""
+    import json
+
+    from configs import detectron2_r50_fpn_1x, torchvision_r50_fpn
+    from mrcnn_jax import train
+
+    work = tmp_path / "converted"
+    (work / "checkpoints" / "0").mkdir(parents=True)
+    d2 = detectron2_r50_fpn_1x.get_config()
+    (work / "config.json").write_text(d2.to_json_best_effort())
+    tv = torchvision_r50_fpn.get_config()
+    for path in (work, work / "checkpoints", work / "checkpoints" / "0"):
+        with pytest.raises(ValueError) as info:
+            ckpt_lib.check_input_convention(tv, str(path))
+        message = str(info.value)
+        for key in ("data.pixel_mean", "data.pixel_std", "data.channel_order",
+                    "model.stride_in_1x1"):
+            assert key in message
+        assert str(work / "config.json") in message
+        assert "--config.data.channel_order=BGR" in message
+        assert "--config.data.pixel_std=1.0,1.0,1.0" in message
+    ckpt_lib.check_input_convention(d2, str(work))  # the same family
+    d2.data.pixel_mean = tuple(json.loads((work / "config.json").read_text())["data"]["pixel_mean"])
+    ckpt_lib.check_input_convention(d2, str(work / "checkpoints" / "0"))
+    ckpt_lib.check_input_convention(tv, str(tmp_path / "elsewhere"))  # no config.json: unchecked
+    # Fine-tuning refuses them before any weight is read (there are none here to read).
+    tv.train.init_checkpoint = str(work)
+    with pytest.raises(ValueError, match="model.stride_in_1x1"):
+        train._initial_variables(tv, None, None, resuming=False)
