@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from absl import logging
 
 from mrcnn_jax import targets as tgt
 from mrcnn_jax.inference import anchors_for, batch_proposals, mask_head_on_valid, pool_many
@@ -132,6 +133,14 @@ def make_loss_fn(
     """
     anchors_np, level_counts = anchors_for(model_cfg, image_size)
     rpn, roi = model_cfg.rpn, model_cfg.roi
+    most_positives = int(roi.batch_size_per_image * roi.positive_fraction)
+    if roi.max_mask_rois < most_positives:
+        logging.warning(
+            "config.model.roi.max_mask_rois=%d < %d positives an image can sample"
+            " (roi.batch_size_per_image x roi.positive_fraction): positives past the first %d of"
+            " an image get no mask loss (detectron2 / torchvision train the mask on all of them)",
+            roi.max_mask_rois, most_positives, roi.max_mask_rois,
+        )
 
     def loss_fn(params, model_state, batch, example_keys):
         variables = {"params": params, **model_state}

@@ -58,3 +58,23 @@ def test_mask_loss_ignores_padded_slots():
     logits[0, 2:] = 1e6  # padded slots: any value
     sums2, counts2 = losses.mask_loss(jnp.asarray(logits[0]), targets[0], valid[0])
     assert int(counts) == int(counts2) == 2 and float(sums) == float(sums2)
+
+
+def test_too_few_mask_slots_are_reported(caplog):
+    """max_mask_rois below the positives an image can sample drops mask loss silently otherwise."""
+    import logging
+
+    from configs import tiny
+    from mrcnn_jax import mask_rcnn
+
+    config = tiny.get_config()
+    model = mask_rcnn.build_model(config.model)
+    roi = config.model.roi
+    most = int(roi.batch_size_per_image * roi.positive_fraction)
+    with caplog.at_level(logging.WARNING):
+        roi.max_mask_rois = most
+        losses.make_loss_fn(model, config.model, config.data.image_size)
+        assert "max_mask_rois" not in caplog.text
+        roi.max_mask_rois = most - 1
+        losses.make_loss_fn(model, config.model, config.data.image_size)
+    assert f"max_mask_rois={most - 1} < {most} positives" in caplog.text
