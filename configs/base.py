@@ -25,6 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
     d.train_max_size = 1333
     d.test_min_size = 800
     d.test_max_size = 1333
+    d.resize_rounding = "half_up"  # resized sides: detectron2 rounds half up, torchvision "floor"s
     d.flip_prob = 0.5
     d.pixel_mean = (123.675, 116.28, 103.53)  # RGB, 0-255 (torchvision ImageNet weights)
     d.pixel_std = (58.395, 57.12, 57.375)
@@ -58,6 +59,8 @@ def get_config() -> ml_collections.ConfigDict:
     m.anchor_strides = (4, 8, 16, 32, 64)
     m.anchor_ratios = (0.5, 1.0, 2.0)
     m.anchor_round = False  # torchvision rounds its base anchors; detectron2 does not
+    # "torchvision": each level's stride is padded size // cells (61 on P6 of an 800-px side)
+    m.anchor_grid = "detectron2"
 
     r = m.rpn = ml_collections.ConfigDict()
     r.fg_iou = 0.7

@@ -27,6 +27,7 @@ def get_config():
     d.channel_order = "RGB"
     d.test_min_size = 800  # min_size=800, max_size=1333
     d.test_max_size = 1333
+    d.resize_rounding = "floor"  # F.interpolate(recompute_scale_factor=True): 480 x 640 -> 800 x 1066
 
     m = c.model
     m.stride_in_1x1 = False  # torchvision ResNet v1.5: stride in the 3x3 conv
@@ -35,6 +36,7 @@ def get_config():
     # 37.9 / 34.6 are with eps 0 in every FrozenBatchNorm2d (the ImageNet backbone alone: 1e-5).
     m.norm_eps = 0.0
     m.anchor_round = True  # AnchorGenerator rounds its cell anchors
+    m.anchor_grid = "torchvision"  # and takes its strides from the padded image (P6: not 64)
 
     r = m.rpn
     r.pre_nms_topk_test = 1000  # per level

@@ -84,6 +84,8 @@ def batch_proposals(model_cfg, logits, deltas, anchors, image_sizes, level_count
         box_weights=tuple(rpn.box_weights),
         sigmoid_scores=rpn.sigmoid_scores,
         size_divisibility=rpn.size_divisibility,
+        anchor_grid=model_cfg.anchor_grid,
+        strides=tuple(model_cfg.anchor_strides),
     )
     logits, deltas = jax.lax.stop_gradient((logits, deltas))
     return jax.vmap(fn, in_axes=(0, 0, None, 0))(

@@ -27,7 +27,7 @@ from absl import logging
 from mrcnn_jax import targets as tgt
 from mrcnn_jax.inference import anchors_for, batch_proposals, mask_head_on_valid, pool_many
 from mrcnn_jax.mask_rcnn import MaskRCNN
-from mrcnn_jax.ops.anchors import inside_padded_image
+from mrcnn_jax.ops.anchors import image_anchors, inside_padded_image
 from mrcnn_jax.ops.matching import MatchLabel, leading_rows
 
 
@@ -84,7 +84,7 @@ def batch_mean(total, count, axis_name: str | None = None):
     return total * devices / jnp.maximum(jax.lax.psum(count, axis_name), 1)
 
 
-def _per_image_targets(model_cfg, anchors, batch, keys, proposals_and_valid):
+def _per_image_targets(model_cfg, anchors, level_counts, batch, keys, proposals_and_valid):
     """RPN targets and sampled RoIs for every image of the batch (vmapped, fixed shape)."""
     rpn, roi = model_cfg.rpn, model_cfg.roi
     gt_trainable = batch["gt_valid"] & ~batch["gt_is_crowd"]
@@ -110,7 +110,11 @@ def _per_image_targets(model_cfg, anchors, batch, keys, proposals_and_valid):
 
     def rpn_one(key, gt, trainable, image_size):
         inside = inside_padded_image(anchors, image_size, rpn.size_divisibility)
-        return rpn_fn(key, anchors, gt, trainable, gt_rows=gt_rows, anchor_valid=inside)
+        mine = image_anchors(
+            anchors, image_size, level_counts=level_counts, strides=tuple(model_cfg.anchor_strides),
+            size_divisibility=rpn.size_divisibility, grid=model_cfg.anchor_grid,
+        )
+        return rpn_fn(key, mine, gt, trainable, gt_rows=gt_rows, anchor_valid=inside)
 
     rpn_t = jax.vmap(rpn_one)(keys[:, 0], batch["gt_boxes"], gt_trainable, batch["image_sizes"])
     props, props_valid = proposals_and_valid
@@ -158,7 +162,9 @@ def make_loss_fn(
             model_cfg, logits, deltas, anchors, batch["image_sizes"], level_counts, train=True
         )
         keys = jax.vmap(lambda k: jax.random.split(k, 2))(example_keys)
-        rpn_t, samples = _per_image_targets(model_cfg, anchors, batch, keys, (props, props_valid))
+        rpn_t, samples = _per_image_targets(
+            model_cfg, anchors, level_counts, batch, keys, (props, props_valid)
+        )
 
         rpn_fn = functools.partial(
             rpn_losses, batch_size_per_image=rpn.batch_size_per_image, beta=rpn.smooth_l1_beta

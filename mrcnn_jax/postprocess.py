@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from mrcnn_jax.ops import boxes as box_ops
-from mrcnn_jax.ops.anchors import inside_padded_image
+from mrcnn_jax.ops.anchors import image_anchors, inside_padded_image
 from mrcnn_jax.ops.nms import batched_nms
 
 NEG_INF = -jnp.inf
@@ -28,6 +28,8 @@ def proposals(
     box_weights,
     sigmoid_scores: bool = False,
     size_divisibility: int = 0,
+    anchor_grid: str = "detectron2",
+    strides: Sequence[int] = (),
 ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
     """RPN outputs for one image -> (boxes [P, 4], scores [P], valid [P]), P = post_nms_topk.
 
@@ -40,9 +42,13 @@ def proposals(
     both); float32 sigmoid saturates at 1.0 for logits above ~17, so ties are broken differently.
     size_divisibility > 0: only the anchors of the image padded to a multiple of it compete
     (`ops.anchors.inside_padded_image`), as in detectron2 / torchvision, whose batches are padded
-    that far and no further.
+    that far and no further. anchor_grid / strides (the levels' strides): `image_anchors`.
     """
     inside = inside_padded_image(anchors, image_size, size_divisibility)
+    anchors = image_anchors(
+        anchors, image_size, level_counts=level_counts, strides=strides,
+        size_divisibility=size_divisibility, grid=anchor_grid,
+    )
     logits = jnp.where(inside, logits, NEG_INF)
     boxes, scores, levels = [], [], []
     start = 0

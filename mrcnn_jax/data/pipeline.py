@@ -204,6 +204,7 @@ class _Params:
     channel_order: str
     max_instances: int
     mask_size: int
+    resize_rounding: str = "half_up"
 
     @classmethod
     def of(cls, d, train: bool) -> _Params:
@@ -217,6 +218,7 @@ class _Params:
             channel_order=d.channel_order,
             max_instances=d.max_instances,
             mask_size=d.mask_crop_size,
+            resize_rounding=d.get("resize_rounding", "half_up"),
         )
 
 
@@ -269,7 +271,8 @@ def _example(ex: dict, p: _Params, aug_seed: tf.Tensor) -> dict:
     pick = tf.minimum(tf.cast(u[1] * len(p.short_sizes), tf.int32), len(p.short_sizes) - 1)
     short = tf.gather(tf.constant(p.short_sizes, tf.int32), pick)
     image, image_size, scales = transforms.resize_normalize_pad(
-        image, short, p.max_size, p.image_size, p.pixel_mean, p.pixel_std, p.channel_order
+        image, short, p.max_size, p.image_size, p.pixel_mean, p.pixel_std, p.channel_order,
+        p.resize_rounding,
     )
     rh, rw = tf.cast(image_size[0], tf.float32), tf.cast(image_size[1], tf.float32)
     # Per axis, as the pixels were resized; the clip only absorbs float rounding at the border.

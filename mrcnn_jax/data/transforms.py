@@ -103,16 +103,27 @@ def crop_masks(rle: tf.Tensor, boxes: tf.Tensor, height, width, size: int) -> tf
     return tf.cast(out >= 0.5, tf.uint8)
 
 
-def resize_scale(height, width, short_size, max_size):
+RESIZE_ROUNDINGS = ("half_up", "floor")
+
+
+def resize_scale(height, width, short_size, max_size, rounding: str = "half_up"):
     """detectron2's ResizeShortestEdge: scale = min(short / min(h, w), max_size / max(h, w)), sizes
-    rounded half up. -> (scale float32, resized height int32, resized width int32)."""
+    rounded half up (rounding="floor": torchvision's GeneralizedRCNNTransform, whose
+    F.interpolate(recompute_scale_factor=True) floors h * scale in float64: a 480 x 640 image
+    becomes 800 x 1066 there, 800 x 1067 in detectron2).
+    -> (scale float32, resized height int32, resized width int32)."""
+    if rounding not in RESIZE_ROUNDINGS:
+        raise ValueError(
+            f"config.data.resize_rounding must be one of {RESIZE_ROUNDINGS}, got {rounding!r}"
+        )
     h, w = tf.cast(height, tf.float64), tf.cast(width, tf.float64)
     scale = tf.minimum(
         tf.cast(short_size, tf.float64) / tf.minimum(h, w),
         tf.cast(max_size, tf.float64) / tf.maximum(h, w),
     )
-    rh = tf.cast(tf.floor(h * scale + 0.5), tf.int32)
-    rw = tf.cast(tf.floor(w * scale + 0.5), tf.int32)
+    half = 0.5 if rounding == "half_up" else 0.0
+    rh = tf.cast(tf.floor(h * scale + half), tf.int32)
+    rw = tf.cast(tf.floor(w * scale + half), tf.int32)
     return tf.cast(scale, tf.float32), rh, rw
 
 
@@ -136,6 +147,7 @@ def resize_normalize_pad(
     mean: Sequence[float],
     std: Sequence[float],
     channel_order: str,
+    rounding: str = "half_up",
 ):
     """image [h, w, 3] uint8 RGB -> (image [H, W, 3] float32 normalised, padded bottom / right
     with 0; resized size [2] int32 (rh, rw); scales [2] float32 (rh / h, rw / w)). Bilinear
@@ -146,7 +158,7 @@ def resize_normalize_pad(
     is how detectron2's ResizeTransform maps annotations and its detector_postprocess maps
     detections back, and torchvision's resize_boxes / transform.postprocess likewise."""
     shape = tf.shape(image)
-    _, rh, rw = resize_scale(shape[0], shape[1], short_size, max_size)
+    _, rh, rw = resize_scale(shape[0], shape[1], short_size, max_size, rounding)
     resized = tf.image.resize(tf.cast(image, tf.float32), tf.stack([rh, rw]), method="bilinear")
     resized = normalize(resized, mean, std, channel_order)
     padded = tf.image.pad_to_bounding_box(resized, 0, 0, out_size[0], out_size[1])
@@ -196,5 +208,6 @@ def preprocess_for_eval(
         tuple(data_config.pixel_mean),
         tuple(data_config.pixel_std),
         data_config.channel_order,
+        data_config.get("resize_rounding", "half_up"),
     )
     return out.numpy(), (int(size[0]), int(size[1])), scale.numpy()

@@ -110,3 +110,51 @@ def inside_padded_image(anchors, image_size, size_divisibility: int):
     cx = (anchors[:, 0] + anchors[:, 2]) * 0.5
     cy = (anchors[:, 1] + anchors[:, 3]) * 0.5
     return (cx < w_pad - 0.5) & (cy < h_pad - 0.5)
+
+
+ANCHOR_GRIDS = ("detectron2", "torchvision")
+
+
+def image_anchors(
+    anchors,
+    image_size,
+    *,
+    level_counts: Sequence[int],
+    strides: Sequence[int],
+    size_divisibility: int,
+    grid: str = "detectron2",
+):
+    """The canvas anchors [A, 4] as one image's RPN sees them -> [A, 4] (the same order).
+
+    grid="detectron2": unchanged, cell (y, x) of the level of stride s centred at (x s, y s).
+    grid="torchvision": its AnchorGenerator takes each level's stride from the padded image,
+    (H_pad // grid_h, W_pad // grid_w) with grid = ceil(padded / s): s itself on P2-P5 when the
+    image is padded to a multiple of 32, but on P6 an odd multiple of 32 gives less than 64 (an
+    800-pixel side: 13 cells, stride 61), and torchvision's COCO weights learned those centres.
+    The padded size is the image's (`inside_padded_image`), so size_divisibility must be > 0.
+    """
+    if grid not in ANCHOR_GRIDS:
+        raise ValueError(f"config.model.anchor_grid must be one of {ANCHOR_GRIDS}, got {grid!r}")
+    if grid == "detectron2":
+        return anchors
+    if size_divisibility <= 0:
+        raise ValueError(
+            "config.model.anchor_grid='torchvision' takes its strides from the image padded to"
+            " config.model.rpn.size_divisibility, which must be > 0"
+        )
+    d = size_divisibility
+    padded = (jnp.asarray(image_size).astype(jnp.int32) + d - 1) // d * d  # [2] (h, w)
+    parts, start = [], 0
+    for count, s in zip(level_counts, strides, strict=True):
+        a = anchors[start : start + count]
+        start += count
+        if d % s == 0:  # the padded sides are multiples of s: the stride is s exactly
+            parts.append(a)
+            continue
+        cells = (padded + s - 1) // s
+        step = padded // cells  # [2] torchvision's (stride_h, stride_w)
+        centre = (a[:, :2] + a[:, 2:]) * 0.5  # (x, y) = (ix s, iy s)
+        index = jnp.round(centre / s)
+        shift = index * (step[::-1] - s).astype(jnp.float32)  # (dx, dy)
+        parts.append(a + jnp.concatenate([shift, shift], axis=1))
+    return jnp.concatenate(parts, axis=0)

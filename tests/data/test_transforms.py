@@ -145,6 +145,28 @@ def test_resize_scale_is_resize_shortest_edge(h, w, short, max_size):
     assert max(ref_h, ref_w) <= max_size
 
 
+def test_resize_rounding_floor_is_torchvisions():
+    """torchvision floors h * scale (480 x 640 -> 800 x 1066; detectron2: 800 x 1067), and the
+    per-axis scales follow the floored sizes."""
+    for (h, w), half_up, floor in [
+        ((480, 640), (800, 1067), (800, 1066)),
+        ((300, 2000), (200, 1333), (199, 1333)),
+        ((427, 640), (800, 1199), (800, 1199)),
+    ]:
+        _, rh, rw = transforms.resize_scale(h, w, 800, 1333)
+        assert (int(rh), int(rw)) == half_up
+        _, rh, rw = transforms.resize_scale(h, w, 800, 1333, "floor")
+        assert (int(rh), int(rw)) == floor
+    image = np.zeros((480, 640, 3), np.uint8)
+    _, size, scales = transforms.resize_normalize_pad(
+        image, 800, 1333, (1344, 1344), (0, 0, 0), (1, 1, 1), "RGB", "floor"
+    )
+    assert tuple(size.numpy()) == (800, 1066)
+    np.testing.assert_allclose(scales.numpy(), [800 / 480, 1066 / 640], rtol=1e-6)
+    with pytest.raises(ValueError, match="resize_rounding"):
+        transforms.resize_scale(h, w, 800, 1333, "nearest")
+
+
 def test_resize_normalize_pad_against_numpy():
     rng = np.random.default_rng(2)
     image = rng.integers(0, 256, size=(30, 45, 3), dtype=np.uint8)
