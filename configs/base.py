@@ -77,8 +77,8 @@ def get_config() -> ml_collections.ConfigDict:
     r.match_anchor_chunk = 16384
     r.min_size = 0.0  # proposals keep boxes with both sides > min_size
     # Anchors centred beyond the image padded to a multiple of this (as detectron2 / torchvision
-    # pad their batches) are neither RPN training samples nor proposals; 0 = every anchor of the
-    # data.image_size canvas.
+    # pad a batch of one image) are neither RPN training samples nor proposals; 0 = every anchor
+    # of the data.image_size canvas.
     r.size_divisibility = 32
     r.sigmoid_scores = False  # rank / NMS proposals by sigmoid(logit) (torchvision), not the logit
     r.smooth_l1_beta = 0.0  # 0 = L1

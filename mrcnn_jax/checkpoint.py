@@ -264,18 +264,21 @@ INPUT_CONVENTION_KEYS = (
     "data.pixel_std",
     "data.channel_order",
     "model.stride_in_1x1",
+    "model.norm_eps",
 )
 
 
 def workdir_of(path: str) -> str:
     """The workdir of a checkpoint path: the path itself (a workdir), or the directory above a
     `checkpoints` directory or one of its step directories."""
-    path = os.path.abspath(path)
-    if os.path.basename(path).isdigit():  # WORKDIR/checkpoints/STEP
-        path = os.path.dirname(path)
-    if os.path.basename(path) == CHECKPOINT_DIR:
-        path = os.path.dirname(path)
-    return path
+    p = epath.Path(path)  # local or remote (gs://...), as the checkpoints themselves
+    if "://" not in str(path):
+        p = p.absolute()
+    if p.name.isdigit():  # WORKDIR/checkpoints/STEP
+        p = p.parent
+    if p.name == CHECKPOINT_DIR:
+        p = p.parent
+    return str(p)
 
 
 def _lookup(tree: Mapping[str, Any], dotted: str):
@@ -301,12 +304,14 @@ def check_input_convention(config, path: str) -> None:
     inputs than `config` gives them: the INPUT_CONVENTION_KEYS of the `config.json` beside them
     against the config's, e.g. detectron2's MSRA weights (BGR, std 1, stride in the 1x1 conv)
     under torchvision's normalisation, which runs silently and learns from garbage features.
-    Nothing is checked when the weights have no config.json (or it is unreadable)."""
-    file = os.path.join(workdir_of(path), CONFIG_FILE)
+    Nothing is checked when the weights have no config.json; an unreadable one is reported."""
+    file = epath.Path(workdir_of(path)) / CONFIG_FILE
     try:
-        with open(file) as f:
-            saved = json.load(f)
-    except (OSError, ValueError):
+        saved = json.loads(file.read_text())
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError) as e:
+        logging.warning("cannot check the input convention of %s: %s unreadable (%r)", path, file, e)
         return
     ours = config.to_dict() if hasattr(config, "to_dict") else config
     wrong = []

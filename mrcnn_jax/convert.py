@@ -719,7 +719,11 @@ def convert_file(
             {label: cid for label, cid in enumerate(COCO_CATEGORY_IDS, start=1)},
         )
     # The config the weights were converted for, as `main` writes it: `predict.Predictor.from_workdir`
-    # and `predict.load_config` read it back.
+    # and `predict.load_config` read it back, `checkpoint.check_input_convention` checks it.
+    if source == "torchvision" and converted.kind == "backbone":
+        # eps 0 is for torchvision's COCO detectors only; its ImageNet ResNets use 1e-5.
+        config = config.copy_and_resolve_references()
+        config.model.norm_eps = 1e-5
     with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
         f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
     return converted

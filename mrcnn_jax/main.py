@@ -80,9 +80,32 @@ def validate_config(config: ml_collections.ConfigDict, reference=None) -> None:
     if not errors:  # the keys fit: check the values the type check cannot
         from mrcnn_jax import evaluate
 
-        errors = evaluate.eval_config_errors(config.eval)
+        errors = evaluate.eval_config_errors(config.eval) + _value_errors(config)
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def _value_errors(config) -> list[str]:
+    """Model / data values outside their choices, found now rather than when jit or tf.data
+    first meets them."""
+    from mrcnn_jax.data.transforms import RESIZE_ROUNDINGS
+    from mrcnn_jax.ops.anchors import ANCHOR_GRIDS
+
+    m, d = config.model, config.data
+    errors = []
+    if m.anchor_grid not in ANCHOR_GRIDS:
+        errors.append(f"model.anchor_grid: expected one of {ANCHOR_GRIDS}, got {m.anchor_grid!r}")
+    if m.anchor_grid == "torchvision" and m.rpn.size_divisibility <= 0:
+        errors.append("model.anchor_grid='torchvision' needs model.rpn.size_divisibility > 0")
+    if m.rpn.size_divisibility < 0:
+        errors.append(f"model.rpn.size_divisibility: expected >= 0, got {m.rpn.size_divisibility}")
+    if m.norm_eps < 0:
+        errors.append(f"model.norm_eps: expected >= 0, got {m.norm_eps}")
+    if d.resize_rounding not in RESIZE_ROUNDINGS:
+        errors.append(
+            f"data.resize_rounding: expected one of {RESIZE_ROUNDINGS}, got {d.resize_rounding!r}"
+        )
+    return errors
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> str:

@@ -71,6 +71,31 @@ def load_config(path: str) -> ml_collections.ConfigDict:
 
     config.data.unlock()
     assign(config, saved)
+    missing = _missing_keys(config.to_dict(), saved)
+    if missing:
+        logging.warning(
+            "%s predates config keys %s: they take configs/base.py's values (%s). Weights"
+            " converted or trained before them may need other values (docs/weights.md: convert"
+            " again, or set them with --config.KEY=VALUE)", path, ", ".join(missing),
+            ", ".join(f"{k}={_lookup(config, k)!r}" for k in missing),
+        )
+    return config
+
+
+def _missing_keys(reference: dict, saved: dict, prefix: str = "") -> list[str]:
+    """The dotted keys of `reference` that `saved` does not have."""
+    out = []
+    for key, value in reference.items():
+        if key not in saved:
+            out.append(f"{prefix}{key}")
+        elif isinstance(value, dict) and isinstance(saved[key], dict):
+            out += _missing_keys(value, saved[key], f"{prefix}{key}.")
+    return out
+
+
+def _lookup(config, dotted: str):
+    for part in dotted.split("."):
+        config = config[part]
     return config
 
 

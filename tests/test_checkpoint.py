@@ -243,3 +243,27 @@ def test_weights_made_for_other_inputs_are_refused(tmp_path):
     tv.train.init_checkpoint = str(work)
     with pytest.raises(ValueError, match="model.stride_in_1x1"):
         train._initial_variables(tv, None, None, resuming=False)
+
+
+def test_a_config_json_from_before_new_keys_says_which_it_lacks(tmp_path, caplog):
+    """A torchvision conversion saved before model.anchor_grid / model.norm_eps existed loads with
+    base's values for them; the warning names each key, its value and the file."""
+    import json
+
+    from configs import torchvision_r50_fpn
+    from mrcnn_jax import predict
+
+    saved = torchvision_r50_fpn.get_config().to_dict()
+    del saved["model"]["anchor_grid"], saved["model"]["norm_eps"]
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(saved, default=list))
+    with caplog.at_level(logging.WARNING):
+        config = predict.load_config(str(path))
+    assert config.model.anchor_round and config.model.anchor_grid == "detectron2"
+    assert "model.anchor_grid, model.norm_eps" in caplog.text and str(path) in caplog.text
+    assert "model.anchor_grid='detectron2'" in caplog.text and "model.norm_eps=1e-05" in caplog.text
+    caplog.clear()
+    path.write_text(json.dumps(torchvision_r50_fpn.get_config().to_dict(), default=list))
+    with caplog.at_level(logging.WARNING):
+        predict.load_config(str(path))
+    assert "predates" not in caplog.text

@@ -43,17 +43,20 @@ def test_coco_recipes_follow_detectron2():
         ("detectron2_r50_fpn_1x", True),
         ("detectron2_r50_fpn_3x", True),
         ("torchvision_r50_fpn", True),
-        ("coco_folder", False),  # its steps are written for its own batch of 8
+        ("coco_folder", True),  # written at its own batch of 8
     ],
 )
 def test_recipes_keep_their_epochs_at_any_batch(name, scaled):
-    from mrcnn_jax.train import scale_schedule
+    """At the batch a recipe is written for, its steps and rate are as written; at twice that
+    batch, half the steps at twice the rate: the same epochs."""
+    from mrcnn_jax.train import scale_schedule, scaled_learning_rate
 
     config = importlib.import_module(f"configs.{name}").get_config()
-    assert config.train.scale_schedule is scaled
-    as_written = scale_schedule(config.train)
-    assert as_written.num_steps == config.train.num_steps  # at the batch the steps are written for
-    config.train.global_batch_size = 2 * config.train.lr_reference_batch
-    doubled = scale_schedule(config.train)
-    expected = round(config.train.num_steps / 2) if scaled else config.train.num_steps
-    assert doubled.num_steps == expected
+    t = config.train
+    assert t.scale_schedule is scaled
+    assert t.global_batch_size == t.lr_reference_batch  # shipped at the batch they are written for
+    assert scale_schedule(t).num_steps == t.num_steps
+    t.global_batch_size = 2 * t.lr_reference_batch
+    assert scale_schedule(t).num_steps == round(t.num_steps / 2)
+    rate = scaled_learning_rate(t.base_lr, t.global_batch_size, t.lr_reference_batch)
+    assert rate == 2 * t.base_lr

@@ -591,3 +591,31 @@ def test_family_configs_validate():
         assert isinstance(c, ml_collections.ConfigDict)
     assert convert.default_config("torchvision").model.roi.aligned is False
     assert convert.default_config("detectron2").data.channel_order == "BGR"
+
+
+def test_torchvision_imagenet_conversion_records_its_eps(tmp_path):
+    """torchvision's ImageNet ResNets run FrozenBatchNorm with eps 1e-5 (only its COCO detectors
+    with 0): the conversion's config.json says so, and fine-tuning under eps 0 is refused."""
+    torch = pytest.importorskip("torch")
+    shapes = {}
+    for stage, j, role, shape in resnet_units(18):
+        if role == "stem":
+            conv, bn = "conv1", "bn1"
+        elif role == "shortcut":
+            conv, bn = f"layer{stage - 1}.{j}.downsample.0", f"layer{stage - 1}.{j}.downsample.1"
+        else:
+            conv, bn = f"layer{stage - 1}.{j}.{role}", f"layer{stage - 1}.{j}.bn{role[-1]}"
+        shapes[f"{conv}.weight"] = shape
+        shapes |= {f"{bn}.{x}": (shape[0],) for x in ("weight", "bias", "running_mean", "running_var")}
+    path = str(tmp_path / "resnet18.pth")
+    torch.save({k: torch.from_numpy(v) for k, v in random_tensors(shapes, seed=4).items()}, path)
+    config = torchvision_r50_fpn.get_config()
+    config.model.depth = 18
+    out = convert.convert_file("torchvision", path, str(tmp_path / "tv"), config)
+    assert out.kind == "backbone" and config.model.norm_eps == 0.0  # the caller's config untouched
+    import json
+
+    saved = json.loads((tmp_path / "tv" / convert.CONFIG_FILE).read_text())
+    assert saved["model"]["norm_eps"] == 1e-5
+    with pytest.raises(ValueError, match="model.norm_eps: 1e-05 there, 0.0 in this config"):
+        ckpt_lib.check_input_convention(config, str(tmp_path / "tv"))

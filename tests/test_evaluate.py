@@ -423,7 +423,8 @@ def _pasted_ones(x1, y1, x2, y2, height, width, m=28):
 # ------------------------------------------------------------------ run_evaluation
 
 
-SCALES = {7: 1.25, 42: 0.5, 1001: 2.0}  # exact in float32: box * s / s == box
+# (y, x) resize factors, exact in float32: box * s / s == box.
+SCALES = {7: (1.25, 0.5), 42: (0.5, 2.0), 1001: (2.0, 2.0)}
 
 
 def _fake_batches(gt, batch_size, num_detections, images=None):
@@ -431,7 +432,7 @@ def _fake_batches(gt, batch_size, num_detections, images=None):
     masks, garbage in the padded detections and in the dummy examples of the last batch."""
     rng = np.random.default_rng(0)
     images = images or IMAGES
-    scales = {i: SCALES.get(i, 1.0) for i in images}
+    scales = {i: SCALES.get(i, (1.0, 1.0)) for i in images}
     by_image = {
         i: [a for a in gt["annotations"] if a["image_id"] == i and not a["iscrowd"]] for i in images
     }
@@ -450,7 +451,8 @@ def _fake_batches(gt, batch_size, num_detections, images=None):
         for b, image_id in enumerate(chunk[:n_real]):
             for k, a in enumerate(by_image[image_id]):
                 x, y, w, h = a["bbox"]
-                boxes[b, k] = np.array([x, y, x + w, y + h]) * scales[image_id]
+                sy, sx = scales[image_id]
+                boxes[b, k] = np.array([x, y, x + w, y + h]) * [sx, sy, sx, sy]
                 scores[b, k] = 1.0
                 classes[b, k] = {v: c for c, v in LABEL_TO_CAT.items()}[a["category_id"]]
                 valid[b, k] = True
@@ -458,7 +460,7 @@ def _fake_batches(gt, batch_size, num_detections, images=None):
         valid[n_real:] = rng.uniform(size=(batch_size - n_real, d)) < 0.5  # dummies: ignored
         batch = _batch(
             chunk,
-            [scales.get(i, 1.0) for i in chunk],
+            [scales.get(i, (1.0, 1.0)) for i in chunk],
             [images.get(i, (8, 8)) for i in chunk],
             [True] * n_real + [False] * (batch_size - n_real),
         )

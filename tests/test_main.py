@@ -139,6 +139,25 @@ def test_eval_device_mask_values_are_checked():
     assert names == ["eval.device_mask_canvas", "eval.device_masks"]
 
 
+def test_model_and_data_choices_are_checked_before_anything_runs():
+    config = base.get_config()
+    config.model.anchor_grid = "caffe2"
+    config.model.rpn.size_divisibility = -32
+    config.model.norm_eps = -1e-5
+    config.data.resize_rounding = "nearest"
+    with pytest.raises(main.ConfigError) as err:
+        main.validate_config(config)
+    names = sorted(line.split(":")[0].strip() for line in str(err.value).splitlines()[1:])
+    assert names == [
+        "data.resize_rounding", "model.anchor_grid", "model.norm_eps", "model.rpn.size_divisibility"
+    ]
+    config = base.get_config()
+    config.model.anchor_grid = "torchvision"
+    config.model.rpn.size_divisibility = 0
+    with pytest.raises(main.ConfigError, match="needs model.rpn.size_divisibility > 0"):
+        main.validate_config(config)
+
+
 def test_eval_device_mask_checks_survive_missing_keys_and_booleans():
     from mrcnn_jax import evaluate
 

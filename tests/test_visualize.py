@@ -171,7 +171,7 @@ def _eval_batch(channel_order):
         "images": images,
         "image_sizes": np.array([[20, 30], [32, 32]], np.int32),
         "orig_sizes": np.array([[40, 60], [8, 8]], np.int32),
-        "scales": np.array([0.5, 1.0], np.float32),
+        "scales": np.array([[0.5, 0.5], [1.0, 1.0]], np.float32),
         "image_ids": np.array([5, 0], np.int64),
         "example_valid": np.array([True, False]),
     }

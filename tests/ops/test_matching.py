@@ -140,6 +140,7 @@ def test_invalid_predictions_do_not_exist_for_the_matcher(seed, low_quality, chu
     np.testing.assert_array_equal(m[box_valid], rm)
     full_m, full_l = match(jnp.asarray(iou), jnp.asarray(gt_valid), 0.7, 0.3, low_quality)
     np.testing.assert_array_equal(lab[box_valid], np.asarray(full_l))
+    np.testing.assert_array_equal(m[box_valid], np.asarray(full_m))
 
 
 def test_leading_rows_and_row_buckets():
