@@ -330,9 +330,10 @@ def test_caffe2_imagenet_backbone():
     np.testing.assert_array_equal(v["batch_stats/backbone/layer4_2/bn3/var"], 1.0)
 
 
-def test_torchvision_imagenet_backbone_depth_and_batch_norm_target():
+def tv_resnet_shapes(depth: int, counters: bool = True) -> dict[str, tuple[int, ...]]:
+    """A torchvision ImageNet ResNet's state-dict shapes (BatchNorm counters optional, no fc)."""
     shapes = {}
-    for stage, j, role, shape in resnet_units(101):
+    for stage, j, role, shape in resnet_units(depth):
         if role == "stem":
             conv, bn = "conv1", "bn1"
         elif role == "shortcut":
@@ -341,7 +342,13 @@ def test_torchvision_imagenet_backbone_depth_and_batch_norm_target():
             conv, bn = f"layer{stage - 1}.{j}.{role}", f"layer{stage - 1}.{j}.bn{role[-1]}"
         shapes[f"{conv}.weight"] = shape
         shapes |= {f"{bn}.{x}": (shape[0],) for x in ("weight", "bias", "running_mean", "running_var")}
-        shapes[f"{bn}.num_batches_tracked"] = ()
+        if counters:
+            shapes[f"{bn}.num_batches_tracked"] = ()
+    return shapes
+
+
+def test_torchvision_imagenet_backbone_depth_and_batch_norm_target():
+    shapes = tv_resnet_shapes(101)
     shapes |= {"fc.weight": (1000, 2048), "fc.bias": (1000,)}
     tensors = random_tensors(shapes, seed=4)
     config = torchvision_r50_fpn.get_config()
@@ -597,16 +604,7 @@ def test_torchvision_imagenet_conversion_records_its_eps(tmp_path):
     """torchvision's ImageNet ResNets run FrozenBatchNorm with eps 1e-5 (only its COCO detectors
     with 0): the conversion's config.json says so, and fine-tuning under eps 0 is refused."""
     torch = pytest.importorskip("torch")
-    shapes = {}
-    for stage, j, role, shape in resnet_units(18):
-        if role == "stem":
-            conv, bn = "conv1", "bn1"
-        elif role == "shortcut":
-            conv, bn = f"layer{stage - 1}.{j}.downsample.0", f"layer{stage - 1}.{j}.downsample.1"
-        else:
-            conv, bn = f"layer{stage - 1}.{j}.{role}", f"layer{stage - 1}.{j}.bn{role[-1]}"
-        shapes[f"{conv}.weight"] = shape
-        shapes |= {f"{bn}.{x}": (shape[0],) for x in ("weight", "bias", "running_mean", "running_var")}
+    shapes = tv_resnet_shapes(18, counters=False)
     path = str(tmp_path / "resnet18.pth")
     torch.save({k: torch.from_numpy(v) for k, v in random_tensors(shapes, seed=4).items()}, path)
     config = torchvision_r50_fpn.get_config()

@@ -87,14 +87,7 @@ class BasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-        norm = lambda name: make_norm(
-            self.norm,
-            train=train,
-            axis_name=self.axis_name,
-            dtype=self.dtype,
-            name=name,
-            epsilon=self.norm_eps,
-        )
+        norm = _block_norm(self, train)
         y = nn.relu(norm("bn1")(_conv(self.features, 3, self.strides, self.dtype, "conv1")(x)))
         y = norm("bn2")(_conv(self.features, 3, 1, self.dtype, "conv2")(y))
         return nn.relu(y + _shortcut(self, x, self.features, norm))
@@ -119,19 +112,24 @@ class Bottleneck(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-        norm = lambda name: make_norm(
-            self.norm,
-            train=train,
-            axis_name=self.axis_name,
-            dtype=self.dtype,
-            name=name,
-            epsilon=self.norm_eps,
-        )
+        norm = _block_norm(self, train)
         s1, s3 = (self.strides, 1) if self.stride_in_1x1 else (1, self.strides)
         y = nn.relu(norm("bn1")(_conv(self.features, 1, s1, self.dtype, "conv1")(x)))
         y = nn.relu(norm("bn2")(_conv(self.features, 3, s3, self.dtype, "conv2")(y)))
         y = norm("bn3")(_conv(self.out_features, 1, 1, self.dtype, "conv3")(y))
         return nn.relu(y + _shortcut(self, x, self.out_features, norm))
+
+
+def _block_norm(block: nn.Module, train: bool):
+    """name -> the block's norm module of that name (its kind, axis, dtype and epsilon)."""
+    return lambda name: make_norm(
+        block.norm,
+        train=train,
+        axis_name=block.axis_name,
+        dtype=block.dtype,
+        name=name,
+        epsilon=block.norm_eps,
+    )
 
 
 def _shortcut(block: nn.Module, x: jnp.ndarray, out_features: int, norm) -> jnp.ndarray:
