@@ -281,7 +281,8 @@ def workdir_of(path: str) -> str:
     return str(p)
 
 
-def _lookup(tree: Mapping[str, Any], dotted: str):
+def lookup(tree: Mapping[str, Any], dotted: str):
+    """tree['a']['b'] for 'a.b'; None where a part is missing."""
     for part in dotted.split("."):
         if not isinstance(tree, Mapping) or part not in tree:
             return None
@@ -316,7 +317,7 @@ def check_input_convention(config, path: str) -> None:
     ours = config.to_dict() if hasattr(config, "to_dict") else config
     wrong = []
     for key in INPUT_CONVENTION_KEYS:
-        theirs, mine = _lookup(saved, key), _lookup(ours, key)
+        theirs, mine = lookup(saved, key), lookup(ours, key)
         if theirs is not None and mine is not None and not _same(theirs, mine):
             wrong.append((key, theirs, mine))
     if wrong:

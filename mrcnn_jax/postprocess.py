@@ -62,11 +62,11 @@ def proposals(
         start += count
     boxes = box_ops.clip_boxes(jnp.concatenate(boxes), image_size[0], image_size[1])
     scores = jnp.concatenate(scores).astype(jnp.float32)
-    finite = jnp.isfinite(scores)  # before the sigmoid, which maps -inf (and NaN-free) to 0
+    finite = jnp.isfinite(scores)  # before the sigmoid, which maps a masked -inf to 0
     if sigmoid_scores:
         scores = jax.nn.sigmoid(scores)
     levels = jnp.concatenate(levels)
-    keep = box_ops.valid_boxes(boxes, min_size) & finite & jnp.isfinite(scores)
+    keep = box_ops.valid_boxes(boxes, min_size) & finite
     scores = jnp.where(keep, scores, NEG_INF)
     idx, valid = batched_nms(boxes, scores, levels, nms_iou, post_nms_topk)
     return boxes[idx], jnp.where(valid, scores[idx], NEG_INF), valid

@@ -71,13 +71,16 @@ def load_config(path: str) -> ml_collections.ConfigDict:
 
     config.data.unlock()
     assign(config, saved)
-    missing = _missing_keys(config.to_dict(), saved)
+    resolved = config.to_dict()
+    missing = _missing_keys(resolved, saved)
     if missing:
+        from mrcnn_jax.checkpoint import lookup
+
         logging.warning(
             "%s predates config keys %s: they take configs/base.py's values (%s). Weights"
             " converted or trained before them may need other values (docs/weights.md: convert"
             " again, or set them with --config.KEY=VALUE)", path, ", ".join(missing),
-            ", ".join(f"{k}={_lookup(config, k)!r}" for k in missing),
+            ", ".join(f"{k}={lookup(resolved, k)!r}" for k in missing),
         )
     return config
 
@@ -92,11 +95,6 @@ def _missing_keys(reference: dict, saved: dict, prefix: str = "") -> list[str]:
             out += _missing_keys(value, saved[key], f"{prefix}{key}.")
     return out
 
-
-def _lookup(config, dotted: str):
-    for part in dotted.split("."):
-        config = config[part]
-    return config
 
 
 class Predictor:
