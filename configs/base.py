@@ -94,7 +94,11 @@ def get_config() -> ml_collections.ConfigDict:
     h.box_pool_size = 7
     h.mask_pool_size = 14
     h.mask_size = 28
-    h.sampling_ratio = 2  # fixed; detectron2 uses an adaptive ratio (0), impossible at fixed shape
+    # Sample points per bin side: a fixed s (torchvision: 2), or 0 for detectron2's adaptive
+    # ceil(roi side / bins), exact up to max_sampling_ratio points per side; wider bins are sampled
+    # with (max + 1) // 2 points (ops.roi_align). Adaptive costs (max + 1)^2 gathers per bin, 4 s^2 fixed.
+    h.sampling_ratio = 2
+    h.max_sampling_ratio = 6
     h.aligned = True  # detectron2 half-pixel RoIAlign; False for torchvision
     h.fc_dim = 1024
     h.mask_conv_dim = 256

@@ -34,10 +34,10 @@ def get_config():
 
     h = m.roi
     h.aligned = True  # ROIAlignV2
-    # POOLER_SAMPLING_RATIO = 0 (adaptive, ceil(roi / bins) points per bin side, 1-6 for COCO-like
-    # boxes) has a data-dependent shape. A fixed 2 is the closest single ratio for the mask head and
-    # within 0.3% of the best for the box head (docs/weights.md has the measurements).
-    h.sampling_ratio = 2
+    # POOLER_SAMPLING_RATIO = 0: ceil(roi / bins) points per bin side, exact up to 6 per side (bins
+    # of box-head RoIs wider than 6 feature pixels, ~3% of COCO-like boxes, get 3); docs/weights.md.
+    h.sampling_ratio = 0
+    h.max_sampling_ratio = 6
     h.level_mapper = "detectron2"
 
     t = m.test

@@ -61,6 +61,7 @@ def pool_many(feats: dict, rois: Sequence[jnp.ndarray], output_sizes: Sequence[i
         multilevel_roi_align_many,
         output_sizes=tuple(output_sizes),
         sampling_ratio=roi_cfg.sampling_ratio,
+        max_sampling_ratio=roi_cfg.max_sampling_ratio,
         aligned=roi_cfg.aligned,
         min_level=2,
         canonical_size=roi_cfg.canonical_size,

@@ -101,6 +101,13 @@ def _value_errors(config) -> list[str]:
         errors.append(f"model.rpn.size_divisibility: expected >= 0, got {m.rpn.size_divisibility}")
     if m.norm_eps < 0:
         errors.append(f"model.norm_eps: expected >= 0, got {m.norm_eps}")
+    if m.roi.sampling_ratio < 0:
+        errors.append(
+            f"model.roi.sampling_ratio: expected >= 1 (fixed) or 0 (adaptive), "
+            f"got {m.roi.sampling_ratio}"
+        )
+    if m.roi.max_sampling_ratio < 1:
+        errors.append(f"model.roi.max_sampling_ratio: expected >= 1, got {m.roi.max_sampling_ratio}")
     if d.resize_rounding not in RESIZE_ROUNDINGS:
         errors.append(
             f"data.resize_rounding: expected one of {RESIZE_ROUNDINGS}, got {d.resize_rounding!r}"

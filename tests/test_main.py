@@ -144,12 +144,15 @@ def test_model_and_data_choices_are_checked_before_anything_runs():
     config.model.anchor_grid = "caffe2"
     config.model.rpn.size_divisibility = -32
     config.model.norm_eps = -1e-5
+    config.model.roi.sampling_ratio = -1
+    config.model.roi.max_sampling_ratio = 0
     config.data.resize_rounding = "nearest"
     with pytest.raises(main.ConfigError) as err:
         main.validate_config(config)
     names = sorted(line.split(":")[0].strip() for line in str(err.value).splitlines()[1:])
     assert names == [
-        "data.resize_rounding", "model.anchor_grid", "model.norm_eps", "model.rpn.size_divisibility"
+        "data.resize_rounding", "model.anchor_grid", "model.norm_eps",
+        "model.roi.max_sampling_ratio", "model.roi.sampling_ratio", "model.rpn.size_divisibility",
     ]
     config = base.get_config()
     config.model.anchor_grid = "torchvision"

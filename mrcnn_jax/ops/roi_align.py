@@ -11,8 +11,16 @@ The definition is torchvision's `roi_align` / detectron2's `ROIAlign`, with a fi
 
 `bilinear` uses torchvision's border rule, applied per axis (so the whole kernel is separable):
 a coordinate c < -1 or c > size contributes 0; c <= 0 reads as 0; lo = floor(c) >= size - 1 reads the
-last row / column. detectron2's adaptive grid (sampling_ratio=0, ceil(roi / out) points) has a
-data-dependent shape and is not offered.
+last row / column.
+
+sampling_ratio=0 is detectron2's / torchvision's adaptive grid: g = ceil(size / out) points per bin
+side, per box and axis (g <= 0 gives 0). Its data-dependent count is held in a fixed shape of
+T = cap + 1 taps per bin side (cap = `max_sampling_ratio`): for g <= cap the g points' bilinear
+taps fall on at most g + 1 consecutive rows (the points are at most one pixel apart), so each bin
+side reads the T rows from its first tap with the points' summed weights, which is the adaptive
+average exactly (up to float summation order). A side with g > cap (a bin wider than cap pixels)
+is sampled with (cap + 1) // 2 points instead, whose two taps each fit the T slots: the fixed-ratio
+RoIAlign of that ratio, for those boxes only. Cost: T^2 gathers per bin against 4 s^2 for a fixed s.
 
 Every function is written for one image; `jax.vmap` over [B, ...] for batches. Gradients flow to the
 features (the gather transposes to a scatter-add), not to the boxes' integer taps.
@@ -107,6 +115,81 @@ def _bin_taps(base, height, width, ys, xs, output_size: int, sampling_ratio: int
     return idx, wts
 
 
+def _adaptive_axis_slots(start, size, output_size: int, cap: int, map_size):
+    """One axis of the adaptive grid as T = cap + 1 (row, weight) slots per bin.
+
+    start, size: [R] box start and extent in feature pixels; map_size: int or [R] rows of the map.
+    Returns idx int32 [R, out, T] in [0, map_size - 1] and w [R, out, T] (the 1 / g of the average
+    folded in; the slots of one bin sum to at most 1).
+
+        g = ceil(size / out)                       # torchvision's roi_bin_grid, per box
+        exact (g <= cap and the taps span <= T rows):
+            points i < g at (start + p * bin) + (i + 0.5) * bin / g
+            slot t reads row lo_0 + t with the summed tap weights of every point landing there
+        otherwise: k = (cap + 1) // 2 points, slots (lo_0, hi_0, lo_1, hi_1, ...), the rest 0
+    """
+    num, slots, wide_k = size.shape[0], cap + 1, (cap + 1) // 2
+    map_size = jnp.broadcast_to(jnp.asarray(map_size, jnp.int32), (num,))[:, None, None]
+    bin_size = size / output_size
+    g = jnp.ceil(size / output_size)  # the expression torchvision's kernel uses
+
+    def taps(k):  # k: [R] points per side -> lo, hi, w_lo, w_hi [R, out, cap], point mask applied
+        p = jnp.arange(output_size, dtype=jnp.float32)[None, :, None]
+        i = jnp.arange(cap, dtype=jnp.float32)[None, None, :]
+        kk = jnp.maximum(k, 1.0)[:, None, None]
+        c = (start[:, None, None] + p * bin_size[:, None, None]) + (
+            (i + 0.5) * bin_size[:, None, None]
+        ) / kk
+        lo, hi, w_lo, w_hi = _axis_taps(c, map_size)
+        used = (i < k[:, None, None]).astype(jnp.float32) / kk
+        return lo, hi, w_lo * used, w_hi * used
+
+    lo, hi, w_lo, w_hi = taps(jnp.clip(g, 0.0, cap))
+    first = lo[..., :1]
+    t = jnp.arange(slots, dtype=jnp.int32)
+    rel_lo = (lo - first)[..., None] == t  # [R, out, cap, T]
+    rel_hi = (hi - first)[..., None] == t
+    exact_w = (w_lo[..., None] * rel_lo + w_hi[..., None] * rel_hi).sum(axis=2)
+    exact_idx = jnp.minimum(first + t, map_size - 1)
+    used_last = (jnp.clip(g, 1.0, cap) - 1).astype(jnp.int32)[:, None, None]
+    last_hi = jnp.take_along_axis(hi, jnp.broadcast_to(used_last, first.shape), axis=2)
+    exact = (g <= cap)[:, None, None] & (last_hi - first < slots)
+
+    lo, hi, w_lo, w_hi = taps(jnp.full_like(g, float(wide_k)))
+    pad = slots - 2 * wide_k  # 1 when cap is even
+
+    def interleave(a, b, fill):
+        pair = jnp.stack([a[..., :wide_k], b[..., :wide_k]], axis=-1).reshape(*a.shape[:2], -1)
+        return jnp.pad(pair, ((0, 0), (0, 0), (0, pad)), constant_values=fill)
+
+    wide_idx = interleave(lo, hi, 0)
+    wide_w = interleave(w_lo, w_hi, 0.0)
+    return jnp.where(exact, exact_idx, wide_idx), jnp.where(exact, exact_w, wide_w)
+
+
+def _adaptive_bin_taps(base, height, width, boxes, scale, output_size: int, cap: int, aligned: bool):
+    """`_bin_taps` of the adaptive grid: idx, weights [K, R, out, out], K = (cap + 1)^2."""
+    boxes = boxes.astype(jnp.float32)
+    offset = 0.5 if aligned else 0.0
+    x1, y1, x2, y2 = (boxes[:, k] * scale - offset for k in range(4))
+    w, h = x2 - x1, y2 - y1
+    if not aligned:
+        w, h = jnp.maximum(w, 1.0), jnp.maximum(h, 1.0)
+    num = boxes.shape[0]
+    width = jnp.broadcast_to(jnp.asarray(width, jnp.int32), (num,))
+    rows, wy = _adaptive_axis_slots(y1, h, output_size, cap, height)
+    cols, wx = _adaptive_axis_slots(x1, w, output_size, cap, width)
+    rows = rows * width[:, None, None] + base[:, None, None]
+    # [R, p, t] x [R, q, u] -> [(t, u), R, p, q]
+    idx = rows[:, :, None, :, None] + cols[:, None, :, None, :]
+    wts = wy[:, :, None, :, None] * wx[:, None, :, None, :]
+    k = (cap + 1) ** 2
+    return (
+        idx.transpose(3, 4, 0, 1, 2).reshape(k, num, output_size, output_size),
+        wts.transpose(3, 4, 0, 1, 2).reshape(k, num, output_size, output_size),
+    )
+
+
 def _gather_pool(flat, base, height, width, ys, xs, output_size: int, sampling_ratio: int):
     """Bilinear samples of a flattened map, averaged over each bin's s x s grid.
 
@@ -144,19 +227,36 @@ def roi_align(
     spatial_scale: float,
     sampling_ratio: int,
     aligned: bool,
+    max_sampling_ratio: int = 6,
 ) -> jnp.ndarray:
     """RoIAlign on one feature map.
 
     features: [H, W, C]; boxes: [R, 4] xyxy in input-image pixels; spatial_scale = 1 / stride.
-    sampling_ratio: fixed s >= 1 sample points per bin side. Returns [R, out, out, C] (features.dtype).
+    sampling_ratio: fixed s >= 1 sample points per bin side, or 0 for the adaptive grid (exact up to
+    max_sampling_ratio points per side; module docstring). Returns [R, out, out, C] (features.dtype).
     """
-    if sampling_ratio < 1:
-        raise ValueError(f"sampling_ratio must be >= 1 (fixed grid), got {sampling_ratio}")
+    _check_sampling(sampling_ratio, max_sampling_ratio)
     h, w, c = features.shape
-    ys, xs = _sample_grids(boxes, spatial_scale, output_size, sampling_ratio, aligned)
     base = jnp.zeros((boxes.shape[0],), jnp.int32)
-    out = _gather_pool(features.reshape(h * w, c), base, h, w, ys, xs, output_size, sampling_ratio)
+    flat = features.reshape(h * w, c)
+    if sampling_ratio == 0:
+        idx, wts = _adaptive_bin_taps(
+            base, h, w, boxes, spatial_scale, output_size, max_sampling_ratio, aligned
+        )
+        out = _gather_pool_taps(flat, idx, wts)
+    else:
+        ys, xs = _sample_grids(boxes, spatial_scale, output_size, sampling_ratio, aligned)
+        out = _gather_pool(flat, base, h, w, ys, xs, output_size, sampling_ratio)
     return out.astype(features.dtype)
+
+
+def _check_sampling(sampling_ratio: int, max_sampling_ratio: int) -> None:
+    if sampling_ratio < 0:
+        raise ValueError(
+            f"sampling_ratio must be >= 1 (fixed grid) or 0 (adaptive), got {sampling_ratio}"
+        )
+    if sampling_ratio == 0 and max_sampling_ratio < 1:
+        raise ValueError(f"max_sampling_ratio must be >= 1, got {max_sampling_ratio}")
 
 
 def assign_levels(
@@ -196,6 +296,7 @@ def multilevel_roi_align(
     canonical_level: int = 4,
     eps: float = 1e-8,
     eps_inside_log: bool = True,
+    max_sampling_ratio: int = 6,
 ) -> jnp.ndarray:
     """RoIAlign of each box on its FPN level (`assign_levels`), gathered from one table of all levels.
 
@@ -219,6 +320,7 @@ def multilevel_roi_align(
         canonical_level,
         eps,
         eps_inside_log,
+        max_sampling_ratio,
     )[0]
 
 
@@ -233,19 +335,20 @@ def multilevel_roi_align_many(
     canonical_level: int = 4,
     eps: float = 1e-8,
     eps_inside_log: bool = True,
+    max_sampling_ratio: int = 6,
 ) -> list[jnp.ndarray]:
     """`multilevel_roi_align` of several box sets at once, each at its own output size:
     boxes[i] [R_i, 4] -> [R_i, out_i, out_i, C], the values of one call per set (each output
     bin sums the same products in the same order; up to XLA's float contraction).
 
-    All sets share one gather-and-accumulate loop (every set has K = 4 s^2 taps per bin), so
+    All sets share one gather-and-accumulate loop (every set has K = 4 s^2 taps per bin, or
+    (max_sampling_ratio + 1)^2 with the adaptive grid), so
     the table of the levels is read by one loop and, under autodiff, its cotangent is one
     scatter-add accumulator. With one call per set (the box head's 7 x 7 and the mask head's
     14 x 14 in training) each backward loop has its own table-sized accumulator and their sum
     is a third buffer: R50-FPN at 800 x 1216, batch 2, holds 3 x 158 MiB of them at once.
     """
-    if sampling_ratio < 1:
-        raise ValueError(f"sampling_ratio must be >= 1 (fixed grid), got {sampling_ratio}")
+    _check_sampling(sampling_ratio, max_sampling_ratio)
     if len(boxes) != len(output_sizes):
         raise ValueError(f"{len(boxes)} box sets but {len(output_sizes)} output sizes")
     shapes = [f.shape for f in features]
@@ -264,10 +367,16 @@ def multilevel_roi_align_many(
             set_boxes, min_level, max_level, canonical_size, canonical_level, eps, eps_inside_log
         )
         lvl = lvl - min_level
-        ys, xs = _sample_grids(set_boxes, scales[lvl], output_size, sampling_ratio, aligned)
-        idx, wts = _bin_taps(
-            offsets[lvl], heights[lvl], widths[lvl], ys, xs, output_size, sampling_ratio
-        )
+        if sampling_ratio == 0:
+            idx, wts = _adaptive_bin_taps(
+                offsets[lvl], heights[lvl], widths[lvl], set_boxes, scales[lvl], output_size,
+                max_sampling_ratio, aligned,
+            )
+        else:
+            ys, xs = _sample_grids(set_boxes, scales[lvl], output_size, sampling_ratio, aligned)
+            idx, wts = _bin_taps(
+                offsets[lvl], heights[lvl], widths[lvl], ys, xs, output_size, sampling_ratio
+            )
         taps.append((idx.reshape(idx.shape[0], -1), wts.reshape(wts.shape[0], -1)))
         out_shapes.append(idx.shape[1:])
     idx = jnp.concatenate([i for i, _ in taps], axis=1)

@@ -19,7 +19,7 @@ from mrcnn_jax.ops.roi_align import (
 )
 
 F32 = np.float32
-_roi_align_jit = jax.jit(roi_align, static_argnums=(2, 3, 4, 5))
+_roi_align_jit = jax.jit(roi_align, static_argnums=(2, 3, 4, 5, 6))
 
 
 # ------------------------------------------------------------------ reference (torchvision CPU kernel)
@@ -44,42 +44,52 @@ def _bilinear_taps(h, w, y, x):
     return [(y_lo, x_lo, hy * hx), (y_lo, x_hi, hy * lx), (y_hi, x_lo, ly * hx), (y_hi, x_hi, ly * lx)]
 
 
-def _roi_taps(h, w, box, out, scale, s, aligned):
-    """taps[p][q] = [(row, col, weight)] with the 1 / s^2 average folded in."""
+def _grid_points(roi_size, out, s, cap):
+    """Points per bin side: s, or for s = 0 the kernel's adaptive ceil(roi_size / out) (<= 0: none);
+    with a cap, an adaptive count above it becomes (cap + 1) // 2 (our fixed-shape rule)."""
+    if s > 0:
+        return s
+    g = max(int(np.ceil(roi_size / F32(out))), 0)
+    return g if cap is None or g <= cap else (cap + 1) // 2
+
+
+def _roi_taps(h, w, box, out, scale, s, aligned, cap=None):
+    """taps[p][q] = [(row, col, weight)] with the 1 / (gy gx) average folded in."""
     off = F32(0.5) if aligned else F32(0)
     x1, y1, x2, y2 = (F32(v) * F32(scale) - off for v in box)
     rw, rh = x2 - x1, y2 - y1
     if not aligned:
         rw, rh = max(rw, F32(1)), max(rh, F32(1))
     bw, bh = rw / F32(out), rh / F32(out)
+    gy, gx = _grid_points(rh, out, s, cap), _grid_points(rw, out, s, cap)
     taps = [[[] for _ in range(out)] for _ in range(out)]
     for p in range(out):
         for q in range(out):
-            for iy in range(s):
-                y = y1 + F32(p) * bh + F32(iy + 0.5) * bh / F32(s)
-                for ix in range(s):
-                    x = x1 + F32(q) * bw + F32(ix + 0.5) * bw / F32(s)
-                    taps[p][q] += [(r, c, wt / (s * s)) for r, c, wt in _bilinear_taps(h, w, y, x)]
+            for iy in range(gy):
+                y = y1 + F32(p) * bh + F32(iy + 0.5) * bh / F32(gy)
+                for ix in range(gx):
+                    x = x1 + F32(q) * bw + F32(ix + 0.5) * bw / F32(gx)
+                    taps[p][q] += [(r, c, wt / (gy * gx)) for r, c, wt in _bilinear_taps(h, w, y, x)]
     return taps
 
 
-def roi_align_ref(fmap, boxes, out, scale, s, aligned):
+def roi_align_ref(fmap, boxes, out, scale, s, aligned, cap=None):
     h, w, c = fmap.shape
     res = np.zeros((len(boxes), out, out, c), np.float64)
     for n, box in enumerate(boxes):
-        for p, row in enumerate(_roi_taps(h, w, box, out, scale, s, aligned)):
+        for p, row in enumerate(_roi_taps(h, w, box, out, scale, s, aligned, cap)):
             for q, taps in enumerate(row):
                 for r, cc, wt in taps:
                     res[n, p, q] += wt * fmap[r, cc]
     return res
 
 
-def roi_align_ref_vjp(shape, boxes, out, scale, s, aligned, cot):
+def roi_align_ref_vjp(shape, boxes, out, scale, s, aligned, cot, cap=None):
     """Transpose of the reference: d sum(out * cot) / d features."""
     h, w, _ = shape
     grad = np.zeros(shape, np.float64)
     for n, box in enumerate(boxes):
-        for p, row in enumerate(_roi_taps(h, w, box, out, scale, s, aligned)):
+        for p, row in enumerate(_roi_taps(h, w, box, out, scale, s, aligned, cap)):
             for q, taps in enumerate(row):
                 for r, cc, wt in taps:
                     grad[r, cc] += wt * cot[n, p, q]
@@ -153,6 +163,60 @@ def test_roi_align_gradient_is_transposed_reference(aligned):
     d = rng.normal(size=fmap.shape).astype(F32)
     fd = (fn(jnp.asarray(fmap + 0.5 * d)) - fn(jnp.asarray(fmap - 0.5 * d)))
     np.testing.assert_allclose(fd, np.sum(ref * d), rtol=1e-4, atol=1e-4)
+
+
+def _adaptive_points(boxes, out, scale, aligned):
+    """The kernel's ceil(roi side / out) per box, the larger of the two axes."""
+    off = 0.5 if aligned else 0.0
+    b = boxes.astype(F32) * F32(scale) - F32(off)
+    sides = np.stack([b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], axis=1)
+    if not aligned:
+        sides = np.maximum(sides, 1)
+    return np.ceil(sides / F32(out)).max(axis=1)
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("cap", [1, 2, 3, 6])
+def test_adaptive_matches_reference(aligned, cap):
+    rng = np.random.default_rng(cap)
+    fmap = rng.normal(size=(24, 30, 3)).astype(F32)
+    boxes = np.concatenate([_mixed_boxes(rng, 96, 120), _level_spanning_boxes(rng, 10, 96, 120)])
+    points = _adaptive_points(boxes, 4, 0.25, aligned)
+    assert (points <= cap).any() and (points > cap).any()  # both sides of the cap are exercised
+    out = roi_align(jnp.asarray(fmap), jnp.asarray(boxes), 4, 0.25, 0, aligned, cap)
+    ref = roi_align_ref(fmap, boxes, 4, 0.25, 0, aligned, cap)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    # Within the cap it is the uncapped adaptive RoIAlign itself.
+    uncapped = roi_align_ref(fmap, boxes, 4, 0.25, 0, aligned)
+    within = points <= cap
+    np.testing.assert_allclose(np.asarray(out)[within], uncapped[within], rtol=1e-5, atol=1e-5)
+
+    cot = rng.normal(size=out.shape).astype(F32)
+    fn = lambda f: jnp.sum(roi_align(f, jnp.asarray(boxes), 4, 0.25, 0, aligned, cap) * cot)
+    grad = jax.grad(fn)(jnp.asarray(fmap))
+    ref_g = roi_align_ref_vjp(fmap.shape, boxes, 4, 0.25, 0, aligned, cot, cap)
+    np.testing.assert_allclose(grad, ref_g, rtol=1e-5, atol=1e-5)
+
+
+def test_adaptive_multilevel_matches_per_box_reference():
+    rng = np.random.default_rng(21)
+    img_h, img_w = 128, 192
+    feats = _pyramid(rng, img_h, img_w, 2)
+    sets = [_level_spanning_boxes(rng, 16, img_h, img_w), _mixed_boxes(rng, img_h, img_w)]
+    fs = [jnp.asarray(f) for f in feats]
+    outs = multilevel_roi_align_many(fs, [jnp.asarray(b) for b in sets], [3, 5], 0, True,
+                                     max_sampling_ratio=4)
+    for boxes, size, out in zip(sets, [3, 5], outs, strict=True):
+        lv = levels_ref(boxes, 2, 5)
+        ref = np.stack([
+            roi_align_ref(feats[lv[i] - 2], boxes[i : i + 1], size, 2.0 ** -lv[i], 0, True, 4)[0]
+            for i in range(len(boxes))
+        ])
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="max_sampling_ratio must be >= 1"):
+        multilevel_roi_align(fs, jnp.asarray(sets[0]), 3, 0, True, max_sampling_ratio=0)
+    with pytest.raises(ValueError, match="or 0 \\(adaptive\\)"):
+        roi_align(fs[0], jnp.asarray(sets[0]), 3, 0.25, -1, True)
 
 
 def test_assign_levels_both_conventions():
@@ -275,7 +339,7 @@ def test_many_sets_share_one_loop_forward_and_backward():
     value=st.floats(-100, 100, allow_nan=False, width=32),
     corners=st.lists(st.floats(0, 1, width=32), min_size=4, max_size=4),
     aligned=st.booleans(),
-    s=st.integers(1, 3),
+    s=st.integers(0, 3),  # 0: adaptive, capped at 2 points per side
 )
 def test_constant_map_gives_the_constant(value, corners, aligned, s):
     # Boxes inside [0, (W - 1) * stride]: every sample lands on the map, even after the 1-px floor.
@@ -284,8 +348,12 @@ def test_constant_map_gives_the_constant(value, corners, aligned, s):
     ys = sorted(np.array(corners[2:]) * (h - 1) * stride)
     box = np.array([[xs[0], ys[0], xs[1], ys[1]]], F32)
     fmap = np.full((h, w, 2), value, F32)
-    out = _roi_align_jit(jnp.asarray(fmap), jnp.asarray(box), 3, 1 / stride, s, aligned)
-    np.testing.assert_allclose(out, value, rtol=1e-5, atol=1e-5)
+    out = _roi_align_jit(jnp.asarray(fmap), jnp.asarray(box), 3, 1 / stride, s, aligned, 2)
+    if s == 0 and aligned and min(xs[1] - xs[0], ys[1] - ys[0]) == 0:
+        # An empty aligned box has no adaptive points (ceil(0) = 0): the kernel gives 0.
+        np.testing.assert_array_equal(out, 0.0)
+    else:
+        np.testing.assert_allclose(out, value, rtol=1e-5, atol=1e-5)
 
 
 def test_jit_vmap_batched_without_recompiling():
@@ -326,6 +394,25 @@ def test_matches_torchvision(aligned):
         huge = np.arange(len(boxes)) == 18
         np.testing.assert_allclose(out[~huge], ref[~huge], atol=1e-5)
         np.testing.assert_allclose(out[huge], ref[huge], atol=1e-4)
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("aligned", [False, True])
+def test_adaptive_matches_torchvision_within_the_cap(aligned):
+    torch = pytest.importorskip("torch")
+    tvops = pytest.importorskip("torchvision.ops")
+    rng = np.random.default_rng(13)
+    fmap = rng.normal(size=(40, 50, 4)).astype(F32)
+    boxes = np.concatenate([_mixed_boxes(rng, 160, 200), _level_spanning_boxes(rng, 30, 160, 200)])
+    t_in = torch.from_numpy(fmap).permute(2, 0, 1)[None]
+    ref = tvops.roi_align(t_in, [torch.from_numpy(boxes)], 7, 0.25, 0, aligned)
+    ref = ref.permute(0, 2, 3, 1).numpy()
+    out = np.asarray(roi_align(jnp.asarray(fmap), jnp.asarray(boxes), 7, 0.25, 0, aligned, 6))
+    points = _adaptive_points(boxes, 7, 0.25, aligned)
+    within = points <= 6
+    assert within.sum() >= 30 and set(points[within]) >= {1, 2, 3, 4, 5, 6}
+    # atol as in test_matches_torchvision: the huge box's coordinates round differently.
+    np.testing.assert_allclose(out[within], ref[within], atol=1e-4)
 
 
 @pytest.mark.torch
