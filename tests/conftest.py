@@ -6,7 +6,24 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
 import pytest  # noqa: E402
+
+# One persistent XLA compilation cache for the run, shared by every xdist worker and subprocess
+# (they inherit the variable): many tests compile the same tiny-model train and predict steps,
+# and the resume test alone compiles its train step four times. The pytest process that starts
+# first makes a fresh directory and removes it at the end, so every run compiles from scratch
+# once and no cache outlives it. MRCNN_JAX_TEST_COMPILE_CACHE=0 turns it off; a
+# JAX_COMPILATION_CACHE_DIR already set is used as it is.
+_OWN_CACHE = None
+if os.environ.get("MRCNN_JAX_TEST_COMPILE_CACHE", "1") != "0" and (
+    "JAX_COMPILATION_CACHE_DIR" not in os.environ
+):
+    _OWN_CACHE = tempfile.mkdtemp(prefix="mrcnn_jax_test_xla_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 
 # With torch installed, importing tensorflow before torchvision (which loads triton) crashes the
 # process; taking torchvision first, when it exists, avoids that for every test module.
@@ -27,3 +44,8 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE is not None:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)

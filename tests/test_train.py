@@ -535,7 +535,11 @@ def test_the_placed_step_compiles_once(parallelism):
     compiles = []
 
     def listen(event, duration, **_):
-        if event == "/jax/core/compile/backend_compile_duration":
+        # A compile served by the test run's persistent cache (conftest) is a retrieval instead.
+        if event in (
+            "/jax/core/compile/backend_compile_duration",
+            "/jax/compilation_cache/cache_retrieval_time_sec",
+        ):
             compiles.append(duration)
 
     jax.monitoring.register_event_duration_secs_listener(listen)
