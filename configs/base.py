@@ -61,6 +61,10 @@ def get_config() -> ml_collections.ConfigDict:
     m.anchor_round = False  # torchvision rounds its base anchors; detectron2 does not
     # "torchvision": each level's stride is padded size // cells (61 on P6 of an 800-px side)
     m.anchor_grid = "detectron2"
+    # "image": every spatial convolution reads zeros beyond each image padded to
+    # rpn.size_divisibility, and RoIAlign's border is there, so the canvas size does not change an
+    # image's outputs (detectron2 / torchvision at batch 1). "canvas": the padded canvas as it is.
+    m.feature_padding = "image"
 
     r = m.rpn = ml_collections.ConfigDict()
     r.fg_iou = 0.7

@@ -16,7 +16,7 @@ import numpy as np
 
 from mrcnn_jax import postprocess
 from mrcnn_jax.mask_rcnn import POOL_LEVELS, MaskRCNN
-from mrcnn_jax.ops.anchors import generate_anchors, num_anchors_per_level
+from mrcnn_jax.ops.anchors import generate_anchors, num_anchors_per_level, padded_image_size
 from mrcnn_jax.ops.roi_align import multilevel_roi_align_many
 from mrcnn_jax.structures import Detections
 
@@ -41,15 +41,42 @@ def anchors_for(model_cfg: ml_collections.ConfigDict, image_size) -> tuple[np.nd
 LEVEL_MAPPERS = {"detectron2": (1e-8, True), "torchvision": (1e-6, False)}
 
 
-def pool(feats: dict, rois: jnp.ndarray, output_size: int, roi_cfg) -> jnp.ndarray:
+FEATURE_PADDINGS = ("image", "canvas")
+
+
+def padded_sizes(model_cfg: ml_collections.ConfigDict, image_sizes) -> jnp.ndarray | None:
+    """image_sizes [B, 2] -> the `padded_size` the model and RoIAlign take: each image padded to
+    model.rpn.size_divisibility when model.feature_padding is "image" (the features and RoIAlign
+    borders of that image alone, as detectron2 / torchvision compute them at batch 1), None for
+    "canvas" (the whole padded canvas, every image alike) or size_divisibility 0."""
+    if model_cfg.feature_padding not in FEATURE_PADDINGS:
+        raise ValueError(
+            f"config.model.feature_padding must be one of {FEATURE_PADDINGS}, "
+            f"got {model_cfg.feature_padding!r}"
+        )
+    if model_cfg.feature_padding == "canvas" or model_cfg.rpn.size_divisibility <= 0:
+        return None
+    return padded_image_size(image_sizes, model_cfg.rpn.size_divisibility)
+
+
+def pool(
+    feats: dict, rois: jnp.ndarray, output_size: int, roi_cfg, padded_size=None
+) -> jnp.ndarray:
     """Multi-level RoIAlign for a batch: rois [B, R, 4] -> [B, R, out, out, C]."""
-    return pool_many(feats, [rois], [output_size], roi_cfg)[0]
+    return pool_many(feats, [rois], [output_size], roi_cfg, padded_size)[0]
 
 
-def pool_many(feats: dict, rois: Sequence[jnp.ndarray], output_sizes: Sequence[int], roi_cfg):
+def pool_many(
+    feats: dict,
+    rois: Sequence[jnp.ndarray],
+    output_sizes: Sequence[int],
+    roi_cfg,
+    padded_size=None,
+):
     """`pool` of several RoI sets [B, R_i, 4] at their own sizes, in one pass over the feature
     table (`multilevel_roi_align_many`: in training, one gradient accumulator for the box and
-    the mask head's RoIAlign instead of one each) -> [[B, R_i, out_i, out_i, C]]."""
+    the mask head's RoIAlign instead of one each) -> [[B, R_i, out_i, out_i, C]].
+    padded_size [B, 2] (`padded_sizes`): each image's maps end there for the bilinear border."""
     levels = [feats[k] for k in POOL_LEVELS]
     if roi_cfg.level_mapper not in LEVEL_MAPPERS:
         raise ValueError(
@@ -69,7 +96,9 @@ def pool_many(feats: dict, rois: Sequence[jnp.ndarray], output_sizes: Sequence[i
         eps=eps,
         eps_inside_log=eps_inside_log,
     )
-    return jax.vmap(lambda f, r: fn(f, r))(levels, list(rois))
+    if padded_size is None:
+        return jax.vmap(lambda f, r: fn(f, r))(levels, list(rois))
+    return jax.vmap(lambda f, r, e: fn(f, r, image_extent=e))(levels, list(rois), padded_size)
 
 
 def batch_proposals(model_cfg, logits, deltas, anchors, image_sizes, level_counts, train: bool):
@@ -150,12 +179,15 @@ def predict(
 ) -> Detections:
     """images [B, H, W, 3], image_sizes [B, 2] -> padded `Detections` with mask probabilities."""
     roi, test = model_cfg.roi, model_cfg.test
-    feats = model.apply(variables, images, train=False, method=MaskRCNN.features)
-    logits, deltas = model.apply(variables, feats, method=MaskRCNN.rpn)
+    padded = padded_sizes(model_cfg, image_sizes)
+    feats = model.apply(
+        variables, images, train=False, padded_size=padded, method=MaskRCNN.features
+    )
+    logits, deltas = model.apply(variables, feats, padded, method=MaskRCNN.rpn)
     props, _, props_valid = batch_proposals(
         model_cfg, logits, deltas, anchors, image_sizes, level_counts, train=False
     )
-    pooled = pool(feats, props, roi.box_pool_size, roi)
+    pooled = pool(feats, props, roi.box_pool_size, roi, padded)
     b, r = props.shape[:2]
     cls_logits, cls_deltas = model.apply(
         variables, pooled.reshape(b * r, *pooled.shape[2:]), method=MaskRCNN.box_predictions
@@ -176,7 +208,7 @@ def predict(
         props_valid,
         image_sizes,
     )
-    mask_in = pool(feats, boxes, roi.mask_pool_size, roi)
+    mask_in = pool(feats, boxes, roi.mask_pool_size, roi, padded)
     # The mask of each detection is its predicted class's channel, the only one computed.
     chosen = mask_head_on_valid(
         functools.partial(model.apply, variables, method=MaskRCNN.mask_logits),

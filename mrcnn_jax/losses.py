@@ -25,7 +25,13 @@ import optax
 from absl import logging
 
 from mrcnn_jax import targets as tgt
-from mrcnn_jax.inference import anchors_for, batch_proposals, mask_head_on_valid, pool_many
+from mrcnn_jax.inference import (
+    anchors_for,
+    batch_proposals,
+    mask_head_on_valid,
+    padded_sizes,
+    pool_many,
+)
 from mrcnn_jax.mask_rcnn import MaskRCNN
 from mrcnn_jax.ops.anchors import image_anchors, inside_padded_image
 from mrcnn_jax.ops.matching import MatchLabel, leading_rows
@@ -148,14 +154,16 @@ def make_loss_fn(
 
     def loss_fn(params, model_state, batch, example_keys):
         variables = {"params": params, **model_state}
+        padded = padded_sizes(model_cfg, batch["image_sizes"])
         feats, new_state = model.apply(
             variables,
             batch["images"],
             train=True,
+            padded_size=padded,
             method=MaskRCNN.features,
             mutable=list(model_state.keys()),
         )
-        logits, deltas = model.apply(variables, feats, method=MaskRCNN.rpn)
+        logits, deltas = model.apply(variables, feats, padded, method=MaskRCNN.rpn)
         # The barrier keeps XLA from constant-folding work on the (large) anchor literal.
         anchors = jax.lax.optimization_barrier(jnp.asarray(anchors_np))
         props, _, props_valid = batch_proposals(
@@ -181,7 +189,7 @@ def make_loss_fn(
         )
         # Both heads' RoIAlign in one pass: one gradient accumulator for the feature table.
         pooled, m_pooled = pool_many(
-            feats, [samples.boxes, m_rois], [roi.box_pool_size, roi.mask_pool_size], roi
+            feats, [samples.boxes, m_rois], [roi.box_pool_size, roi.mask_pool_size], roi, padded
         )
         b, k = samples.boxes.shape[:2]
         cls_logits, cls_deltas = model.apply(

@@ -89,6 +89,7 @@ def _value_errors(config) -> list[str]:
     """Model / data values outside their choices, found now rather than when jit or tf.data
     first meets them."""
     from mrcnn_jax.data.transforms import RESIZE_ROUNDINGS
+    from mrcnn_jax.inference import FEATURE_PADDINGS
     from mrcnn_jax.ops.anchors import ANCHOR_GRIDS
 
     m, d = config.model, config.data
@@ -97,6 +98,10 @@ def _value_errors(config) -> list[str]:
         errors.append(f"model.anchor_grid: expected one of {ANCHOR_GRIDS}, got {m.anchor_grid!r}")
     if m.anchor_grid == "torchvision" and m.rpn.size_divisibility <= 0:
         errors.append("model.anchor_grid='torchvision' needs model.rpn.size_divisibility > 0")
+    if m.feature_padding not in FEATURE_PADDINGS:
+        errors.append(
+            f"model.feature_padding: expected one of {FEATURE_PADDINGS}, got {m.feature_padding!r}"
+        )
     if m.rpn.size_divisibility < 0:
         errors.append(f"model.rpn.size_divisibility: expected >= 0, got {m.rpn.size_divisibility}")
     if m.norm_eps < 0:

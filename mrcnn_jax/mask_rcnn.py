@@ -82,13 +82,22 @@ class MaskRCNN(nn.Module):
             dtype=self.dtype,
         )
 
-    def features(self, images: jnp.ndarray, train: bool = False) -> dict[str, jnp.ndarray]:
-        """images: [B, H, W, 3] -> {"p2": [B, H/4, W/4, C], ..., "p6": [B, H/64, W/64, C]}."""
-        return self.fpn(self.backbone(images.astype(self.dtype), train=train))
+    def features(
+        self, images: jnp.ndarray, train: bool = False, padded_size=None
+    ) -> dict[str, jnp.ndarray]:
+        """images: [B, H, W, 3] -> {"p2": [B, H/4, W/4, C], ..., "p6": [B, H/64, W/64, C]}.
 
-    def rpn(self, feats: dict[str, jnp.ndarray]) -> tuple[jnp.ndarray, jnp.ndarray]:
+        padded_size [B, 2] (h, w), each image's size padded to a multiple of 32 (optional): the
+        convolutions read zeros beyond it, so the features inside it do not depend on the
+        canvas the image sits in (`ResNet`)."""
+        backbone = self.backbone(images.astype(self.dtype), train=train, padded_size=padded_size)
+        return self.fpn(backbone, padded_size)
+
+    def rpn(
+        self, feats: dict[str, jnp.ndarray], padded_size=None
+    ) -> tuple[jnp.ndarray, jnp.ndarray]:
         """FPN features -> (objectness logits [B, A], deltas [B, A, 4]) in anchor order."""
-        return self.rpn_head([feats[k] for k in LEVELS])
+        return self.rpn_head([feats[k] for k in LEVELS], padded_size)
 
     def box_predictions(self, pooled: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
         """pooled: [R, 7, 7, C] -> (logits [R, K+1], class-specific deltas [R, K+1, 4])."""

@@ -144,6 +144,7 @@ def test_model_and_data_choices_are_checked_before_anything_runs():
     config.model.anchor_grid = "caffe2"
     config.model.rpn.size_divisibility = -32
     config.model.norm_eps = -1e-5
+    config.model.feature_padding = "zeros"
     config.model.roi.sampling_ratio = -1
     config.model.roi.max_sampling_ratio = 0
     config.data.resize_rounding = "nearest"
@@ -151,7 +152,7 @@ def test_model_and_data_choices_are_checked_before_anything_runs():
         main.validate_config(config)
     names = sorted(line.split(":")[0].strip() for line in str(err.value).splitlines()[1:])
     assert names == [
-        "data.resize_rounding", "model.anchor_grid", "model.norm_eps",
+        "data.resize_rounding", "model.anchor_grid", "model.feature_padding", "model.norm_eps",
         "model.roi.max_sampling_ratio", "model.roi.sampling_ratio", "model.rpn.size_divisibility",
     ]
     config = base.get_config()

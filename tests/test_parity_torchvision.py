@@ -208,9 +208,24 @@ def test_mask_head_on_the_same_boxes(parity, ours):
 
 
 def test_final_detections_and_masks_are_identical(parity):
-    tv = parity.tv
     predict = inference.make_predict_fn(parity.model, parity.config.model, (H, W))
-    dets = jax.device_get(predict(parity.variables, jnp.asarray(tv.x), jnp.array([[H, W]])))
+    dets = predict(parity.variables, jnp.asarray(parity.tv.x), jnp.array([[H, W]]))
+    _assert_torchvisions_detections(parity.tv, jax.device_get(dets))
+
+
+def test_detections_on_a_larger_canvas_are_torchvisions(parity):
+    """The image on a 320 x 416 canvas with noise beyond it, as our pipeline pads every image to
+    one canvas: with model.feature_padding="image" the features, proposals and RoIAlign borders
+    are those of the image alone, which is what torchvision computes."""
+    canvas = (320, 416)
+    x = np.random.default_rng(0).normal(size=(1, *canvas, 3)).astype(np.float32)
+    x[:, :H, :W] = parity.tv.x
+    predict = inference.make_predict_fn(parity.model, parity.config.model, canvas)
+    dets = predict(parity.variables, jnp.asarray(x), jnp.array([[H, W]]))
+    _assert_torchvisions_detections(parity.tv, jax.device_get(dets))
+
+
+def _assert_torchvisions_detections(tv, dets):
     n = int(dets.valid[0].sum())
     assert n == len(tv.boxes) == 100  # the 100-detection cut is exercised
     np.testing.assert_array_equal(dets.classes[0, :n], tv.labels)

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from mrcnn_jax.ops import conv as conv_ops
+from mrcnn_jax.ops.anchors import zero_beyond
 
 # detectron2 c2_xavier_fill == kaiming_uniform(a=1): U(-sqrt(3 / fan_in), sqrt(3 / fan_in)), bias 0
 # (torchvision's FPN uses the same kaiming_uniform_(a=1)).
@@ -64,14 +65,17 @@ class FPN(nn.Module):
     channels], ..., "p5": [B, H/32, ...], "p6": [B, H/64, ...]} (H/64 rounded up).
 
     Each level must be exactly twice the next coarser one (images padded to a multiple of 32); this
-    is checked on the static shapes.
+    is checked on the static shapes. padded_size [B, 2] (optional): the 3x3 output convolutions
+    read zeros beyond each image padded to 32 (`ResNet`'s argument of the same name).
     """
 
     channels: int = 256
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, feats: Mapping[str, jnp.ndarray]) -> dict[str, jnp.ndarray]:
+    def __call__(
+        self, feats: Mapping[str, jnp.ndarray], padded_size=None
+    ) -> dict[str, jnp.ndarray]:
         conv = lambda k, name: nn.Conv(
             self.channels,
             (k, k),
@@ -94,7 +98,7 @@ class FPN(nn.Module):
                     )
                 lateral = lateral + upsample_nearest_x2(inner)
             inner = lateral
-            outs[f"p{level}"] = conv(3, f"output{level}")(inner)
+            outs[f"p{level}"] = conv(3, f"output{level}")(zero_beyond(inner, padded_size, 2**level))
         result = {f"p{level}": outs[f"p{level}"] for level in LEVELS}
         # max_pool2d(kernel 1, stride 2) is a strided slice.
         result["p6"] = result["p5"][:, ::2, ::2]

@@ -58,7 +58,8 @@ class FrozenBatchNorm(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, mask=None) -> jnp.ndarray:
+        del mask  # fixed statistics: nothing to restrict (the signature of nn.GroupNorm's)
         c = x.shape[-1]
         scale = self.variable("batch_stats", "scale", lambda: jnp.ones((c,), jnp.float32))
         bias = self.variable("batch_stats", "bias", lambda: jnp.zeros((c,), jnp.float32))

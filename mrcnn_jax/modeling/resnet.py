@@ -37,6 +37,7 @@ import jax.numpy as jnp
 
 from mrcnn_jax.modeling.norm import EPSILON, NormKind, make_norm
 from mrcnn_jax.ops import conv as conv_ops
+from mrcnn_jax.ops.anchors import cells_inside, zero_beyond
 
 # (block type, blocks per stage) for torchvision / detectron2 depths.
 STAGE_BLOCKS = {
@@ -84,12 +85,16 @@ class BasicBlock(nn.Module):
     axis_name: str | None = None
     dtype: Any = jnp.float32
     norm_eps: float = EPSILON
+    input_stride: int = 4  # canvas pixels per cell of x, for `padded_size`
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-        norm = _block_norm(self, train)
-        y = nn.relu(norm("bn1")(_conv(self.features, 3, self.strides, self.dtype, "conv1")(x)))
-        y = norm("bn2")(_conv(self.features, 3, 1, self.dtype, "conv2")(y))
+    def __call__(self, x: jnp.ndarray, train: bool, padded_size=None) -> jnp.ndarray:
+        norm = _block_norm(self, train, padded_size)
+        out = self.input_stride * self.strides
+        y = zero_beyond(x, padded_size, self.input_stride)
+        y = nn.relu(norm("bn1")(_conv(self.features, 3, self.strides, self.dtype, "conv1")(y), out))
+        y = zero_beyond(y, padded_size, out)
+        y = norm("bn2")(_conv(self.features, 3, 1, self.dtype, "conv2")(y), out)
         return nn.relu(y + _shortcut(self, x, self.features, norm))
 
 
@@ -109,27 +114,44 @@ class Bottleneck(nn.Module):
     axis_name: str | None = None
     dtype: Any = jnp.float32
     norm_eps: float = EPSILON
+    input_stride: int = 4  # canvas pixels per cell of x, for `padded_size`
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-        norm = _block_norm(self, train)
+    def __call__(self, x: jnp.ndarray, train: bool, padded_size=None) -> jnp.ndarray:
+        norm = _block_norm(self, train, padded_size)
         s1, s3 = (self.strides, 1) if self.stride_in_1x1 else (1, self.strides)
-        y = nn.relu(norm("bn1")(_conv(self.features, 1, s1, self.dtype, "conv1")(x)))
-        y = nn.relu(norm("bn2")(_conv(self.features, 3, s3, self.dtype, "conv2")(y)))
-        y = norm("bn3")(_conv(self.out_features, 1, 1, self.dtype, "conv3")(y))
+        mid, out = self.input_stride * s1, self.input_stride * self.strides
+        y = nn.relu(norm("bn1")(_conv(self.features, 1, s1, self.dtype, "conv1")(x), mid))
+        y = zero_beyond(y, padded_size, mid)  # the 3x3 reads no padding
+        y = nn.relu(norm("bn2")(_conv(self.features, 3, s3, self.dtype, "conv2")(y), out))
+        y = norm("bn3")(_conv(self.out_features, 1, 1, self.dtype, "conv3")(y), out)
         return nn.relu(y + _shortcut(self, x, self.out_features, norm))
 
 
-def _block_norm(block: nn.Module, train: bool):
-    """name -> the block's norm module of that name (its kind, axis, dtype and epsilon)."""
-    return lambda name: make_norm(
-        block.norm,
-        train=train,
-        axis_name=block.axis_name,
-        dtype=block.dtype,
-        name=name,
-        epsilon=block.norm_eps,
-    )
+def _block_norm(block: nn.Module, train: bool, padded_size=None):
+    """name -> the block's norm of that name (its kind, axis, dtype and epsilon) as a function
+    (x, stride) -> normalised x; with padded_size, batch / group statistics are taken over the
+    cells inside each padded image only (`ResNet`)."""
+
+    def norm(name):
+        module = make_norm(
+            block.norm,
+            train=train,
+            axis_name=block.axis_name,
+            dtype=block.dtype,
+            name=name,
+            epsilon=block.norm_eps,
+        )
+        return lambda x, stride: _normalise(module, x, padded_size, stride)
+
+    return norm
+
+
+def _normalise(module: nn.Module, x: jnp.ndarray, padded_size, stride: int) -> jnp.ndarray:
+    if padded_size is None:
+        return module(x)
+    # flax's GroupNorm reshapes the mask with x into groups: it must have x's shape.
+    return module(x, mask=jnp.broadcast_to(cells_inside(x, padded_size, stride), x.shape))
 
 
 def _shortcut(block: nn.Module, x: jnp.ndarray, out_features: int, norm) -> jnp.ndarray:
@@ -138,7 +160,7 @@ def _shortcut(block: nn.Module, x: jnp.ndarray, out_features: int, norm) -> jnp.
         return x.astype(block.dtype)
     proj = _conv(out_features, 1, block.strides, block.dtype, "downsample_conv")
     # Called inside the block's compact __call__, so the submodules are named under the block.
-    return norm("downsample_bn")(proj(x))
+    return norm("downsample_bn")(proj(x), block.input_stride * block.strides)
 
 
 class ResNet(nn.Module):
@@ -167,6 +189,12 @@ class ResNet(nn.Module):
                      (Their parameters are frozen by the train step, `backbone_trainable_mask`.)
     norm_eps:        the norms' epsilon (1e-5; torchvision's COCO_V1 detector weights use 0).
 
+    padded_size (call argument): [B, 2] (h, w) of each image padded to a multiple of 32, or None.
+    Given, every input of a spatial convolution (and of the max-pool) is zeroed beyond it
+    (`ops.anchors.zero_beyond`), so each image's features inside it are those of the padded image
+    alone, whatever the canvas: the references' features at batch 1. 1x1 and elementwise
+    layers never read across cells, so the values beyond it do not reach the inside.
+
     The stem output (after the max-pool) is sown as intermediates["stem"].
     """
 
@@ -182,7 +210,9 @@ class ResNet(nn.Module):
     norm_eps: float = EPSILON
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, train: bool, _stages: tuple[int, int] = (1, 5)):
+    def __call__(
+        self, x: jnp.ndarray, train: bool, padded_size=None, _stages: tuple[int, int] = (1, 5)
+    ):
         if self.depth not in STAGE_BLOCKS:
             raise ValueError(f"ResNet depth must be in {sorted(STAGE_BLOCKS)}, got {self.depth}")
         kind, blocks = STAGE_BLOCKS[self.depth]
@@ -195,7 +225,7 @@ class ResNet(nn.Module):
         first, last = _stages
         feats = {}
         if first == 1 and self._per_image(train, norm_kind):
-            x, feats = self._per_image_prefix(x)
+            x, feats = self._per_image_prefix(x, padded_size)
             first = self.per_image_stages + 1
         if first <= 1 <= last:
             stem_norm = make_norm(
@@ -206,9 +236,12 @@ class ResNet(nn.Module):
                 name="bn1",
                 epsilon=self.norm_eps,
             )
-            x = stem_norm(_conv(64, 7, 2, self.dtype, "conv1")(x))
-            # torchvision MaxPool2d(3, 2, padding=1): flax pads with -inf (reduce_window init).
-            x = nn.max_pool(nn.relu(x), (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+            x = _conv(64, 7, 2, self.dtype, "conv1")(zero_beyond(x, padded_size, 1))
+            x = _normalise(stem_norm, x, padded_size, 2)
+            # torchvision MaxPool2d(3, 2, padding=1): flax pads with -inf (reduce_window init);
+            # zeros beyond padded_size read as -inf would: the inputs are >= 0 after the relu.
+            x = zero_beyond(nn.relu(x), padded_size, 2)
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
             self.sow("intermediates", "stem", x)
         for stage, num_blocks in enumerate(blocks):
             if not first <= stage + 2 <= last:
@@ -218,7 +251,8 @@ class ResNet(nn.Module):
                 strides = 2 if (j == 0 and stage > 0) else 1
                 name = f"layer{stage + 1}_{j}"
                 frozen = stage + 2 <= self.frozen_stages
-                x = self._block(kind, planes, strides, norm_kind, name)(x, train and not frozen)
+                block = self._block(kind, planes, strides, norm_kind, name, 2 ** (stage + 2 - (strides > 1)))
+                x = block(x, train and not frozen, padded_size)
             feats[f"c{stage + 2}"] = x
         return (x, feats) if last < 5 else feats
 
@@ -231,7 +265,7 @@ class ResNet(nn.Module):
             and not self.is_initializing()
         )
 
-    def _per_image_prefix(self, x: jnp.ndarray):
+    def _per_image_prefix(self, x: jnp.ndarray, padded_size=None):
         """Stages 1..per_image_stages of each image in turn (`lax.map`) -> (last output, feats),
         with this module's own variables: the same function as the batched path."""
         last = self.per_image_stages
@@ -242,17 +276,24 @@ class ResNet(nn.Module):
         }
         prefix = self.clone(parent=None, per_image_stages=0)
 
-        def one(image):
-            x, feats = prefix.apply(variables, image[None], train=True, _stages=(1, last))
+        def one(args):
+            image, size = args
+            size = None if size is None else size[None]
+            x, feats = prefix.apply(
+                variables, image[None], train=True, padded_size=size, _stages=(1, last)
+            )
             # x is feats[c{last}] from res2 on: one loop output, not two buffers of it.
             return feats if last >= 2 else x
 
-        out = jax.tree.map(lambda a: a[:, 0], jax.lax.map(one, x))
+        out = jax.tree.map(lambda a: a[:, 0], jax.lax.map(one, (x, padded_size)))
         return (out[f"c{last}"], out) if last >= 2 else (out, {})
 
-    def _block(self, kind: str, planes: int, strides: int, norm: NormKind, name: str) -> nn.Module:
+    def _block(
+        self, kind: str, planes: int, strides: int, norm: NormKind, name: str, input_stride: int
+    ) -> nn.Module:
         common = dict(
             strides=strides,
+            input_stride=input_stride,
             norm=norm,
             axis_name=self.axis_name,
             dtype=self.dtype,

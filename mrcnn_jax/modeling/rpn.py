@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mrcnn_jax.ops import conv as conv_ops
+from mrcnn_jax.ops.anchors import zero_beyond
 
 # torchvision RPNHead and detectron2 StandardRPNHead: normal(std=0.01), bias 0.
 rpn_init = nn.initializers.normal(stddev=0.01)
@@ -43,7 +44,9 @@ class RPNHead(nn.Module):
     """feats: P2..P6, each [B, H_l, W_l, C] -> (logits [B, N], deltas [B, N, 4]),
     N = sum_l H_l * W_l * num_anchors, ordered (level, y, x, anchor).
 
-    The same three convs are applied to every level.
+    The same three convs are applied to every level. padded_size [B, 2] (optional): the 3x3
+    convolution reads zeros beyond each image padded to 32 (`ResNet`); the levels' strides are
+    2 ** (min_level + i).
     """
 
     num_anchors: int = 3
@@ -52,7 +55,10 @@ class RPNHead(nn.Module):
 
     @nn.compact
     def __call__(
-        self, feats: Mapping[str, jnp.ndarray] | Sequence[jnp.ndarray]
+        self,
+        feats: Mapping[str, jnp.ndarray] | Sequence[jnp.ndarray],
+        padded_size=None,
+        min_level: int = 2,
     ) -> tuple[jnp.ndarray, jnp.ndarray]:
         a = self.num_anchors
         conv_kw = dict(
@@ -65,9 +71,9 @@ class RPNHead(nn.Module):
         objectness = nn.Conv(a, (1, 1), name="objectness", **conv_kw)
         deltas = nn.Conv(4 * a, (1, 1), name="deltas", **conv_kw)
         all_logits, all_deltas = [], []
-        for p in _levels(feats):
+        for i, p in enumerate(_levels(feats)):
             b, h, w, _ = p.shape
-            t = nn.relu(conv(p))
+            t = nn.relu(conv(zero_beyond(p, padded_size, 2 ** (min_level + i))))
             # [B, H, W, A] -> [B, H*W*A]: row-major flatten gives the (y, x, a) order.
             all_logits.append(objectness(t).reshape(b, h * w * a))
             # [B, H, W, 4A] -> [B, H, W, A, 4]: channel a*4 + j is coordinate j of anchor a.

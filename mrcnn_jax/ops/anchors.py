@@ -88,6 +88,32 @@ def generate_anchors(
     return np.concatenate(levels, axis=0).astype(np.float32)
 
 
+def padded_image_size(image_size, size_divisibility: int):
+    """[..., 2] (h, w) resized image sizes -> int32 [..., 2]: each side rounded up to a multiple of
+    size_divisibility (> 0), the batch size detectron2's ImageList / torchvision's
+    GeneralizedRCNNTransform would pad a lone image to."""
+    d = jnp.int32(size_divisibility)
+    return (jnp.asarray(image_size).astype(jnp.int32) + d - 1) // d * d
+
+
+def zero_beyond(x, padded_size, stride: int):
+    """x [B, H, W, C], a map of `stride` canvas pixels per cell; padded_size [B, 2] (h, w) of each
+    image padded to a multiple of 32 (`padded_image_size`), or None -> x. The cells outside that
+    image, y * stride >= h or x * stride >= w, are set to 0, which is what a convolution on the
+    padded image alone reads there (its zero padding)."""
+    if padded_size is None:
+        return x
+    return jnp.where(cells_inside(x, padded_size, stride), x, jnp.zeros((), x.dtype))
+
+
+def cells_inside(x, padded_size, stride: int):
+    """[B, H, W, 1] bool: the cells of x ([B, H, W, C] at `stride`) inside each padded image
+    (`zero_beyond`); also the mask of the statistics of a batch / group norm on x."""
+    rows = jnp.arange(x.shape[1], dtype=jnp.int32) * stride < padded_size[:, :1]  # [B, H]
+    cols = jnp.arange(x.shape[2], dtype=jnp.int32) * stride < padded_size[:, 1:]  # [B, W]
+    return rows[:, :, None, None] & cols[:, None, :, None]
+
+
 def inside_padded_image(anchors, image_size, size_divisibility: int):
     """anchors [A, 4] of the canvas, image_size [2] (h, w) of one resized image -> [A] bool: the
     anchors that exist when the image is padded only to a multiple of `size_divisibility`, as
@@ -104,9 +130,7 @@ def inside_padded_image(anchors, image_size, size_divisibility: int):
     anchors = jnp.asarray(anchors, jnp.float32)
     if size_divisibility <= 0:
         return jnp.ones(anchors.shape[:1], bool)
-    d = jnp.int32(size_divisibility)
-    size = jnp.asarray(image_size).astype(jnp.int32)
-    h_pad, w_pad = ((size + d - 1) // d * d).astype(jnp.float32)
+    h_pad, w_pad = padded_image_size(image_size, size_divisibility).astype(jnp.float32)
     cx = (anchors[:, 0] + anchors[:, 2]) * 0.5
     cy = (anchors[:, 1] + anchors[:, 3]) * 0.5
     return (cx < w_pad - 0.5) & (cy < h_pad - 0.5)
@@ -143,7 +167,7 @@ def image_anchors(
             " config.model.rpn.size_divisibility, which must be > 0"
         )
     d = size_divisibility
-    padded = (jnp.asarray(image_size).astype(jnp.int32) + d - 1) // d * d  # [2] (h, w)
+    padded = padded_image_size(image_size, d)  # [2] (h, w)
     parts, start = [], 0
     for count, s in zip(level_counts, strides, strict=True):
         a = anchors[start : start + count]

@@ -88,20 +88,23 @@ def _sample_grids(boxes, scale, output_size: int, sampling_ratio: int, aligned: 
     return ys, xs
 
 
-def _bin_taps(base, height, width, ys, xs, output_size: int, sampling_ratio: int):
+def _bin_taps(base, height, width, ys, xs, output_size: int, sampling_ratio: int, pitch=None):
     """Flat indices and weights of every (grid point, bilinear tap) of every output bin.
 
     base: [R] int32 offset of each box's map in the flat table; height, width: int or [R] that map's
-    size; ys, xs: [R, A] sample coordinates, A = out * s.
+    size (its border, for the bilinear rule); pitch: int or [R] the map's row length in the table
+    (default: width; larger when only the top-left height x width of it is the map);
+    ys, xs: [R, A] sample coordinates, A = out * s.
     Returns idx int32 and weights, both [K, R, out, out] with K = s * s * 4; the weights of one bin
     sum to at most 1 (the 1 / s^2 average is folded in).
     """
     num, s = ys.shape[0], sampling_ratio
     height = jnp.broadcast_to(jnp.asarray(height, jnp.int32), (num,))[:, None]
     width = jnp.broadcast_to(jnp.asarray(width, jnp.int32), (num,))[:, None]
+    pitch = width if pitch is None else jnp.broadcast_to(jnp.asarray(pitch, jnp.int32), (num,))[:, None]
     y_lo, y_hi, wy_lo, wy_hi = _axis_taps(ys, height)
     x_lo, x_hi, wx_lo, wx_hi = _axis_taps(xs, width)
-    rows = jnp.stack([y_lo, y_hi], axis=-1) * width[..., None] + base[:, None, None]  # [R, A, 2]
+    rows = jnp.stack([y_lo, y_hi], axis=-1) * pitch[..., None] + base[:, None, None]  # [R, A, 2]
     cols = jnp.stack([x_lo, x_hi], axis=-1)
     wy = jnp.stack([wy_lo, wy_hi], axis=-1) / (s * s)
     wx = jnp.stack([wx_lo, wx_hi], axis=-1)
@@ -167,7 +170,9 @@ def _adaptive_axis_slots(start, size, output_size: int, cap: int, map_size):
     return jnp.where(exact, exact_idx, wide_idx), jnp.where(exact, exact_w, wide_w)
 
 
-def _adaptive_bin_taps(base, height, width, boxes, scale, output_size: int, cap: int, aligned: bool):
+def _adaptive_bin_taps(
+    base, height, width, boxes, scale, output_size: int, cap: int, aligned: bool, pitch=None
+):
     """`_bin_taps` of the adaptive grid: idx, weights [K, R, out, out], K = (cap + 1)^2."""
     boxes = boxes.astype(jnp.float32)
     offset = 0.5 if aligned else 0.0
@@ -177,9 +182,10 @@ def _adaptive_bin_taps(base, height, width, boxes, scale, output_size: int, cap:
         w, h = jnp.maximum(w, 1.0), jnp.maximum(h, 1.0)
     num = boxes.shape[0]
     width = jnp.broadcast_to(jnp.asarray(width, jnp.int32), (num,))
+    pitch = width if pitch is None else jnp.broadcast_to(jnp.asarray(pitch, jnp.int32), (num,))
     rows, wy = _adaptive_axis_slots(y1, h, output_size, cap, height)
     cols, wx = _adaptive_axis_slots(x1, w, output_size, cap, width)
-    rows = rows * width[:, None, None] + base[:, None, None]
+    rows = rows * pitch[:, None, None] + base[:, None, None]
     # [R, p, t] x [R, q, u] -> [(t, u), R, p, q]
     idx = rows[:, :, None, :, None] + cols[:, None, :, None, :]
     wts = wy[:, :, None, :, None] * wx[:, None, :, None, :]
@@ -297,6 +303,7 @@ def multilevel_roi_align(
     eps: float = 1e-8,
     eps_inside_log: bool = True,
     max_sampling_ratio: int = 6,
+    image_extent=None,
 ) -> jnp.ndarray:
     """RoIAlign of each box on its FPN level (`assign_levels`), gathered from one table of all levels.
 
@@ -321,6 +328,7 @@ def multilevel_roi_align(
         eps,
         eps_inside_log,
         max_sampling_ratio,
+        image_extent,
     )[0]
 
 
@@ -336,6 +344,7 @@ def multilevel_roi_align_many(
     eps: float = 1e-8,
     eps_inside_log: bool = True,
     max_sampling_ratio: int = 6,
+    image_extent=None,
 ) -> list[jnp.ndarray]:
     """`multilevel_roi_align` of several box sets at once, each at its own output size:
     boxes[i] [R_i, 4] -> [R_i, out_i, out_i, C], the values of one call per set (each output
@@ -347,6 +356,11 @@ def multilevel_roi_align_many(
     scatter-add accumulator. With one call per set (the box head's 7 x 7 and the mask head's
     14 x 14 in training) each backward loop has its own table-sized accumulator and their sum
     is a third buffer: R50-FPN at 800 x 1216, batch 2, holds 3 x 158 MiB of them at once.
+
+    image_extent [2] (h, w), optional: the image padded to a multiple of 32 inside a larger canvas
+    (`ops.anchors.padded_image_size`). Each level's map then ends where that image's would,
+    ceil(extent / stride) cells, for the bilinear border rule: the taps a RoIAlign on the padded
+    image alone reads (boxes at its border read its last row, not the canvas beyond).
     """
     _check_sampling(sampling_ratio, max_sampling_ratio)
     if len(boxes) != len(output_sizes):
@@ -358,6 +372,12 @@ def multilevel_roi_align_many(
     offsets = jnp.asarray([sum(sizes[:k]) for k in range(len(sizes))], jnp.int32)
     heights = jnp.asarray([h for h, _, _ in shapes], jnp.int32)
     widths = jnp.asarray([w for _, w, _ in shapes], jnp.int32)
+    pitches = widths
+    if image_extent is not None:
+        strides = jnp.asarray([2**lv for lv in range(min_level, max_level + 1)], jnp.int32)
+        extent = jnp.asarray(image_extent).astype(jnp.int32)
+        heights = jnp.minimum((extent[0] + strides - 1) // strides, heights)
+        widths = jnp.minimum((extent[1] + strides - 1) // strides, widths)
     scales = jnp.asarray([2.0**-lv for lv in range(min_level, max_level + 1)], jnp.float32)
     flat = jnp.concatenate([f.reshape(-1, c) for f in features], axis=0)
 
@@ -370,12 +390,13 @@ def multilevel_roi_align_many(
         if sampling_ratio == 0:
             idx, wts = _adaptive_bin_taps(
                 offsets[lvl], heights[lvl], widths[lvl], set_boxes, scales[lvl], output_size,
-                max_sampling_ratio, aligned,
+                max_sampling_ratio, aligned, pitches[lvl],
             )
         else:
             ys, xs = _sample_grids(set_boxes, scales[lvl], output_size, sampling_ratio, aligned)
             idx, wts = _bin_taps(
-                offsets[lvl], heights[lvl], widths[lvl], ys, xs, output_size, sampling_ratio
+                offsets[lvl], heights[lvl], widths[lvl], ys, xs, output_size, sampling_ratio,
+                pitches[lvl],
             )
         taps.append((idx.reshape(idx.shape[0], -1), wts.reshape(wts.shape[0], -1)))
         out_shapes.append(idx.shape[1:])
