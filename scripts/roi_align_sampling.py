@@ -47,7 +47,7 @@ def main() -> None:
     variables = mask_rcnn.init_variables(model, jax.random.key(0), (h, w))
     image = jax.random.normal(jax.random.key(1), (1, h, w, 3))
     feats = model.apply(variables, image, method=mask_rcnn.MaskRCNN.features)
-    levels = [np.asarray(feats[k][0]) for k in mask_rcnn.POOL_LEVELS]
+    levels = [np.array(feats[k][0]) for k in mask_rcnn.POOL_LEVELS]  # writable, for torch
     boxes = random_boxes(np.random.default_rng(0), args.boxes, h, w)
     lvl = np.asarray(assign_levels(jnp.asarray(boxes), 2, 5))
 

@@ -445,9 +445,11 @@ def test_remat_keeps_parameters_outputs_and_gradients(depth, norm):
 )
 def test_per_image_stages_same_features_and_gradients(depth, norm, stages):
     """`per_image_stages` runs the first stages image by image in a loop in training: same
-    parameters, features and gradients (also of the looped stages' own parameters); the loop is
-    really in the training graph and not in the inference one."""
+    parameters, features and gradients (also of the looped stages' own parameters), also with
+    each image's own padded size (`padded_size`, masked norms); the loop is really in the
+    training graph and not in the inference one."""
     x = jnp.asarray(np.random.default_rng(1).normal(size=(3, 64, 64, 3)), jnp.float32)
+    padded = jnp.asarray([[64, 32], [32, 64], [64, 64]], jnp.int32)
     width = 32 if depth == 50 else 64
     plain = ResNet(depth=depth, norm=norm, width_per_group=width)
     looped = ResNet(depth=depth, norm=norm, width_per_group=width, per_image_stages=stages)
@@ -459,7 +461,7 @@ def test_per_image_stages_same_features_and_gradients(depth, norm, stages):
     state = {k: v for k, v in variables.items() if k != "params"}
 
     def loss(module, params):
-        feats = module.apply({"params": params, **state}, x, train=True)
+        feats = module.apply({"params": params, **state}, x, train=True, padded_size=padded)
         assert sorted(feats) == ["c2", "c3", "c4", "c5"]
         return sum(jnp.mean(jnp.sin(f)) for f in feats.values())
 
