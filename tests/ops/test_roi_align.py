@@ -376,19 +376,24 @@ def test_jit_vmap_batched_without_recompiling():
     assert len(traces) == 1
 
 
+def _torchvision_roi_align(fmap, boxes, out, scale, s, aligned):
+    """torchvision.ops.roi_align of one [H, W, C] map -> [R, out, out, C] numpy."""
+    torch = pytest.importorskip("torch")
+    tvops = pytest.importorskip("torchvision.ops")
+    t_in = torch.from_numpy(fmap).permute(2, 0, 1)[None]
+    ref = tvops.roi_align(t_in, [torch.from_numpy(boxes)], out, scale, s, aligned)
+    return ref.permute(0, 2, 3, 1).numpy()
+
+
 @pytest.mark.torch
 @pytest.mark.parametrize("aligned", [False, True])
 def test_matches_torchvision(aligned):
-    torch = pytest.importorskip("torch")
-    tvops = pytest.importorskip("torchvision.ops")
     rng = np.random.default_rng(11)
     fmap = rng.normal(size=(13, 17, 4)).astype(F32)
     boxes = _mixed_boxes(rng, 52, 68)
-    t_in = torch.from_numpy(fmap).permute(2, 0, 1)[None]
     for s in (1, 2):
-        ref = tvops.roi_align(t_in, [torch.from_numpy(boxes)], 7, 0.25, s, aligned)
+        ref = _torchvision_roi_align(fmap, boxes, 7, 0.25, s, aligned)
         out = np.asarray(roi_align(jnp.asarray(fmap), jnp.asarray(boxes), 7, 0.25, s, aligned))
-        ref = ref.permute(0, 2, 3, 1).numpy()
         # The huge box (row 18) samples x = -85 + 3.5 * 187 / 7 = 8.5: cancellation leaves a float32
         # error of ~ulp(85) = 8e-6 in the coordinate, which either kernel may round differently.
         huge = np.arange(len(boxes)) == 18
@@ -399,14 +404,10 @@ def test_matches_torchvision(aligned):
 @pytest.mark.torch
 @pytest.mark.parametrize("aligned", [False, True])
 def test_adaptive_matches_torchvision_within_the_cap(aligned):
-    torch = pytest.importorskip("torch")
-    tvops = pytest.importorskip("torchvision.ops")
     rng = np.random.default_rng(13)
     fmap = rng.normal(size=(40, 50, 4)).astype(F32)
     boxes = np.concatenate([_mixed_boxes(rng, 160, 200), _level_spanning_boxes(rng, 30, 160, 200)])
-    t_in = torch.from_numpy(fmap).permute(2, 0, 1)[None]
-    ref = tvops.roi_align(t_in, [torch.from_numpy(boxes)], 7, 0.25, 0, aligned)
-    ref = ref.permute(0, 2, 3, 1).numpy()
+    ref = _torchvision_roi_align(fmap, boxes, 7, 0.25, 0, aligned)
     out = np.asarray(roi_align(jnp.asarray(fmap), jnp.asarray(boxes), 7, 0.25, 0, aligned, 6))
     points = _adaptive_points(boxes, 7, 0.25, aligned)
     within = points <= 6
