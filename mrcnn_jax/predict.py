@@ -96,7 +96,6 @@ def _missing_keys(reference: dict, saved: dict, prefix: str = "") -> list[str]:
     return out
 
 
-
 class Predictor:
     """A model and its weights behind one call on a numpy image (one compile per padded size)."""
 
