@@ -349,7 +349,10 @@ def test_constant_map_gives_the_constant(value, corners, aligned, s):
     box = np.array([[xs[0], ys[0], xs[1], ys[1]]], F32)
     fmap = np.full((h, w, 2), value, F32)
     out = _roi_align_jit(jnp.asarray(fmap), jnp.asarray(box), 3, 1 / stride, s, aligned, 2)
-    if s == 0 and aligned and min(xs[1] - xs[0], ys[1] - ys[0]) == 0:
+    # The extent the kernel sees, in float32 after the scale and the half-pixel shift: a side of
+    # 2e-8 px starting at 0 is 0 there (-0.5 either end), as in torchvision's kernel.
+    sides = np.diff(box.reshape(2, 2) * F32(1 / stride) - F32(0.5), axis=0)
+    if s == 0 and aligned and sides.min() == 0:
         # An empty aligned box has no adaptive points (ceil(0) = 0): the kernel gives 0.
         np.testing.assert_array_equal(out, 0.0)
     else:
