@@ -142,6 +142,11 @@ def get_config() -> ml_collections.ConfigDict:
     # auto_scale_workers): the recipe's epochs at any batch. Off: the steps are taken as written.
     tr.scale_schedule = False
     tr.num_steps = 90_000
+    # "multistep" (detectron2 WarmupMultiStepLR: x decay_factor at each of decay_steps) or
+    # "cosine" (WarmupCosineLR: half a cosine from base_lr over num_steps down to
+    # base_lr * lr_end_factor, detectron2's BASE_LR_END / BASE_LR); both after the linear warmup.
+    tr.lr_schedule = "multistep"
+    tr.lr_end_factor = 0.0
     tr.decay_steps = (60_000, 80_000)
     tr.decay_factor = 0.1
     tr.warmup_steps = 1000

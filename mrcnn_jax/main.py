@@ -91,6 +91,7 @@ def _value_errors(config) -> list[str]:
     from mrcnn_jax.data.transforms import RESIZE_ROUNDINGS
     from mrcnn_jax.inference import FEATURE_PADDINGS
     from mrcnn_jax.ops.anchors import ANCHOR_GRIDS
+    from mrcnn_jax.train import LR_SCHEDULES
 
     m, d = config.model, config.data
     errors = []
@@ -113,6 +114,13 @@ def _value_errors(config) -> list[str]:
         )
     if m.roi.max_sampling_ratio < 1:
         errors.append(f"model.roi.max_sampling_ratio: expected >= 1, got {m.roi.max_sampling_ratio}")
+    t = config.train
+    if t.lr_schedule not in LR_SCHEDULES:
+        errors.append(f"train.lr_schedule: expected one of {LR_SCHEDULES}, got {t.lr_schedule!r}")
+    if not 0.0 <= t.lr_end_factor <= 1.0:
+        errors.append(f"train.lr_end_factor: expected in [0, 1], got {t.lr_end_factor}")
+    if t.lr_schedule == "cosine" and t.num_steps <= 0:
+        errors.append(f"train.num_steps: the cosine schedule needs > 0, got {t.num_steps}")
     if d.resize_rounding not in RESIZE_ROUNDINGS:
         errors.append(
             f"data.resize_rounding: expected one of {RESIZE_ROUNDINGS}, got {d.resize_rounding!r}"

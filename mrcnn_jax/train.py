@@ -131,27 +131,52 @@ def scale_schedule(train_cfg):
     return out
 
 
+LR_SCHEDULES = ("multistep", "cosine")
+
+
 def learning_rate_schedule(
     base_lr: float,
     *,
     warmup_steps: int,
     warmup_factor: float,
-    decay_steps: Iterable[int],
-    decay_factor: float,
+    decay_steps: Iterable[int] = (),
+    decay_factor: float = 0.1,
+    kind: str = "multistep",
+    num_steps: int = 0,
+    end_factor: float = 0.0,
 ) -> optax.Schedule:
-    """detectron2 WarmupMultiStepLR with linear warmup, as a function of the update index s:
+    """detectron2's learning rate with linear warmup, as a function of the update index s.
 
-    lr(s) = base_lr * w(s) * decay_factor ** #{d in decay_steps : s >= d}
-    w(s)  = warmup_factor * (1 - s / warmup_steps) + s / warmup_steps  if s < warmup_steps else 1
+    kind="multistep" (WarmupMultiStepLR):
+        lr(s) = base_lr * w(s) * decay_factor ** #{d in decay_steps : s >= d}
+        w(s)  = warmup_factor * (1 - s / warmup_steps) + s / warmup_steps  if s < warmup_steps else 1
+    kind="cosine" (WarmupCosineLR; end_factor = SOLVER.BASE_LR_END / BASE_LR), with T = num_steps:
+        c(s)  = end_factor + (1 - end_factor) * (1 + cos(pi * min(s, T) / T)) / 2
+        lr(s) = base_lr * c(s)                                                       if s >= warmup
+        lr(s) = base_lr * (warmup_factor * (1 - a) + c(warmup_steps) * a), a = s / warmup_steps
+    (the warmup ramps up to the cosine's value where it ends, as detectron2's
+    WarmupParamScheduler does; decay_steps / decay_factor are not used).
     """
+    if kind not in LR_SCHEDULES:
+        raise ValueError(f"learning rate schedule: expected one of {LR_SCHEDULES}, got {kind!r}")
+    if kind == "cosine" and num_steps <= 0:
+        raise ValueError(f"the cosine learning rate schedule needs num_steps > 0, got {num_steps}")
     boundaries = np.asarray(sorted(decay_steps), np.int32)
+
+    def cosine(s):
+        where = jnp.minimum(s, num_steps).astype(jnp.float32) / num_steps
+        return end_factor + (1.0 - end_factor) * 0.5 * (1.0 + jnp.cos(jnp.pi * where))
 
     def schedule(step):
         s = jnp.asarray(step, jnp.int32)
         alpha = s.astype(jnp.float32) / max(warmup_steps, 1)
-        warm = jnp.where(s < warmup_steps, warmup_factor * (1.0 - alpha) + alpha, 1.0)
-        num_decays = jnp.sum(s >= jnp.asarray(boundaries))
-        return (base_lr * warm * decay_factor**num_decays).astype(jnp.float32)
+        if kind == "multistep":
+            warm = jnp.where(s < warmup_steps, warmup_factor * (1.0 - alpha) + alpha, 1.0)
+            factor = warm * decay_factor ** jnp.sum(s >= jnp.asarray(boundaries))
+        else:
+            ramp = warmup_factor * (1.0 - alpha) + cosine(jnp.int32(warmup_steps)) * alpha
+            factor = jnp.where(s < warmup_steps, ramp, cosine(s))
+        return (base_lr * factor).astype(jnp.float32)
 
     return schedule
 
@@ -601,6 +626,9 @@ def _optimizer_from_config(
         warmup_factor=train_cfg.warmup_factor,
         decay_steps=train_cfg.decay_steps,
         decay_factor=train_cfg.decay_factor,
+        kind=train_cfg.lr_schedule,
+        num_steps=train_cfg.num_steps,
+        end_factor=train_cfg.lr_end_factor,
     )
     tx = make_optimizer(
         params,

@@ -148,13 +148,21 @@ def test_model_and_data_choices_are_checked_before_anything_runs():
     config.model.roi.sampling_ratio = -1
     config.model.roi.max_sampling_ratio = 0
     config.data.resize_rounding = "nearest"
+    config.train.lr_schedule = "poly"
+    config.train.lr_end_factor = 1.5
     with pytest.raises(main.ConfigError) as err:
         main.validate_config(config)
     names = sorted(line.split(":")[0].strip() for line in str(err.value).splitlines()[1:])
     assert names == [
         "data.resize_rounding", "model.anchor_grid", "model.feature_padding", "model.norm_eps",
         "model.roi.max_sampling_ratio", "model.roi.sampling_ratio", "model.rpn.size_divisibility",
+        "train.lr_end_factor", "train.lr_schedule",
     ]
+    config = base.get_config()
+    config.train.lr_schedule = "cosine"
+    config.train.num_steps = 0
+    with pytest.raises(main.ConfigError, match="train.num_steps: the cosine schedule"):
+        main.validate_config(config)
     config = base.get_config()
     config.model.anchor_grid = "torchvision"
     config.model.rpn.size_divisibility = 0

@@ -146,6 +146,68 @@ def test_schedule_matches_detectron2(step, warmup, decays, warmup_factor):
     np.testing.assert_allclose(float(fn(step)), want, rtol=1e-5, atol=1e-9)
 
 
+def reference_cosine_lr(step, base_lr, warmup_steps, warmup_factor, num_steps, end_factor):
+    """detectron2 WarmupCosineLR as its schedulers compose it: fvcore's CosineParamScheduler(1,
+    end) over where = step / max_iter, after a warmup that is a LinearParamScheduler from
+    warmup_factor * cos(0) to cos(warmup length), rescaled to the warmup's interval."""
+
+    def cosine(where):
+        return end_factor + 0.5 * (1 - end_factor) * (1 + math.cos(math.pi * where))
+
+    length = min(warmup_steps / num_steps, 1.0)
+    where = step / num_steps
+    if where < length:
+        t = where / length
+        factor = cosine(length) * t + warmup_factor * cosine(0.0) * (1 - t)
+    else:
+        factor = cosine(min(where, 1.0))
+    return base_lr * factor
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    step=st.integers(0, 4000),
+    warmup=st.integers(0, 1000),
+    num_steps=st.integers(1000, 3000),
+    warmup_factor=st.floats(0.0, 1.0),
+    end_factor=st.floats(0.0, 1.0),
+)
+def test_cosine_schedule_matches_detectron2(step, warmup, num_steps, warmup_factor, end_factor):
+    fn = train.learning_rate_schedule(
+        0.02, warmup_steps=warmup, warmup_factor=warmup_factor, kind="cosine",
+        num_steps=num_steps, end_factor=end_factor,
+    )
+    want = reference_cosine_lr(step, 0.02, warmup, warmup_factor, num_steps, end_factor)
+    np.testing.assert_allclose(float(fn(step)), want, rtol=1e-5, atol=1e-8)
+
+
+def test_cosine_schedule_reference_points_and_errors():
+    fn = train.learning_rate_schedule(
+        0.02, warmup_steps=0, warmup_factor=0.001, kind="cosine", num_steps=1000, end_factor=0.1
+    )
+    got = [float(fn(s)) for s in (0, 500, 1000, 5000)]
+    np.testing.assert_allclose(got, [0.02, 0.02 * 0.55, 0.002, 0.002], rtol=1e-5)
+    with pytest.raises(ValueError, match="expected one of"):
+        train.learning_rate_schedule(0.02, warmup_steps=0, warmup_factor=0.0, kind="step")
+    with pytest.raises(ValueError, match="num_steps > 0"):
+        train.learning_rate_schedule(0.02, warmup_steps=0, warmup_factor=0.0, kind="cosine")
+
+
+def test_config_picks_the_schedule():
+    from configs import base
+
+    tc = base.get_config().train
+    tc.lr_schedule, tc.lr_end_factor, tc.num_steps, tc.warmup_steps = "cosine", 0.05, 100, 0
+    tc.global_batch_size = 8  # lr 0.01
+    _, schedule = train._optimizer_from_config(tc, {"w": jnp.zeros(3)}, None)
+    np.testing.assert_allclose(
+        [float(schedule(s)) for s in (0, 50, 100)], [0.01, 0.01 * 0.525, 0.0005], rtol=1e-5
+    )
+    tc.lr_schedule, tc.decay_steps = "multistep", (50,)
+    _, schedule = train._optimizer_from_config(tc, {"w": jnp.zeros(3)}, None)
+    np.testing.assert_allclose([float(schedule(s)) for s in (49, 50)], [0.01, 0.001], rtol=1e-5)
+
+
 def test_schedule_reference_points():
     # 1x schedule at batch 16: 0.02 / 1000 at step 0, 0.02 after warmup, x0.1 at 60k, x0.01 at 80k.
     fn = train.learning_rate_schedule(
