@@ -25,6 +25,11 @@ def get_config() -> ml_collections.ConfigDict:
     d.train_max_size = 1333
     d.test_min_size = 800
     d.test_max_size = 1333
+    # Large-scale jitter for training, (min, max), e.g. (0.1, 2.0) (TF Model Garden aug_scale_min /
+    # max, detectron2's LSJ baselines): each image is resized to fit image_size times a random
+    # factor in [min, max] and a random image_size window is cut out; train_min_sizes and
+    # train_max_size are then not used. () = off: detectron2's shortest-side resizing.
+    d.train_scale_jitter = ()
     d.resize_rounding = "half_up"  # resized sides: detectron2 rounds half up, torchvision "floor"s
     d.flip_prob = 0.5
     d.pixel_mean = (123.675, 116.28, 103.53)  # RGB, 0-255 (torchvision ImageNet weights)

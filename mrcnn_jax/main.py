@@ -114,6 +114,11 @@ def _value_errors(config) -> list[str]:
         )
     if m.roi.max_sampling_ratio < 1:
         errors.append(f"model.roi.max_sampling_ratio: expected >= 1, got {m.roi.max_sampling_ratio}")
+    jitter = tuple(d.get("train_scale_jitter", ()))
+    if jitter and not (len(jitter) == 2 and 0 < jitter[0] <= jitter[1]):
+        errors.append(
+            f"data.train_scale_jitter: expected () or (min, max) with 0 < min <= max, got {jitter}"
+        )
     t = config.train
     if t.lr_schedule not in LR_SCHEDULES:
         errors.append(f"train.lr_schedule: expected one of {LR_SCHEDULES}, got {t.lr_schedule!r}")

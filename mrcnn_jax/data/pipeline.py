@@ -7,7 +7,8 @@ example *indices*:
     train:  position g = step * host_batch + k  (k-th example of the step)
             epoch, pos = divmod(g, n)                         n = this host's usable examples
             index = usable[index_shuffle(pos, seed(config.seed, host, epoch))]
-            augmentation (flip, shortest-side jitter) seeded by fold_in(seed(config.seed, host), g)
+            augmentation (flip, shortest-side or large-scale jitter) seeded by
+            fold_in(seed(config.seed, host), g)
     eval:   indices [lo, hi) of this host, in order; the last batch padded with dummies
 
 Everything is a function of (config.seed, host, g): a run started at `start_step` s begins at
@@ -205,6 +206,7 @@ class _Params:
     max_instances: int
     mask_size: int
     resize_rounding: str = "half_up"
+    scale_jitter: tuple[float, ...] = ()  # (min, max): large-scale jitter + crop to image_size
 
     @classmethod
     def of(cls, d, train: bool) -> _Params:
@@ -219,6 +221,7 @@ class _Params:
             max_instances=d.max_instances,
             mask_size=d.mask_crop_size,
             resize_rounding=d.get("resize_rounding", "half_up"),
+            scale_jitter=tuple(d.get("train_scale_jitter", ())) if train else (),
         )
 
 
@@ -253,8 +256,10 @@ def _example(ex: dict, p: _Params, aug_seed: tf.Tensor) -> dict:
 
     Flip and shortest-side choice come from stateless draws on `aug_seed` [2]. Masks are cropped
     from the original-resolution RLE at the original box (so resizing does not touch them) and
-    mirrored with the image.
+    mirrored with the image. With `scale_jitter`: `_jittered_example`.
     """
+    if p.scale_jitter:
+        return _jittered_example(ex, p, aug_seed)
     image = decode_rgb(ex["image"])
     # The RLE's frame; equal to the decoded size (checked at preparation).
     h, w = ex["height"], ex["width"]
@@ -279,6 +284,43 @@ def _example(ex: dict, p: _Params, aug_seed: tf.Tensor) -> dict:
     boxes = tf.minimum(
         boxes * tf.stack([scales[1], scales[0], scales[1], scales[0]]), tf.stack([rw, rh, rw, rh])
     )
+    return _element(ex, p, image, image_size, scales, obj, boxes, crops)
+
+
+def _jittered_example(ex: dict, p: _Params, aug_seed: tf.Tensor) -> dict:
+    """`_example` with large-scale jitter (`transforms.jitter_resize_crop`): flip, random scale
+    in p.scale_jitter, random window of the canvas. Instances whose clipped box is empty are
+    dropped (TF Model Garden, detectron2's filter_empty_instances) before the cut to
+    max_instances. Each mask is cropped at its clipped box mapped back to the original image, so
+    the crop is that of the resized, windowed mask, as without jitter."""
+    image = decode_rgb(ex["image"])
+    h, w = ex["height"], ex["width"]
+    wf = tf.cast(w, tf.float32)
+    u = tf.random.stateless_uniform([4], seed=aug_seed)  # flip, scale, row and column offsets
+    flip = u[0] < p.flip_prob
+    boxes = tf.cast(ex["objects"]["bbox"], tf.float32)
+    mirrored = tf.stack([wf - boxes[:, 2], boxes[:, 1], wf - boxes[:, 0], boxes[:, 3]], axis=1)
+    image = tf.cond(flip, lambda: image[:, ::-1], lambda: image)
+    image, image_size, scales, offsets, boxes = transforms.jitter_resize_crop(
+        image, tf.where(flip, mirrored, boxes), u[1:], p.scale_jitter, p.image_size,
+        p.pixel_mean, p.pixel_std, p.channel_order,
+    )
+    inside = tf.where((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]))[:, 0]
+    obj = {k: tf.gather(v, inside) for k, v in ex["objects"].items()}
+    obj["window_box"] = tf.gather(boxes, inside)
+    obj = _select_instances(obj, p.max_instances)
+    boxes = obj.pop("window_box")
+    # The output box in the (possibly mirrored) original frame, then unmirrored.
+    sy, sx, oy, ox = scales[0], scales[1], offsets[0], offsets[1]
+    back = (boxes + tf.stack([ox, oy, ox, oy])) / tf.stack([sx, sy, sx, sy])
+    unmirrored = tf.stack([wf - back[:, 2], back[:, 1], wf - back[:, 0], back[:, 3]], axis=1)
+    crops = transforms.crop_masks(obj["rle"], tf.where(flip, unmirrored, back), h, w, p.mask_size)
+    crops = tf.cond(flip, lambda: crops[:, :, ::-1], lambda: crops)
+    return _element(ex, p, image, image_size, scales, obj, boxes, crops)
+
+
+def _element(ex, p: _Params, image, image_size, scales, obj, boxes, crops) -> dict:
+    """The batch element of a transformed example: ground truth padded to p.max_instances."""
     m, k = p.max_instances, tf.shape(boxes)[0]
     return {
         "images": tf.ensure_shape(image, [*p.image_size, 3]),
@@ -289,7 +331,7 @@ def _example(ex: dict, p: _Params, aug_seed: tf.Tensor) -> dict:
         "gt_is_crowd": _pad(tf.cast(obj["is_crowd"], tf.bool), m, False),
         "gt_masks": _pad(crops, m),
         "image_ids": tf.cast(ex["image_id"], tf.int64),
-        "orig_sizes": tf.cast(tf.stack([h, w]), tf.int32),
+        "orig_sizes": tf.cast(tf.stack([ex["height"], ex["width"]]), tf.int32),
         "scales": scales,
         "example_valid": tf.constant(True),
     }

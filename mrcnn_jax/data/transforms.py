@@ -167,6 +167,61 @@ def resize_normalize_pad(
     return padded, size, scales
 
 
+def jitter_resize_crop(
+    image: tf.Tensor,
+    boxes: tf.Tensor,
+    uniforms: tf.Tensor,
+    jitter: Sequence[float],
+    out_size: Sequence[int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    channel_order: str,
+):
+    """Large-scale jitter (TF Model Garden `resize_and_crop_image` with aug_scale_min / max;
+    detectron2's ResizeScale + FixedSizeCrop): image [h, w, 3] uint8, boxes [N, 4] xyxy in it,
+    uniforms [3] in [0, 1) (the scale, the row and the column offset draws).
+
+    r = jitter[0] + u0 * (jitter[1] - jitter[0]); the image is resized (bilinear, as
+    `resize_normalize_pad`) by s = min(r * H / h, r * W / w), to rh x rw = round(h * s) x
+    round(w * s), so that it fits an r-times-scaled canvas H x W = out_size; where it is larger
+    than the canvas a random H x W window is cut out, at offsets oy = round(u1 * max(rh - H, 0)),
+    ox = round(u2 * max(rw - W, 0)), then it is normalised and padded to the canvas.
+    -> (image [H, W, 3] float32; its size [2] int32, min(rh - oy, H) x min(rw - ox, W); scales
+    [2] float32 (rh / h, rw / w); offsets [2] float32 (oy, ox); boxes [N, 4] in the output frame,
+    clipped to it: a box outside the window comes out empty)."""
+    shape = tf.shape(image)
+    h, w = tf.cast(shape[0], tf.float64), tf.cast(shape[1], tf.float64)
+    u = tf.cast(uniforms, tf.float64)
+    r = jitter[0] + u[0] * (jitter[1] - jitter[0])
+    s = tf.minimum(r * out_size[0] / h, r * out_size[1] / w)
+    rh = tf.cast(tf.maximum(tf.floor(h * s + 0.5), 1.0), tf.int32)
+    rw = tf.cast(tf.maximum(tf.floor(w * s + 0.5), 1.0), tf.int32)
+
+    def offset(draw, extra):
+        return tf.cast(tf.floor(draw * tf.cast(tf.maximum(extra, 0), tf.float64) + 0.5), tf.int32)
+
+    oy, ox = offset(u[1], rh - out_size[0]), offset(u[2], rw - out_size[1])
+    ch, cw = tf.minimum(rh - oy, out_size[0]), tf.minimum(rw - ox, out_size[1])
+    resized = tf.image.resize(tf.cast(image, tf.float32), tf.stack([rh, rw]), method="bilinear")
+    window = normalize(resized[oy : oy + ch, ox : ox + cw], mean, std, channel_order)
+    padded = tf.image.pad_to_bounding_box(window, 0, 0, out_size[0], out_size[1])
+    scales = tf.stack([tf.cast(rh, tf.float64) / h, tf.cast(rw, tf.float64) / w])
+    scales = tf.cast(scales, tf.float32)
+    offsets = tf.cast(tf.stack([oy, ox]), tf.float32)
+    sx, sy, fx, fy = scales[1], scales[0], offsets[1], offsets[0]
+    fw, fh = tf.cast(cw, tf.float32), tf.cast(ch, tf.float32)
+    out_boxes = tf.stack(
+        [
+            tf.clip_by_value(boxes[:, 0] * sx - fx, 0.0, fw),
+            tf.clip_by_value(boxes[:, 1] * sy - fy, 0.0, fh),
+            tf.clip_by_value(boxes[:, 2] * sx - fx, 0.0, fw),
+            tf.clip_by_value(boxes[:, 3] * sy - fy, 0.0, fh),
+        ],
+        axis=1,
+    )
+    return padded, tf.stack([ch, cw]), scales, offsets, out_boxes
+
+
 def flip_left_right(image: tf.Tensor, boxes: tf.Tensor, crops: tf.Tensor, width):
     """Horizontal flip of image [h, w, 3], boxes [N, 4] in an image of `width` pixels and their mask
     crops [N, S, S]. The crop of the flipped mask at the flipped box is the mirrored crop: sample
@@ -177,7 +232,10 @@ def flip_left_right(image: tf.Tensor, boxes: tf.Tensor, crops: tf.Tensor, width)
 
 
 def check_resize_fits(data_config, train: bool) -> None:
-    """Resized sides are <= the max size; so both sides of `data.image_size` must be >= it."""
+    """Resized sides are <= the max size; so both sides of `data.image_size` must be >= it.
+    (Training with `data.train_scale_jitter` crops to the canvas instead: nothing to check.)"""
+    if train and data_config.get("train_scale_jitter", ()):
+        return
     key = "train_max_size" if train else "test_max_size"
     max_size = data_config[key]
     h, w = data_config.image_size

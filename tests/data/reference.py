@@ -152,3 +152,62 @@ def check_element(batch: dict, i: int, ex: dict, d, variants, atol=1e-3):
     raise AssertionError(
         f"element {i} (image {batch['image_ids'][i]}) matches no variant {variants}"
     )
+
+
+def expected_jittered_element(
+    ex: dict, d, flip: bool, rh: int, rw: int, oy: int, ox: int
+) -> dict:
+    """The large-scale-jitter element of `ex` for a given flip, resized size and window offset,
+    from the definitions: the (mirrored) image resized to rh x rw, the canvas-sized window at
+    (oy, ox) cut out; boxes scaled, shifted and clipped to the window, empty ones dropped, then
+    non-crowd first and cut to max_instances; each mask cropped at its output box mapped back to
+    the original image."""
+    from pycocotools import mask as mask_utils
+
+    h, w = int(ex["height"]), int(ex["width"])
+    H, W = d.image_size
+    image = decode_image(ex["image"])
+    obj = ex["objects"]
+    n_all = len(obj["id"])
+    boxes = np.array(obj["bbox"], np.float32).reshape(-1, 4)
+    masks = [mask_utils.decode({"size": [h, w], "counts": obj["rle"][k]}) for k in range(n_all)]
+    if flip:
+        image = image[:, ::-1]
+        masks = [m[:, ::-1] for m in masks]
+        boxes = np.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], axis=1)
+    ch, cw = min(rh - oy, H), min(rw - ox, W)
+    resized = resize_bilinear(image, rh, rw)[oy : oy + ch, ox : ox + cw]
+    if d.channel_order == "BGR":
+        resized = resized[..., ::-1]
+    sy, sx = np.float32(rh / h), np.float32(rw / w)
+    out_boxes = np.stack(
+        [
+            np.clip(boxes[:, 0] * sx - ox, 0, cw),
+            np.clip(boxes[:, 1] * sy - oy, 0, ch),
+            np.clip(boxes[:, 2] * sx - ox, 0, cw),
+            np.clip(boxes[:, 3] * sy - oy, 0, ch),
+        ],
+        axis=1,
+    )
+    nonempty = (out_boxes[:, 2] > out_boxes[:, 0]) & (out_boxes[:, 3] > out_boxes[:, 1])
+    kept = [k for k in range(n_all) if nonempty[k]]
+    order = [k for k in kept if not obj["is_crowd"][k]] + [k for k in kept if obj["is_crowd"][k]]
+    order = order[: d.max_instances]
+    m, s = d.max_instances, d.mask_crop_size
+    out = {
+        "image": (resized - np.array(d.pixel_mean)) / np.array(d.pixel_std),
+        "image_sizes": (ch, cw),
+        "boxes": out_boxes[order].reshape(-1, 4),
+        "classes": np.full(m, -1),
+        "crowd": np.zeros(m, bool),
+        "masks": np.zeros((m, s, s), np.uint8),
+        "num": len(order),
+        "dropped": n_all - len(kept),
+    }
+    for i, k in enumerate(order):
+        x1, y1, x2, y2 = out_boxes[k]
+        back = ((x1 + ox) / sx, (y1 + oy) / sy, (x2 + ox) / sx, (y2 + oy) / sy)
+        out["classes"][i] = obj["label"][k]
+        out["crowd"][i] = obj["is_crowd"][k]
+        out["masks"][i] = crop(masks[k], back, s)
+    return out

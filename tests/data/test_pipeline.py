@@ -83,6 +83,66 @@ def test_train_batches_match_the_reference(config, examples):
     assert seen == {(f, s) for f in (False, True) for s in d.train_min_sizes}  # flip and jitter
 
 
+def _window_offsets(resized: np.ndarray, window: np.ndarray, atol: float):
+    """Every (oy, ox) at which `window` [ch, cw, 3] lies in `resized` [rh, rw, 3]."""
+    ch, cw = window.shape[:2]
+    rh, rw = resized.shape[:2]
+    return [
+        (oy, ox)
+        for oy in range(rh - ch + 1)
+        for ox in range(rw - cw + 1)
+        if np.allclose(resized[oy, ox], window[0, 0], atol=atol)
+        and np.allclose(resized[oy : oy + ch, ox : ox + cw], window, atol=atol)
+    ]
+
+
+def test_large_scale_jitter_matches_the_reference(config, examples):
+    """data.train_scale_jitter: each element is the reference for the flip, scale and window
+    read back from it (scales -> resized size; the window found in the resized image), the scale
+    within the range, and both sides of the range and of the canvas exercised."""
+    jitter = (0.5, 2.0)
+    c = _variant(config, **{"data.train_scale_jitter": jitter, "data.train_min_sizes": (999,)})
+    d = c.data
+    H, W = d.image_size
+    seen, dropped = set(), 0
+    for b in _train(c, 8):
+        assert b["images"].shape == (4, H, W, 3)
+        for i in range(4):
+            ex = examples["train"][int(b["image_ids"][i])]
+            h, w = int(ex["height"]), int(ex["width"])
+            rh, rw = (int(round(float(s) * n)) for s, n in zip(b["scales"][i], (h, w), strict=True))
+            r = max(rh / H, rw / W)  # the drawn factor, up to the rounding of the sides
+            assert jitter[0] - 0.05 <= r <= jitter[1] + 0.05, (rh, rw)
+            ch, cw = (int(v) for v in b["image_sizes"][i])
+            assert ch == min(rh, H) and cw == min(rw, W) or (ch, cw) == (H, W)
+            assert not b["images"][i][ch:].any() and not b["images"][i][:, cw:].any()
+            window = b["images"][i][:ch, :cw] * np.array(d.pixel_std) + np.array(d.pixel_mean)
+            matched = None
+            for flip in (False, True):
+                image = reference.decode_image(ex["image"])[:, ::-1 if flip else 1]
+                resized = reference.resize_bilinear(image, rh, rw)
+                for oy, ox in _window_offsets(resized, window, atol=1e-2):
+                    exp = reference.expected_jittered_element(ex, d, flip, rh, rw, oy, ox)
+                    n = exp["num"]
+                    if not np.allclose(b["gt_boxes"][i][:n], exp["boxes"], atol=1e-3):
+                        continue
+                    np.testing.assert_array_equal(b["gt_valid"][i], np.arange(4) < n)
+                    assert not b["gt_boxes"][i][n:].any()
+                    np.testing.assert_array_equal(b["gt_classes"][i], exp["classes"])
+                    np.testing.assert_array_equal(b["gt_is_crowd"][i], exp["crowd"])
+                    np.testing.assert_array_equal(b["gt_masks"][i], exp["masks"])
+                    matched = (flip, rh > H or rw > W, r < 1)
+                    dropped += exp["dropped"]
+                    break
+                if matched:
+                    break
+            assert matched, f"element {i} (image {b['image_ids'][i]}) matches no flip / window"
+            seen.add(matched)
+    # flipped and not; cropped (larger than the canvas) and padded (smaller)
+    assert {f for f, _, _ in seen} == {False, True} and {c for _, c, _ in seen} == {False, True}
+    assert dropped > 0  # some instances fell outside their window
+
+
 def test_train_is_deterministic_and_resumes_without_replaying(config, monkeypatch):
     full = _train(config, 10)
     assert all(_same(a, b) for a, b in zip(full, _train(config, 10), strict=True))
