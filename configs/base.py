@@ -172,6 +172,11 @@ def get_config() -> ml_collections.ConfigDict:
     e = c.eval = ml_collections.ConfigDict()
     e.batch_size = 8
     e.max_examples = 0  # 0 = the whole split
+    # What COCOeval scores against: "file" = the annotation file's own annotations of the
+    # evaluated images (as detectron2 / torchvision evaluate; comparable with published numbers),
+    # "prepared" = the instances as stored after preparation's repairs. Datasets without an
+    # annotation file (shapes) always use the stored instances.
+    e.ground_truth = "file"
     e.num_overlays = 8  # overlay PNGs of the first eval images written to WORKDIR/overlays_STEP
     # Processes that paste the masks at full resolution and encode them for COCO while the device
     # predicts the next batches (0: in the main process). Worth it when the accelerator outruns one

@@ -88,6 +88,7 @@ def validate_config(config: ml_collections.ConfigDict, reference=None) -> None:
 def _value_errors(config) -> list[str]:
     """Model / data values outside their choices, found now rather than when jit or tf.data
     first meets them."""
+    from mrcnn_jax.data.pipeline import GROUND_TRUTHS
     from mrcnn_jax.data.transforms import RESIZE_ROUNDINGS
     from mrcnn_jax.inference import FEATURE_PADDINGS
     from mrcnn_jax.ops.anchors import ANCHOR_GRIDS
@@ -118,6 +119,10 @@ def _value_errors(config) -> list[str]:
     if jitter and not (len(jitter) == 2 and 0 < jitter[0] <= jitter[1]):
         errors.append(
             f"data.train_scale_jitter: expected () or (min, max) with 0 < min <= max, got {jitter}"
+        )
+    if config.eval.get("ground_truth", "file") not in GROUND_TRUTHS:
+        errors.append(
+            f"eval.ground_truth: expected one of {GROUND_TRUTHS}, got {config.eval.ground_truth!r}"
         )
     t = config.train
     if t.lr_schedule not in LR_SCHEDULES:

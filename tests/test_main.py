@@ -151,13 +151,15 @@ def test_model_and_data_choices_are_checked_before_anything_runs():
     config.train.lr_schedule = "poly"
     config.train.lr_end_factor = 1.5
     config.data.train_scale_jitter = (2.0, 0.1)
+    config.eval.ground_truth = "repaired"
     with pytest.raises(main.ConfigError) as err:
         main.validate_config(config)
     names = sorted(line.split(":")[0].strip() for line in str(err.value).splitlines()[1:])
     assert names == [
-        "data.resize_rounding", "data.train_scale_jitter", "model.anchor_grid", "model.feature_padding", "model.norm_eps",
-        "model.roi.max_sampling_ratio", "model.roi.sampling_ratio", "model.rpn.size_divisibility",
-        "train.lr_end_factor", "train.lr_schedule",
+        "data.resize_rounding", "data.train_scale_jitter", "eval.ground_truth", "model.anchor_grid",
+        "model.feature_padding", "model.norm_eps", "model.roi.max_sampling_ratio",
+        "model.roi.sampling_ratio", "model.rpn.size_divisibility", "train.lr_end_factor",
+        "train.lr_schedule",
     ]
     config = base.get_config()
     config.train.lr_schedule = "cosine"

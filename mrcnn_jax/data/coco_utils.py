@@ -410,3 +410,65 @@ def coco_ground_truth_dict(examples: Iterable[dict], categories: list[dict]) -> 
             )
     cats = [{"id": c["id"], "name": c["name"]} for c in categories]
     return {"images": images, "annotations": annotations, "categories": cats}
+
+
+def _finite_floats(values, n: int) -> bool:
+    floats = _as_floats(values)
+    return floats is not None and len(floats) == n
+
+
+def file_ground_truth(data: dict, images: list[dict], categories: list[dict], path: str) -> dict:
+    """COCO ground truth for COCOeval from the annotation file itself, as detectron2's and
+    torchvision's evaluators score against `COCO(json_file)`: the file's annotations of `images`
+    (the evaluated ones, [{"id", "height", "width", "file_name"}] as prepared), unrepaired.
+
+    Left out, with a warning naming them: annotations pycocotools cannot score (not an object,
+    no integer id, a bbox that is not 4 finite numbers, a segmentation it cannot convert);
+    annotations of undeclared categories are left out silently (COCOeval ignores them). A
+    missing or non-finite `area` (COCOeval buckets by it) is the segmentation's area."""
+    sizes = {im["id"]: (im["height"], im["width"]) for im in images}
+    declared = {c["id"] for c in categories}
+    annotations, left_out, area_filled = [], [], []
+    for i, ann in enumerate(data.get("annotations", [])):
+        if not isinstance(ann, dict) or not _member(ann.get("image_id"), sizes.keys()):
+            continue
+        aid = ann.get("id")
+        if not is_int(aid):
+            left_out.append(f"#{i}")
+            continue
+        if not _member(ann.get("category_id"), declared):
+            continue
+        h, w = sizes[ann["image_id"]]
+        try:
+            if not _finite_floats(ann.get("bbox"), 4):
+                raise ValueError("bbox")
+            segmentation = ann.get("segmentation")
+            if isinstance(segmentation, list):
+                rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, h, w))
+            elif isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), list):
+                rle = mask_utils.frPyObjects(segmentation, h, w)
+            elif isinstance(segmentation, dict):
+                rle = segmentation
+            else:
+                raise ValueError("segmentation")
+            mask_area = float(mask_utils.area(rle))
+        except Exception:  # noqa: BLE001 - whatever pycocotools raises on this record
+            left_out.append(aid)
+            continue
+        ann = dict(ann)
+        if not _finite_floats([ann.get("area")], 1):
+            ann["area"] = mask_area
+            area_filled.append(aid)
+        annotations.append(ann)
+    if left_out:
+        logger.warning(
+            "%s: %d annotations of the evaluated images left out of the ground truth (pycocotools"
+            " cannot score them); first ids %s", path, len(left_out), left_out[:MAX_LOGGED_IDS],
+        )
+    if area_filled:
+        logger.warning(
+            "%s: %d annotations without a finite area scored with their mask's; first ids %s",
+            path, len(area_filled), area_filled[:MAX_LOGGED_IDS],
+        )
+    cats = [{"id": c["id"], "name": c["name"]} for c in categories]
+    return {"images": [dict(im) for im in images], "annotations": annotations, "categories": cats}

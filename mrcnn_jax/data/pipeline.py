@@ -562,14 +562,43 @@ def dataset_info(config) -> DatasetInfo:
     )
 
 
+GROUND_TRUTHS = ("file", "prepared")
+
+
 def coco_ground_truth(config, split: str | None = None) -> dict:
     """COCO ground truth of the examples `eval_batches` visits, at original resolution with the
-    original ids (segmentation as compressed RLE), for pycocotools' COCOeval."""
-    s = _split(config.data, split or config.data.eval_split)
+    original ids, for pycocotools' COCOeval.
+
+    config.eval.ground_truth "file" (default): for a coco_folder dataset, the annotation file's
+    own annotations of those images (`coco_utils.file_ground_truth`), which detectron2's and
+    torchvision's evaluators score against, so the metrics are comparable with theirs; "prepared"
+    (and any dataset without a file, e.g. shapes): the stored instances, after the repairs
+    preparation made (clipped boxes, dropped degenerate polygons), segmentation as RLE.
+    """
+    d = config.data
+    s = _split(d, split or d.eval_split)
     source = s.builder.as_data_source(split=s.name)
     examples = (source[i] for i in range(_num_eval(s, config.eval.max_examples)))
     categories = [{"id": cid, "name": name} for cid, name in s.categories]
-    return coco_utils.coco_ground_truth_dict(examples, categories)
+    kind = config.eval.get("ground_truth", "file")
+    if kind not in GROUND_TRUTHS:
+        raise ValueError(f"config.eval.ground_truth: expected one of {GROUND_TRUTHS}, got {kind!r}")
+    if kind == "prepared" or d.dataset != "coco_folder":
+        return coco_utils.coco_ground_truth_dict(examples, categories)
+    images = []
+    for ex in examples:
+        name = ex["file_name"]
+        images.append(
+            {
+                "id": int(ex["image_id"]),
+                "height": int(ex["height"]),
+                "width": int(ex["width"]),
+                "file_name": name.decode() if isinstance(name, bytes) else str(name),
+            }
+        )
+    path = coco_folder.annotation_path(d.root, split or d.eval_split)
+    data = coco_utils.load_annotation_file(path)
+    return coco_utils.file_ground_truth(data, images, categories, path)
 
 
 def split_images(config, split: str | None = None) -> Iterator[tuple[int, np.ndarray]]:

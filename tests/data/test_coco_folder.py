@@ -4,6 +4,7 @@ instances are checked against the source annotations."""
 
 import json
 import logging
+import os
 
 import numpy as np
 import PIL.Image
@@ -241,6 +242,8 @@ def test_bad_records_are_counted_and_logged(prepared):
 
 def test_ground_truth_matches_the_source_annotations(prepared):
     config, _, _, instances, _ = prepared
+    config = config.copy_and_resolve_references()
+    config.eval.ground_truth = "prepared"
     gt = pipeline.coco_ground_truth(config)
     assert [im["id"] for im in gt["images"]] == STORED_IDS
     assert all((im["height"], im["width"]) == (H, W) for im in gt["images"])
@@ -262,6 +265,40 @@ def test_ground_truth_matches_the_source_annotations(prepared):
     ev = COCOeval(coco, coco.loadRes(dets), "segm")
     ev.evaluate(), ev.accumulate(), ev.summarize()
     assert ev.stats[0] == pytest.approx(1.0)
+
+
+def test_ground_truth_from_the_file_is_what_pycocotools_scores(prepared, caplog):
+    """eval.ground_truth="file" (the default): the file's own annotations of the evaluated images,
+    unrepaired, as detectron2 / torchvision score against COCO(json); only those pycocotools
+    cannot read are left out, by name, and COCOeval runs on the rest."""
+    config, _, _, _, _ = prepared
+    assert config.eval.ground_truth == "file"
+    with caplog.at_level(logging.WARNING, logger="mrcnn_jax.data.coco_utils"):
+        gt = pipeline.coco_ground_truth(config)
+    assert [im["id"] for im in gt["images"]] == STORED_IDS
+    path = os.path.join(config.data.root, "annotations", f"instances_{SPLIT}.json")
+    with open(path) as f:
+        source = {a["id"]: a for a in json.load(f)["annotations"]}
+    # Of the stored images' annotations: 11 has an undeclared category (COCOeval would ignore
+    # it); 9 and 10 hold a 4-number polygon, which pycocotools' frPyObjects refuses.
+    want = [1, 2, 3, 4, 5, 6, 7, 8, 13, 15, 17]
+    assert sorted(a["id"] for a in gt["annotations"]) == want
+    for a in gt["annotations"]:
+        assert a == source[a["id"]]  # untouched: boxes not clipped, empty masks kept
+    assert "2 annotations of the evaluated images left out" in caplog.text
+    assert "[9, 10]" in caplog.text and "instances_tiny.json" in caplog.text
+    coco = COCO()
+    coco.dataset = gt
+    coco.createIndex()
+    dets = [
+        {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"],
+         "segmentation": coco.annToRLE(a), "score": 1.0}
+        for a in gt["annotations"] if not a["iscrowd"]
+    ]
+    for iou_type in ("bbox", "segm"):
+        ev = COCOeval(coco, coco.loadRes([dict(d) for d in dets]), iou_type)
+        ev.evaluate(), ev.accumulate(), ev.summarize()
+        assert ev.stats[0] > 0.5
 
 
 def _instances_of(instances, image_id):
