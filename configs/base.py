@@ -31,6 +31,9 @@ def get_config() -> ml_collections.ConfigDict:
     # train_max_size are then not used. () = off: detectron2's shortest-side resizing.
     d.train_scale_jitter = ()
     d.resize_rounding = "half_up"  # resized sides: detectron2 rounds half up, torchvision "floor"s
+    # Antialias when shrinking (True: PIL's BILINEAR, as detectron2 resizes; False: torchvision's
+    # F.interpolate and the TF Model Garden). Only images shrunk to fit change (not COCO's).
+    d.resize_antialias = False
     d.flip_prob = 0.5
     d.pixel_mean = (123.675, 116.28, 103.53)  # RGB, 0-255 (torchvision ImageNet weights)
     d.pixel_std = (58.395, 57.12, 57.375)

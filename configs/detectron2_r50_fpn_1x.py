@@ -19,6 +19,7 @@ def get_config():
     d.channel_order = "BGR"
     d.test_min_size = 800  # ResizeShortestEdge(800, 1333)
     d.test_max_size = 1333
+    d.resize_antialias = True  # ResizeTransform resizes with PIL, which antialiases when shrinking
 
     m = c.model
     m.stride_in_1x1 = True  # RESNETS.STRIDE_IN_1X1 (MSRA weights)

@@ -206,6 +206,7 @@ class _Params:
     max_instances: int
     mask_size: int
     resize_rounding: str = "half_up"
+    resize_antialias: bool = False
     scale_jitter: tuple[float, ...] = ()  # (min, max): large-scale jitter + crop to image_size
 
     @classmethod
@@ -221,6 +222,7 @@ class _Params:
             max_instances=d.max_instances,
             mask_size=d.mask_crop_size,
             resize_rounding=d.get("resize_rounding", "half_up"),
+            resize_antialias=bool(d.get("resize_antialias", False)),
             scale_jitter=tuple(d.get("train_scale_jitter", ())) if train else (),
         )
 
@@ -277,7 +279,7 @@ def _example(ex: dict, p: _Params, aug_seed: tf.Tensor) -> dict:
     short = tf.gather(tf.constant(p.short_sizes, tf.int32), pick)
     image, image_size, scales = transforms.resize_normalize_pad(
         image, short, p.max_size, p.image_size, p.pixel_mean, p.pixel_std, p.channel_order,
-        p.resize_rounding,
+        p.resize_rounding, p.resize_antialias,
     )
     rh, rw = tf.cast(image_size[0], tf.float32), tf.cast(image_size[1], tf.float32)
     # Per axis, as the pixels were resized; the clip only absorbs float rounding at the border.
@@ -303,7 +305,7 @@ def _jittered_example(ex: dict, p: _Params, aug_seed: tf.Tensor) -> dict:
     image = tf.cond(flip, lambda: image[:, ::-1], lambda: image)
     image, image_size, scales, offsets, boxes = transforms.jitter_resize_crop(
         image, tf.where(flip, mirrored, boxes), u[1:], p.scale_jitter, p.image_size,
-        p.pixel_mean, p.pixel_std, p.channel_order,
+        p.pixel_mean, p.pixel_std, p.channel_order, p.resize_antialias,
     )
     inside = tf.where((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]))[:, 0]
     obj = {k: tf.gather(v, inside) for k, v in ex["objects"].items()}

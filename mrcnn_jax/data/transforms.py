@@ -148,10 +148,14 @@ def resize_normalize_pad(
     std: Sequence[float],
     channel_order: str,
     rounding: str = "half_up",
+    antialias: bool = False,
 ):
     """image [h, w, 3] uint8 RGB -> (image [H, W, 3] float32 normalised, padded bottom / right
-    with 0; resized size [2] int32 (rh, rw); scales [2] float32 (rh / h, rw / w)). Bilinear
-    without antialiasing, half-pixel centres (torchvision's F.interpolate and the TF Model Garden).
+    with 0; resized size [2] int32 (rh, rw); scales [2] float32 (rh / h, rw / w)). Bilinear with
+    half-pixel centres: without antialiasing (torchvision's F.interpolate and the TF Model Garden),
+    or with it (antialias=True: PIL's BILINEAR, hence detectron2's ResizeTransform, which widens
+    the filter when it shrinks an image; within a level of PIL's uint8 output, equal to the plain
+    filter when enlarging).
 
     The scales are the factors the pixels were actually resized by, one per axis (the rounding of
     rh and rw makes them differ from `resize_scale`'s by up to half a pixel over the side), which
@@ -159,7 +163,9 @@ def resize_normalize_pad(
     detections back, and torchvision's resize_boxes / transform.postprocess likewise."""
     shape = tf.shape(image)
     _, rh, rw = resize_scale(shape[0], shape[1], short_size, max_size, rounding)
-    resized = tf.image.resize(tf.cast(image, tf.float32), tf.stack([rh, rw]), method="bilinear")
+    resized = tf.image.resize(
+        tf.cast(image, tf.float32), tf.stack([rh, rw]), method="bilinear", antialias=antialias
+    )
     resized = normalize(resized, mean, std, channel_order)
     padded = tf.image.pad_to_bounding_box(resized, 0, 0, out_size[0], out_size[1])
     size = tf.stack([rh, rw])
@@ -176,6 +182,7 @@ def jitter_resize_crop(
     mean: Sequence[float],
     std: Sequence[float],
     channel_order: str,
+    antialias: bool = False,
 ):
     """Large-scale jitter (TF Model Garden `resize_and_crop_image` with aug_scale_min / max;
     detectron2's ResizeScale + FixedSizeCrop): image [h, w, 3] uint8, boxes [N, 4] xyxy in it,
@@ -202,7 +209,9 @@ def jitter_resize_crop(
 
     oy, ox = offset(u[1], rh - out_size[0]), offset(u[2], rw - out_size[1])
     ch, cw = tf.minimum(rh - oy, out_size[0]), tf.minimum(rw - ox, out_size[1])
-    resized = tf.image.resize(tf.cast(image, tf.float32), tf.stack([rh, rw]), method="bilinear")
+    resized = tf.image.resize(
+        tf.cast(image, tf.float32), tf.stack([rh, rw]), method="bilinear", antialias=antialias
+    )
     window = normalize(resized[oy : oy + ch, ox : ox + cw], mean, std, channel_order)
     padded = tf.image.pad_to_bounding_box(window, 0, 0, out_size[0], out_size[1])
     scales = tf.stack([tf.cast(rh, tf.float64) / h, tf.cast(rw, tf.float64) / w])
@@ -267,5 +276,6 @@ def preprocess_for_eval(
         tuple(data_config.pixel_std),
         data_config.channel_order,
         data_config.get("resize_rounding", "half_up"),
+        bool(data_config.get("resize_antialias", False)),
     )
     return out.numpy(), (int(size[0]), int(size[1])), scale.numpy()

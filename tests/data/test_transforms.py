@@ -186,6 +186,29 @@ def test_resize_normalize_pad_against_numpy():
     )
 
 
+@pytest.mark.parametrize("short", [97, 150, 240, 400])  # shrunk by 3.1x to enlarged by 1.3x
+def test_antialiased_resize_is_pils_bilinear(short):
+    """data.resize_antialias: detectron2 resizes with PIL's BILINEAR, which widens its filter
+    when shrinking. Ours agrees to within one level of PIL's uint8 rounding at every scale; the
+    plain filter (torchvision's) does not when shrinking."""
+    import PIL.Image
+    from PIL import ImageFilter
+
+    rng = np.random.default_rng(4)
+    noise = PIL.Image.fromarray(rng.integers(0, 256, size=(300, 417, 3), dtype=np.uint8))
+    image = np.asarray(noise.filter(ImageFilter.GaussianBlur(1)))
+    zero, one = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    out, size, _ = transforms.resize_normalize_pad(
+        image, short, 1000, (560, 560), zero, one, "RGB", antialias=True
+    )
+    rh, rw = int(size[0]), int(size[1])
+    pil = np.asarray(PIL.Image.fromarray(image).resize((rw, rh), PIL.Image.BILINEAR), np.float32)
+    assert np.abs(out.numpy()[:rh, :rw] - pil).max() <= 1.0 + 1e-3  # float32 round-off
+    plain, _, _ = transforms.resize_normalize_pad(image, short, 1000, (560, 560), zero, one, "RGB")
+    if short < 300:
+        assert np.abs(plain.numpy()[:rh, :rw] - pil).max() > 5.0
+
+
 def test_normalize_rejects_unknown_channel_order():
     with pytest.raises(ValueError, match="channel_order"):
         transforms.normalize(tf.zeros([2, 2, 3]), (0, 0, 0), (1, 1, 1), "RBG")
