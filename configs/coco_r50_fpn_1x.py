@@ -3,7 +3,11 @@
 For a GPU server or a TPU pod. COCO lives on the user's disk in its usual layout:
     --config.data.root=/data/coco   (annotations/instances_train2017.json, train2017/, val2017/)
 Start from ImageNet weights converted with `python -m mrcnn_jax.convert` (docs/weights.md) and
-pass them as --config.train.init_checkpoint=DIR. Published: 38.6 box / 35.2 mask AP (detectron2).
+pass them as --config.train.init_checkpoint=DIR. Published: 38.6 box / 35.2 mask AP (detectron2),
+with MSRA `R-50.pkl` weights (BGR input, stride in the 1x1 convolution) and adaptive RoIAlign
+sampling. This config keeps the base's torchvision-ImageNet input convention and a fixed 2 points
+per bin; for detectron2's exact recipe train `configs/detectron2_r50_fpn_1x.py` from `R-50.pkl`
+(docs/weights.md). The published figures are that recipe's; this one is unmeasured here.
 """
 
 from configs import base
