@@ -3,6 +3,8 @@
     python scripts/benchmark_input.py                          # configs/shapes.py, Quick start
     python scripts/benchmark_input.py --config configs/base.py --coco_synthetic 64
                                       # COCO-scale: 640x480 JPEGs, ~7 polygon instances per image
+    ... --set "data.train_scale_jitter=(0.1, 2.0)" --set "data.image_size=(1024, 1024)"
+                                      # any config field, as scripts/benchmark.py takes them
 
 `--coco_synthetic N` writes N COCO-like images and annotations to a temporary folder and reads them
 as `coco_folder`, so JPEG decoding, RLE decoding and 112x112 mask crops are measured at COCO sizes.
@@ -12,7 +14,6 @@ Preparation (dataset generation) is timed separately and excluded from the throu
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import tempfile
@@ -20,16 +21,10 @@ import time
 
 import numpy as np
 import PIL.Image
+from benchmark import load_config  # scripts/benchmark.py, beside this file
 from pycocotools import mask as mask_utils
 
 from mrcnn_jax.data import pipeline
-
-
-def load_config(path: str):
-    spec = importlib.util.spec_from_file_location("benchmark_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def _blob(rng, cx, cy, radius, h, w) -> list[float]:
@@ -105,9 +100,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=0, help="override global / eval batch size")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
 
-    config = load_config(args.config)
+    config = load_config(args.config, overrides=args.set)
     tmp = tempfile.TemporaryDirectory()
     config.data.data_dir = args.data_dir or os.path.join(tmp.name, "tfds")
     if args.coco_synthetic:
