@@ -122,8 +122,9 @@ def resize_scale(height, width, short_size, max_size, rounding: str = "half_up")
         tf.cast(max_size, tf.float64) / tf.maximum(h, w),
     )
     half = 0.5 if rounding == "half_up" else 0.0
-    rh = tf.cast(tf.floor(h * scale + half), tf.int32)
-    rw = tf.cast(tf.floor(w * scale + half), tf.int32)
+    # At least one pixel: a 1 x 500 strip would otherwise round to no rows and stop the pipeline.
+    rh = tf.cast(tf.maximum(tf.floor(h * scale + half), 1.0), tf.int32)
+    rw = tf.cast(tf.maximum(tf.floor(w * scale + half), 1.0), tf.int32)
     return tf.cast(scale, tf.float32), rh, rw
 
 
@@ -266,6 +267,8 @@ def preprocess_for_eval(
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected a uint8 [h, w, 3] RGB image, got {image.dtype} {image.shape}")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"the image has no pixels: shape {image.shape}")
     check_resize_fits(data_config, train=False)
     out, size, scale = resize_normalize_pad(
         tf.convert_to_tensor(image),

@@ -243,6 +243,20 @@ def test_preprocess_for_eval():
     np.testing.assert_allclose(out[:38, :64], expected, atol=1e-3)
     with pytest.raises(ValueError, match="uint8"):
         transforms.preprocess_for_eval(image[..., 0], _data_config())
+    with pytest.raises(ValueError, match="no pixels"):
+        transforms.preprocess_for_eval(image[:0], _data_config())
+
+
+def test_a_strip_resizes_to_at_least_one_pixel():
+    # 1 x 500 at test size 48 / 64: 500 * 64 / 500 = 64 columns, 0.128 rows -> 1 row, not 0.
+    strip = np.full((1, 500, 3), 7, np.uint8)
+    for rounding in transforms.RESIZE_ROUNDINGS:
+        out, size, scale = transforms.preprocess_for_eval(
+            strip, _data_config(resize_rounding=rounding)
+        )
+        assert size == (1, 64)
+        np.testing.assert_allclose(out[:1, :64], np.broadcast_to([3.0, 2.5, 2.0], (1, 64, 3)))
+        np.testing.assert_allclose(scale, [1.0, 64 / 500], rtol=1e-6)
 
 
 def test_check_resize_fits_names_the_config_keys():
