@@ -41,6 +41,18 @@ def _manager(directory, **options) -> ocp.CheckpointManager:
     )
 
 
+UNREADABLE_DIR = "checkpoints_unreadable"  # beside CHECKPOINT_DIR: steps restore skipped
+
+
+class RestoreError(RuntimeError):
+    """No checkpoint of a directory can be restored into the given state."""
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
 class CheckpointManager:
     """Saves and restores a train state in `directory`, keeping the last `keep` steps.
 
@@ -96,12 +108,54 @@ class CheckpointManager:
         return serialization.from_state_dict(target, restored[_STATE])
 
     def restore_latest(self, target: Any) -> Any:
-        """Resumes from the latest checkpoint when there is one, else returns `target`."""
-        step = self.latest_step()
-        if step is None:
-            return target
-        logging.info("resuming from %s/%d", self.directory, step)
-        return self.restore(target, step)
+        """Resumes from the latest checkpoint that can be read, else returns `target` (none).
+
+        A step that cannot be restored (damaged files, an empty directory) is skipped with a
+        warning for the one before it, and set aside: moved to `UNREADABLE_DIR` beside this
+        directory (process 0), so that later saves of that step and orbax's keep-the-last-k
+        cleanup do not meet it. When no step can be restored (a state of another shape: the
+        workdir holds a run of another config), RestoreError carries the latest step's error and
+        nothing is moved."""
+        steps = sorted(self._manager.all_steps(), reverse=True)
+        failed: list[tuple[int, Exception]] = []
+        for step in steps:
+            try:
+                state = self.restore(target, step)
+            except Exception as e:  # noqa: BLE001 - orbax / tensorstore raise many types
+                logging.warning("cannot restore %s/%d: %s", self.directory, step, _first_line(e))
+                failed.append((step, e))
+                continue
+            if failed:
+                self._set_aside([s for s, _ in failed])
+            logging.info("resuming from %s/%d", self.directory, step)
+            return state
+        if failed:
+            step, error = failed[0]
+            raise RestoreError(
+                f"no checkpoint in {self.directory} can be restored into this run's state"
+                f" (steps {[s for s, _ in failed]}); step {step}: {_first_line(error)}"
+            ) from error
+        return target
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Moves unreadable step directories out of the managed directory (kept, not deleted:
+        the failure may have been the file system's)."""
+        aside = os.path.join(os.path.dirname(os.path.abspath(self.directory)), UNREADABLE_DIR)
+        if jax.process_index() == 0:
+            for step in steps:
+                source = os.path.join(self.directory, str(step))
+                target = os.path.join(aside, str(step))
+                suffix = 1
+                while os.path.exists(target):
+                    target, suffix = os.path.join(aside, f"{step}.{suffix}"), suffix + 1
+                os.makedirs(aside, exist_ok=True)
+                os.rename(source, target)
+                logging.warning("set the unreadable checkpoint %s aside: %s", source, target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("mrcnn_jax: unreadable checkpoints set aside")
+        self._manager.reload()
 
     def metadata(self, step: int) -> dict[str, Any]:
         restored = self._manager.restore(
@@ -257,7 +311,7 @@ def merge_weights(
     return traverse_util.unflatten_dict(merged, sep="/")
 
 
-CONFIG_FILE = "config.json"  # in a workdir: the run's config (`main.save_config`, `convert`)
+CONFIG_FILE = "config.json"  # in a workdir: the run's config (`train.save_config`, `convert`)
 # What a backbone's weights assume of their input; weights run under other values are garbage.
 INPUT_CONVENTION_KEYS = (
     "data.pixel_mean",

@@ -128,6 +128,52 @@ def test_leftover_tmp_directory_is_ignored(tmp_path):
         assert_same_bits(checkpoints.restore_latest(state), state)
 
 
+def _truncate_files(directory):
+    for root, _, files in os.walk(directory):
+        for name in files:
+            with open(os.path.join(root, name), "r+b") as f:
+                f.truncate(3)
+
+
+def test_an_unreadable_latest_checkpoint_falls_back_and_is_set_aside(tmp_path, caplog):
+    """Damaged files in the latest step, then a stray empty step directory: each restart resumes
+    from the newest step that reads, moves the bad ones out of the way (kept, not deleted), and
+    saving those steps again works."""
+    _, state, _ = tiny_state()
+    directory = tmp_path / "checkpoints"
+    with ckpt_lib.CheckpointManager(str(directory)) as checkpoints:
+        for step in (1, 2, 3):
+            checkpoints.save(step, state.replace(step=state.step + step))
+    _truncate_files(directory / "3" / "state")
+    with caplog.at_level(logging.WARNING), ckpt_lib.CheckpointManager(str(directory)) as checkpoints:
+        restored = checkpoints.restore_latest(state)
+        assert int(restored.step) == 2
+        assert checkpoints.all_steps() == [1, 2]
+        checkpoints.save(3, state.replace(step=state.step + 3))  # saved anew
+        checkpoints.wait()
+    assert f"cannot restore {directory}/3" in caplog.text
+    aside = tmp_path / ckpt_lib.UNREADABLE_DIR
+    assert sorted(os.listdir(aside)) == ["3"] and (aside / "3" / "state").is_dir()
+    (directory / "7").mkdir()  # a stray step directory
+    with ckpt_lib.CheckpointManager(str(directory)) as checkpoints:
+        assert checkpoints.latest_step() == 7
+        assert int(checkpoints.restore_latest(state).step) == 3
+        assert checkpoints.all_steps() == [1, 2, 3]
+    assert sorted(os.listdir(aside)) == ["3", "7"]
+
+
+def test_a_state_of_another_shape_is_refused_and_nothing_is_moved(tmp_path):
+    _, state, _ = tiny_state()
+    with ckpt_lib.CheckpointManager(str(tmp_path)) as checkpoints:
+        checkpoints.save(1, state)
+        checkpoints.save(2, state)
+    other = {"w": np.zeros((3, 5), np.float32)}
+    with ckpt_lib.CheckpointManager(str(tmp_path)) as checkpoints:
+        with pytest.raises(ckpt_lib.RestoreError, match=r"steps \[2, 1\]"):
+            checkpoints.restore_latest(other)
+        assert checkpoints.all_steps() == [1, 2]
+
+
 # ----------------------------------------------------------------------------- weights only
 
 
