@@ -10,6 +10,8 @@
 |             | weights_only=True; needs the optional torch extra)           |                |
 | torchvision | ImageNet `resnet50` / `resnet101` state dict (.pth)          | backbone only  |
 | detectron2  | model-zoo Mask R-CNN R50/R101-FPN (.pkl of numpy arrays)     | whole detector |
+| detectron2  | its own training output `model_final.pth` (torch.save of     | whole detector |
+|             | {'model': state_dict, ...}; torch.load, weights_only=True)   |                |
 | detectron2  | ImageNet backbone `R-50.pkl` / `R-101.pkl` (Caffe2 names)    | backbone only  |
 
 A .pkl is a Python pickle, which can run code when loaded: it is read only with `allow_pickle=True`
@@ -40,6 +42,8 @@ import hashlib
 import json
 import os
 import pickle
+import re
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -57,7 +61,7 @@ from mrcnn_jax.ops.anchors import base_anchors
 
 SOURCES = ("torchvision", "detectron2")
 INFO_FILE = "conversion.json"  # written next to the checkpoint: what was converted from where
-CONFIG_FILE = ckpt_lib.CONFIG_FILE  # the target config, in the format of `main.save_config`
+CONFIG_FILE = ckpt_lib.CONFIG_FILE  # the target config, in the format of `train.save_config`
 
 # The 80 COCO category ids (ten of 1..90 are unused). torchvision's COCO models predict the ids
 # themselves (91 rows with background 0); our labels are 1..80 in sorted id order (coco_utils).
@@ -102,20 +106,88 @@ class Converted:
 
 # ----------------------------------------------------------------------------- reading files
 
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since torch 1.6 is a zip file
+_TORCH_LEGACY_MAGIC = b"\x80\x02\x8a\x0a"  # older torch.save: a protocol 2 pickle of a magic long
+
+
+def sniff(path: str) -> str:
+    """What the file is, from its first bytes: "empty", "zip" (a torch file), "torch-legacy" (a
+    torch file from before torch 1.6), "pickle" (protocol 2 or later) or "other"."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        return "empty"
+    if head == _ZIP_MAGIC:
+        return "zip"
+    if head == _TORCH_LEGACY_MAGIC:
+        return "torch-legacy"
+    return "pickle" if head[:1] == b"\x80" else "other"
+
+
+def _torch_cause(e: BaseException) -> str:
+    """The telling part of a torch.load error: its WeightsUnpickler reason, else its first
+    sentence."""
+    text = str(e).strip()
+    reason = re.search(r"WeightsUnpickler error:\s*(.*?)\s*(?:Check the documentation|$)", text, re.S)
+    if reason and reason[1]:
+        text = reason[1]
+    first = text.splitlines()[0].split(". ")[0] if text else type(e).__name__
+    return " ".join(first.split())
+
+
+def _torch_load_problem(e: BaseException, kind: str) -> str:
+    """Why torch.load(weights_only=True) failed, in the terms of what the user can do about it."""
+    unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+    if unsafe:
+        return (
+            f"it holds a {unsafe[1]} object, not only tensors, and torch.load(weights_only=True) "
+            "builds nothing else (other objects can run code when loaded). A whole model saved with "
+            "torch.save(model)? Save model.state_dict() instead, or a training checkpoint's 'model' "
+            "entry alone"
+        )
+    if kind == "zip":
+        return (
+            "a truncated or damaged torch file (an interrupted download or copy?), or a zip file "
+            f"that is not a torch file: {_torch_cause(e)}"
+        )
+    if kind == "pickle":
+        return (
+            "a plain Python pickle, not a torch file: detectron2 / Caffe2 .pkl files are read with "
+            f"--source=detectron2 --allow_pickle (torch: {_torch_cause(e)})"
+        )
+    if isinstance(e, EOFError) or "truncated" in str(e):
+        return f"a truncated torch file (an interrupted download or copy?): {_torch_cause(e)}"
+    return f"not a torch file: {_torch_cause(e)}"
+
 
 def read_torch_state_dict(path: str) -> dict[str, np.ndarray]:
     """A torch state dict (.pth) -> {name: numpy array}; torch.load with weights_only=True.
 
     A training checkpoint {'model': state_dict, 'optimizer': ...} (torchvision's reference
-    scripts) is accepted too; only its 'model' entry is read.
+    scripts, detectron2's model_final.pth) is accepted too; only its 'model' entry is read.
+    A file torch cannot read is a ConversionError naming it, the cause and what to do.
     """
     try:
         import torch
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("reading a .pth file needs torch: pip install 'mrcnn_jax[torch]'") from e
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+        raise ImportError(
+            f"{path}: reading a .pth file needs torch: pip install 'mrcnn_jax[torch]'"
+        ) from e
+    kind = sniff(path)
+    if kind == "empty":
+        raise ConversionError(f"{path}: the file is empty (0 bytes; an interrupted download or copy?)")
+    try:
+        with warnings.catch_warnings():  # torch's note on a pickle's protocol, before it fails
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ...
+        raise ConversionError(f"{path}: {_torch_load_problem(e, kind)}") from e
     if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
         obj = obj["model"]
+    if not isinstance(obj, Mapping):
+        raise ConversionError(f"{path}: holds a {type(obj).__name__}, not a state dict {{name: tensor}}")
     bad = sorted(k for k, v in obj.items() if not isinstance(v, torch.Tensor))
     if bad:
         raise ConversionError(f"{path}: not a state dict, non-tensor entries {bad[:10]}")
@@ -138,27 +210,65 @@ _PICKLE_GLOBALS = frozenset(
 )
 
 
+class _Refused(Exception):
+    """What the arrays-only unpickler will not load; read_pickle turns it into a ConversionError."""
+
+
 class _ArraysOnlyUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) not in _PICKLE_GLOBALS:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: not a numpy array")
+            raise _Refused(
+                f"refusing to load {module}.{name}: the pickle may hold numpy arrays and plain "
+                "containers only"
+            )
         if module.startswith("numpy.core."):  # numpy 1 pickles; numpy 2 moved the module
             module = "numpy._core." + module[len("numpy.core.") :]
         return super().find_class(module, name)
+
+    def persistent_load(self, pid):
+        raise _Refused(
+            "it references torch storages: a torch file (torch.save), not a pickle of numpy arrays"
+        )
+
+
+_TORCH_FILE_HINT = (
+    "this is a torch file (torch.save), not a pickle of numpy arrays: read it with "
+    "--source=torchvision, or, for detectron2's own training output (model_final.pth = "
+    "torch.save({'model': state_dict, ...})), --source=detectron2, which reads .pth files with "
+    "torch.load(weights_only=True) (convert_file; no --allow_pickle needed)"
+)
 
 
 def read_pickle(path: str, *, allow_pickle: bool = False) -> dict[str, Any]:
     """A detectron2 / Detectron .pkl -> its top-level dict. Refused unless `allow_pickle`.
 
     Python 2 pickles (the Caffe2 ImageNet backbones) are read with encoding latin1, as detectron2.
+    A file that is not such a pickle (a torch file, truncated, empty, ...) is a ConversionError
+    naming it and the cause.
     """
+    kind = sniff(path)
+    if kind == "zip":
+        raise ConversionError(f"{path}: {_TORCH_FILE_HINT}")
     if not allow_pickle:
         raise ConversionError(
             f"{path} is a pickle, which can execute code when loaded. Only read files you trust; "
             "pass allow_pickle=True (--allow_pickle) to read it (numpy arrays only)."
         )
-    with open(path, "rb") as f:
-        data = _ArraysOnlyUnpickler(f, encoding="latin1").load()
+    if kind == "empty":
+        raise ConversionError(f"{path}: the file is empty (0 bytes; an interrupted download or copy?)")
+    try:
+        with open(path, "rb") as f:
+            data = _ArraysOnlyUnpickler(f, encoding="latin1").load()
+    except OSError:
+        raise
+    except _Refused as e:
+        hint = f" ({_TORCH_FILE_HINT})" if kind == "torch-legacy" else ""
+        raise ConversionError(f"{path}: {e}{hint}") from None
+    except EOFError as e:
+        raise ConversionError(f"{path}: the pickle is truncated (an interrupted download or copy?)") from e
+    except Exception as e:  # UnpicklingError, ValueError, ...: not a pickle, or a damaged one
+        what = "truncated (an interrupted download or copy?)" if "truncated" in str(e) else "unreadable"
+        raise ConversionError(f"{path}: not a pickle of numpy arrays, or {what}: {e}") from e
     if not isinstance(data, Mapping):
         raise ConversionError(f"{path}: expected a dict at the top level, got {type(data).__name__}")
     return dict(data)

@@ -429,10 +429,79 @@ def test_pickles_need_opt_in_and_may_hold_only_arrays(tmp_path):
     assert layout == "detectron2" and got.keys() == tensors.keys()
     evil = tmp_path / "evil.pkl"
     evil.write_bytes(pickle.dumps({"model": _Evil(), "__author__": "x"}))
-    with pytest.raises(pickle.UnpicklingError, match="posix.system|os.system|nt.system"):
+    with pytest.raises(convert.ConversionError, match="evil.pkl: refusing to load (posix|os|nt).system"):
         convert.read_pickle(str(evil), allow_pickle=True)
     # Caffe2 / Detectron files: arrays at the top level or under "blobs".
     assert convert.detectron2_tensors({"blobs": {"conv1_w": np.zeros(1)}})[1] == "caffe2"
+
+
+class _OpensAFile:
+    """Unpickled by an unsafe loader, it creates `path`: a probe that nothing was run."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_unreadable_pickles_name_the_file_and_the_cause(tmp_path):
+    import zipfile
+
+    good = tmp_path / "model_final.pkl"
+    small_d2_pickle(str(good))
+    data = good.read_bytes()
+    cases = {
+        "empty.pkl": (b"", "the file is empty"),
+        "short.pkl": (data[: len(data) // 2], "truncated"),
+        "two_bytes.pkl": (data[:2], "truncated"),
+        "garbage.pkl": (b"<html>not found</html>", "not a pickle of numpy arrays"),
+    }
+    for name, (content, why) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(convert.ConversionError, match=f"{name}: .*{why}"):
+            convert.read_pickle(str(tmp_path / name), allow_pickle=True)
+    # A zip file is a torch file (detectron2's own model_final.pth): no pickle permission needed
+    # to say so, and the message says what reads it.
+    with zipfile.ZipFile(tmp_path / "model_final.pth", "w") as z:
+        z.writestr("archive/data.pkl", b"")
+    with pytest.raises(convert.ConversionError, match=r"model_final.pth: this is a torch file") as e:
+        convert.read_pickle(str(tmp_path / "model_final.pth"))
+    assert "--source=torchvision" in str(e.value) and "torch.save({'model'" in str(e.value)
+
+
+def test_unreadable_torch_files_name_the_file_and_the_cause(tmp_path):
+    torch = pytest.importorskip("torch")
+    good = tmp_path / "resnet18.pth"
+    torch.save({"conv1.weight": torch.zeros(4, 3, 7, 7)}, good)
+    data = good.read_bytes()
+    cases = {
+        "empty.pth": (b"", "the file is empty"),
+        "short.pth": (data[: len(data) // 2], "a truncated or damaged torch file"),
+        "garbage.pth": (b"garbage, not weights" * 10, "not a torch file: Unsupported operand 103"),
+    }
+    for name, (content, why) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(convert.ConversionError, match=f"{name}: {why}"):
+            convert.read_torch_state_dict(str(tmp_path / name))
+    small_d2_pickle(str(tmp_path / "model_final.pkl"))
+    with pytest.raises(convert.ConversionError, match="model_final.pkl: a plain Python pickle") as e:
+        convert.read_torch_state_dict(str(tmp_path / "model_final.pkl"))
+    assert "--source=detectron2 --allow_pickle" in str(e.value)
+    # A whole model (torch.save(model)): refused, with the fix.
+    torch.save(torch.nn.Conv2d(3, 4, 1), tmp_path / "model.pth")
+    whole = "model.pth: it holds a torch.nn.modules.conv.Conv2d"
+    with pytest.raises(convert.ConversionError, match=whole) as e:
+        convert.read_torch_state_dict(str(tmp_path / "model.pth"))
+    assert "model.state_dict()" in str(e.value) and "weights_only=False" not in str(e.value)
+    # Nothing is ever unpickled unsafely to find out: this file would create `ran` if it were.
+    torch.save({"model": _OpensAFile(tmp_path / "ran")}, tmp_path / "evil.pth")
+    with pytest.raises(convert.ConversionError, match="evil.pth: it holds a"):
+        convert.read_torch_state_dict(str(tmp_path / "evil.pth"))
+    assert not (tmp_path / "ran").exists()
+    # Through convert_file too (what `python -m mrcnn_jax.convert --source=torchvision` runs).
+    with pytest.raises(convert.ConversionError, match="short.pth: a truncated"):
+        convert.convert_file("torchvision", str(tmp_path / "short.pth"), str(tmp_path / "out"))
 
 
 def test_converted_checkpoint_loads_and_fine_tunes_with_other_classes(tmp_path):
