@@ -1,7 +1,7 @@
 """Prediction for people: a notebook API on numpy images, and `--mode=predict` over files.
 
     predictor = Predictor.from_workdir("workdirs/shapes")
-    out = predictor(image)          # image: uint8 [h, w, 3] RGB
+    out = predictor(image)          # image: uint8 [h, w, 3] RGB, [h, w], RGBA, or a PIL image
     out.boxes, out.scores, out.classes, out.names, out.masks   # original pixels, [n, h, w] bool
 
 `predict_main` runs the same over an image file, a folder of images, or a dataset split
@@ -23,6 +23,7 @@ from collections.abc import Iterator, Sequence
 
 import ml_collections
 import numpy as np
+import PIL.Image
 from absl import logging
 
 from mrcnn_jax import evaluate, image_io, inference, mask_rcnn, visualize
@@ -135,10 +136,11 @@ class Predictor:
         )
         return cls(config, variables, class_names)
 
-    def __call__(self, image: np.ndarray) -> Prediction:
+    def __call__(self, image: np.ndarray | PIL.Image.Image) -> Prediction:
+        """Detections of one image (`as_rgb8` says which images it takes and how)."""
         from mrcnn_jax.data.transforms import preprocess_for_eval
 
-        image = np.asarray(image)
+        image = as_rgb8(image)
         padded, size, scale = preprocess_for_eval(image, self.config.data)
         batch = {
             "images": padded[None],
@@ -160,6 +162,51 @@ class Predictor:
             names=tuple(self.class_names[c] for c in d["classes"]),
             masks=d["masks"],
         )
+
+
+def as_rgb8(image: np.ndarray | PIL.Image.Image) -> np.ndarray:
+    """An image as the model takes it, uint8 [h, w, 3] RGB, from the pictures `--mode=predict`
+    takes as files:
+
+      * uint8 [h, w, 3] RGB as it is;
+      * uint8 [h, w] or [h, w, 1] grayscale, replicated to 3 channels;
+      * uint8 [h, w, 4] RGBA, the alpha dropped;
+      * a PIL image, converted as image files are (`image_io.to_rgb8`: palettes expanded, 16-bit
+        scaled to 8). Its EXIF orientation is not applied: `image_io.read_rgb(path)` reads a file
+        upright, as `--mode=predict` does.
+
+    Other dtypes are refused (ValueError) rather than rescaled by a guess: floats in [0, 1] are
+    `(image * 255).round().astype(np.uint8)`. So is an image with no pixels.
+    """
+    if isinstance(image, PIL.Image.Image):
+        image = image_io.to_rgb8(image)
+    image = np.asarray(image)
+    shape = image.shape
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
+        raise ValueError(
+            f"expected an image [h, w, 3] RGB, [h, w, 4] RGBA, [h, w] or [h, w, 1] grayscale,"
+            f" got shape {shape}"
+        )
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"the image has no pixels: shape {shape}")
+    if image.dtype != np.uint8:
+        hint = (
+            "for floats in [0, 1] pass (image * 255).round().astype(np.uint8), for floats in"
+            " [0, 255] image.round().astype(np.uint8)"
+            if np.issubdtype(image.dtype, np.floating)
+            else "e.g. image.astype(np.uint8) when its values are 0-255"
+        )
+        raise ValueError(
+            f"expected uint8 pixel values 0-255, got a {image.dtype} image (its scale is not"
+            f" guessed): {hint}"
+        )
+    if image.shape[-1] == 1:
+        return np.repeat(image, 3, axis=-1)
+    if image.shape[-1] == 4:
+        return np.ascontiguousarray(image[..., :3])
+    return image
 
 
 def _numpy(dets):

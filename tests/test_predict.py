@@ -1,0 +1,99 @@
+"""predict.py: the notebook `Predictor` and `predict_main` over files, on the tiny config."""
+
+import os
+
+import jax
+import numpy as np
+import PIL.Image
+import pytest
+
+from configs import tiny
+from mrcnn_jax import checkpoint, mask_rcnn, predict
+
+CLASS_NAMES = ("background", "square", "circle", "triangle")
+
+
+def _zero_variables(config):
+    """The tiny model's variable tree, all zeros: no compile (`mask_rcnn.init_variables` takes
+    seconds), and prediction only needs the right shapes here."""
+    model = mask_rcnn.build_model(config.model)
+    shapes = jax.eval_shape(
+        lambda: mask_rcnn.init_variables(model, jax.random.key(0), tuple(config.data.image_size))
+    )
+    return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+
+
+def _save_weights(directory, variables, step):
+    state = {
+        "step": np.asarray(step, np.int32),
+        "params": variables["params"],
+        "model_state": {k: v for k, v in variables.items() if k != "params"},
+    }
+    with checkpoint.CheckpointManager(directory, keep=3, async_save=False) as manager:
+        manager.save(step, state)
+        manager.wait()
+
+
+def _write_config(workdir, config):
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, checkpoint.CONFIG_FILE), "w") as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A workdir as training leaves it: config.json, labels.json, checkpoints/4."""
+    path = str(tmp_path_factory.mktemp("predict") / "work")
+    config = tiny.get_config()
+    _write_config(path, config)
+    checkpoint.write_labels(path, CLASS_NAMES, {1: 11, 2: 12, 3: 13})
+    _save_weights(os.path.join(path, checkpoint.CHECKPOINT_DIR), _zero_variables(config), 4)
+    return path
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def test_images_are_taken_as_the_command_line_takes_files():
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 256, (5, 7), dtype=np.uint8)
+    rgb = np.repeat(gray[..., None], 3, axis=-1)
+    np.testing.assert_array_equal(predict.as_rgb8(gray), rgb)
+    np.testing.assert_array_equal(predict.as_rgb8(gray[..., None]), rgb)
+    rgba = np.concatenate([rgb[..., :1], rgb[..., 1:] // 2, np.full((5, 7, 1), 7, np.uint8)], -1)
+    np.testing.assert_array_equal(predict.as_rgb8(rgba), rgba[..., :3])
+    assert predict.as_rgb8(rgb) is rgb  # already right: not copied
+    # PIL images as the files are read: grayscale replicated, 16-bit scaled, alpha dropped.
+    np.testing.assert_array_equal(predict.as_rgb8(PIL.Image.fromarray(gray)), rgb)
+    np.testing.assert_array_equal(predict.as_rgb8(PIL.Image.fromarray(rgba, "RGBA")), rgba[..., :3])
+    wide = PIL.Image.fromarray(np.full((2, 3), 65535, np.uint16))
+    np.testing.assert_array_equal(predict.as_rgb8(wide), np.full((2, 3, 3), 255, np.uint8))
+
+
+def test_images_the_model_cannot_take_are_refused_with_what_to_do():
+    with pytest.raises(ValueError, match=r"uint8.*\(image \* 255\)\.round\(\)\.astype"):
+        predict.as_rgb8(np.full((4, 4, 3), 0.5, np.float32))
+    with pytest.raises(ValueError, match="int64"):
+        predict.as_rgb8(np.zeros((4, 4, 3), np.int64))
+    for shape in [(0, 5, 3), (5, 0), (0, 0, 1)]:
+        with pytest.raises(ValueError, match=f"no pixels.*{shape}".replace("(", r"\(").replace(
+            ")", r"\)"
+        )):
+            predict.as_rgb8(np.zeros(shape, np.uint8))
+    for shape in [(4, 4, 2), (4, 4, 5), (4,), (1, 4, 4, 3)]:
+        with pytest.raises(ValueError, match="h, w"):
+            predict.as_rgb8(np.zeros(shape, np.uint8))
+
+
+def test_predictor_takes_grayscale_rgba_and_pil(workdir):
+    predictor = predict.Predictor.from_workdir(workdir)
+    rng = np.random.default_rng(1)
+    gray = rng.integers(0, 256, (40, 52), dtype=np.uint8)
+    want = predictor(np.repeat(gray[..., None], 3, axis=-1))
+    for image in (gray, gray[..., None], PIL.Image.fromarray(gray),
+                  np.concatenate([np.repeat(gray[..., None], 3, -1), gray[..., None]], -1)):
+        got = predictor(image)
+        np.testing.assert_array_equal(got.boxes, want.boxes)
+        assert got.masks.shape[1:] == (40, 52)
+    with pytest.raises(ValueError, match=r"no pixels.*\(0, 52, 3\)"):
+        predictor(np.zeros((0, 52, 3), np.uint8))
