@@ -1,6 +1,6 @@
 """Prediction for people: a notebook API on numpy images, and `--mode=predict` over files.
 
-    predictor = Predictor.from_workdir("workdirs/shapes")
+    predictor = Predictor.from_workdir("workdirs/shapes")   # or its checkpoints/STEP
     out = predictor(image)          # image: uint8 [h, w, 3] RGB, [h, w], RGBA, or a PIL image
     out.boxes, out.scores, out.classes, out.names, out.masks   # original pixels, [n, h, w] bool
 
@@ -113,14 +113,30 @@ class Predictor:
     def from_workdir(cls, workdir: str, config=None, class_names=None) -> Predictor:
         """Loads WORKDIR/config.json (unless `config` is given) and the latest checkpoint of
         `workdir`, else `config.train.init_checkpoint`; the weights must fit the config's model
-        (`checkpoint.WeightsMismatchError` names every name that does not, and the source)."""
+        (`checkpoint.WeightsMismatchError` names every name that does not, and the source).
+
+        workdir: a workdir, or its `checkpoints` directory (latest step) or one step directory
+        (that step), as `checkpoint.load_weights` takes them; config.json is the workdir's.
+        Raises FileNotFoundError when there is no config.json (pass `config=`), and ValueError
+        for the ImageNet backbone weights of a `mrcnn_jax.convert` (no detector heads yet)."""
         import jax
 
         from mrcnn_jax import checkpoint
 
+        path, workdir = workdir, checkpoint.workdir_of(workdir)
         if config is None:
-            config = load_config(os.path.join(workdir, "config.json"))
-        source = weights_source(workdir, config)
+            file = os.path.join(workdir, checkpoint.CONFIG_FILE)
+            if not os.path.isfile(file):
+                raise FileNotFoundError(
+                    f"{path} is not a workdir: no {checkpoint.CONFIG_FILE} in {workdir} (what"
+                    " training and mrcnn_jax.convert write). Pass the model's config:"
+                    f" Predictor.from_workdir({path!r}, config=...)"
+                )
+            config = load_config(file)
+        # A checkpoints directory or step directory names the weights; a workdir, its latest.
+        given = os.path.normpath(path if "://" in path else os.path.abspath(path))
+        source = path if given != os.path.normpath(workdir) else weights_source(workdir, config)
+        refuse_backbone_only(source)
         checkpoint.check_input_convention(config, source)
         if class_names is None:
             class_names = _labels(workdir, config, source)[0]
@@ -207,6 +223,28 @@ def as_rgb8(image: np.ndarray | PIL.Image.Image) -> np.ndarray:
     if image.shape[-1] == 4:
         return np.ascontiguousarray(image[..., :3])
     return image
+
+
+def refuse_backbone_only(source: str) -> None:
+    """Raises ValueError when the weights at `source` are a `mrcnn_jax.convert` of ImageNet
+    backbone weights (its conversion.json says kind "backbone"): they have no FPN, RPN or heads to
+    predict with until fine-tuned. Reads that one small file only."""
+    from mrcnn_jax import checkpoint, convert
+
+    file = os.path.join(checkpoint.workdir_of(source), convert.INFO_FILE)
+    try:
+        with open(file) as f:
+            info = json.load(f)
+    except (OSError, ValueError):  # no conversion (a trained workdir), or not one we can read
+        return
+    if isinstance(info, dict) and info.get("kind") == "backbone":
+        raise ValueError(
+            f"the weights at {source} are ImageNet backbone weights ({file}: kind 'backbone'):"
+            " the detector's FPN, RPN, box and mask heads have no trained weights, so they cannot"
+            " predict yet. Fine-tune them first: train with"
+            f" --config.train.init_checkpoint={checkpoint.workdir_of(source)} and a new"
+            " --workdir, then predict from that workdir"
+        )
 
 
 def _numpy(dets):

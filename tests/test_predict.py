@@ -1,5 +1,6 @@
 """predict.py: the notebook `Predictor` and `predict_main` over files, on the tiny config."""
 
+import json
 import os
 
 import jax
@@ -97,3 +98,42 @@ def test_predictor_takes_grayscale_rgba_and_pil(workdir):
         assert got.masks.shape[1:] == (40, 52)
     with pytest.raises(ValueError, match=r"no pixels.*\(0, 52, 3\)"):
         predictor(np.zeros((0, 52, 3), np.uint8))
+
+
+# ----------------------------------------------------------------------------- from_workdir
+
+
+def test_from_workdir_takes_checkpoint_paths(workdir):
+    variables = predict.Predictor.from_workdir(workdir).variables
+    for path in (os.path.join(workdir, "checkpoints"), os.path.join(workdir, "checkpoints", "4")):
+        predictor = predict.Predictor.from_workdir(path)
+        assert predictor.class_names == CLASS_NAMES
+        assert jax.tree.structure(predictor.variables) == jax.tree.structure(variables)
+
+
+def test_from_workdir_without_config_says_what_to_pass(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"not a workdir.*config\.json.*config="):
+        predict.Predictor.from_workdir(str(tmp_path / "checkpoints" / "3"))
+
+
+def test_backbone_conversion_is_refused_with_the_fine_tuning_to_do(tmp_path):
+    """An ImageNet backbone conversion has no detector heads: say so, not 42 missing names."""
+    config = tiny.get_config()
+    backbone = str(tmp_path / "imagenet")
+    _write_config(backbone, config)
+    variables = _zero_variables(config)
+    only = {k: {"backbone": v["backbone"]} for k, v in variables.items() if "backbone" in v}
+    _save_weights(os.path.join(backbone, checkpoint.CHECKPOINT_DIR), only, 0)
+    with open(os.path.join(backbone, "conversion.json"), "w") as f:
+        json.dump({"kind": "backbone", "layout": "torchvision", "dropped": []}, f)
+    match = r"ImageNet backbone.*init_checkpoint"
+    with pytest.raises(ValueError, match=match):
+        predict.Predictor.from_workdir(backbone)
+    # Also when it is the init_checkpoint of a workdir with no checkpoint of its own.
+    fresh = str(tmp_path / "fresh")
+    config.train.init_checkpoint = backbone
+    _write_config(fresh, config)
+    with pytest.raises(ValueError, match=match):
+        predict.Predictor.from_workdir(fresh)
+    with pytest.raises(ValueError, match=match):
+        predict.predict_main(config, fresh, str(tmp_path))
