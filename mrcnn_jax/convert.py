@@ -169,7 +169,7 @@ def read_torch_state_dict(path: str) -> dict[str, np.ndarray]:
     """
     try:
         import torch
-    except ImportError as e:  # pragma: no cover - depends on the environment
+    except ImportError as e:
         raise ImportError(
             f"{path}: reading a .pth file needs torch: pip install 'mrcnn_jax[torch]'"
         ) from e
@@ -274,16 +274,43 @@ def read_pickle(path: str, *, allow_pickle: bool = False) -> dict[str, Any]:
     return dict(data)
 
 
+# Name beginnings that tell each family's ResNet naming apart (detectors and bare backbones).
+_NAMING_STARTS = {
+    "detectron2": ("backbone.bottom_up.", "stem.conv1.", "res2.0."),
+    "caffe2": ("conv1_w", "res_conv1_bn_", "res2_0_branch"),
+    "torchvision": ("backbone.body.", "conv1.weight", "layer1.0."),
+}
+
+
+def naming_of(names: Iterable[str]) -> tuple[str, str] | None:
+    """(family, an example name) of the ResNet naming `names` use: "detectron2"
+    (`backbone.bottom_up.res2.0.conv1.weight`, `res2.0.conv1.weight`), "caffe2"
+    (`res2_0_branch2a_w`) or "torchvision" (`backbone.body.layer1.0.conv1.weight`); None if none."""
+    names = sorted(names)
+    for layout, starts in _NAMING_STARTS.items():
+        for name in names:
+            if name.startswith(starts):
+                return layout, name
+    return None
+
+
 def detectron2_tensors(data: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], str]:
     """A .pkl's top-level dict -> ({name: array}, layout "detectron2" | "caffe2").
 
-    As detectron2's DetectionCheckpointer: {'model': ..., '__author__': ...} is the detectron2
-    model-zoo format; anything else is a Caffe2 / Detectron file whose arrays may sit under 'blobs'.
+    The arrays are data['model'] (detectron2's format; its model zoo adds '__author__', its own
+    training output, read from a .pth, does not), or in Caffe2 / Detectron files the top level or
+    data['blobs']. The layout is told from the names; where they are neither detectron2's nor
+    Caffe2's, a 'model' dict is taken to be detectron2's, anything else Caffe2's (detectron2's
+    DetectionCheckpointer goes by '__author__' alone).
     """
-    if "model" in data and "__author__" in data:
-        return {k: np.asarray(v) for k, v in data["model"].items()}, "detectron2"
-    blobs = data.get("blobs", data)
-    return {k: np.asarray(v) for k, v in blobs.items()}, "caffe2"
+    model = data.get("model")
+    arrays = model if isinstance(model, Mapping) else data.get("blobs", data)
+    naming = naming_of(arrays)
+    if naming is not None and naming[0] in ("detectron2", "caffe2"):
+        layout = naming[0]
+    else:
+        layout = "detectron2" if isinstance(model, Mapping) else "caffe2"
+    return {k: np.asarray(v) for k, v in arrays.items()}, layout
 
 
 # ----------------------------------------------------------------------------- bookkeeping
@@ -461,7 +488,28 @@ def infer_depth(names: Iterable[str], layout: str, prefix: str = "") -> int:
     for depth, (k, blocks) in STAGE_BLOCKS.items():
         if k == kind and blocks[2] == num:
             return depth
-    raise ConversionError(f"no ResNet with {num} {kind} blocks in its third stage ({layout} names)")
+    raise ConversionError(
+        f"no ResNet with {num} {kind} blocks in its third stage ({layout} names)"
+        + _naming_hint(names, layout)
+    )
+
+
+_SOURCE_OF = {
+    "torchvision": "--source=torchvision",
+    "detectron2": "--source=detectron2",
+    "caffe2": "--source=detectron2 --allow_pickle (a Caffe2 ImageNet backbone .pkl)",
+}
+
+
+def _naming_hint(names: set[str], layout: str) -> str:
+    """What the names are, for an error on names of another `layout` than expected."""
+    if not names:
+        return ": there are no tensors"
+    naming = naming_of(names)
+    if naming is not None and naming[0] != layout:
+        family, example = naming
+        return f"; the names are {family}'s (e.g. {example}): {_SOURCE_OF[family]} (layout={family!r})"
+    return f"; the names begin {sorted(names)[:3]}"
 
 
 # ----------------------------------------------------------------------------- heads
@@ -792,6 +840,10 @@ def convert_file(
     config = config if config is not None else default_config(source)
     if source == "torchvision":
         tensors, layout = read_torch_state_dict(input_path), "torchvision"
+    elif source == "detectron2" and sniff(input_path) == "zip":
+        # detectron2's own training output (model_final.pth): torch.save({'model': ..., ...}),
+        # read safely with torch.load(weights_only=True).
+        tensors, layout = detectron2_tensors({"model": read_torch_state_dict(input_path)})
     elif source == "detectron2":
         tensors, layout = detectron2_tensors(read_pickle(input_path, allow_pickle=allow_pickle))
     else:
@@ -859,7 +911,9 @@ def _define_flags() -> None:
     from ml_collections import config_flags
 
     flags.DEFINE_enum("source", None, list(SOURCES), "Which family the weights come from.")
-    flags.DEFINE_string("input", None, "The .pth (torchvision) or .pkl (detectron2) file.")
+    flags.DEFINE_string(
+        "input", None, "The .pth (torchvision; detectron2's model_final.pth) or .pkl (detectron2) file."
+    )
     flags.DEFINE_string("workdir", None, "Output: WORKDIR/checkpoints/0 and WORKDIR/conversion.json.")
     flags.DEFINE_bool("allow_pickle", False, "Allow reading a .pkl (pickle: only files you trust).")
     flags.DEFINE_enum("class_map", "auto", list(CLASS_MAPS), "Class rows: see resolve_class_rows.")

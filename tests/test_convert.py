@@ -504,6 +504,62 @@ def test_unreadable_torch_files_name_the_file_and_the_cause(tmp_path):
         convert.convert_file("torchvision", str(tmp_path / "short.pth"), str(tmp_path / "out"))
 
 
+def test_detectron2_training_output_pth_converts_like_the_model_zoo_pickle(tmp_path, monkeypatch):
+    """detectron2's own model_final.pth: torch.save({'model': state_dict, 'optimizer': ...,
+    'scheduler': ..., 'iteration': ...}), read with torch.load(weights_only=True), no pickle opt-in."""
+    torch = pytest.importorskip("torch")
+    tensors = small_d2_pickle(str(tmp_path / "model_final.pkl"))
+    pth = tmp_path / "model_final.pth"
+    torch.save(
+        {
+            "model": {k: torch.from_numpy(v) for k, v in tensors.items()},
+            "optimizer": {"state": {}, "param_groups": [{"lr": 0.02, "momentum": 0.9, "params": [0, 1]}]},
+            "scheduler": {"base_lrs": [0.02], "last_epoch": 90000},
+            "iteration": 89999,
+        },
+        pth,
+    )
+    config = small_d2_config()
+    out = convert.convert_file("detectron2", str(pth), str(tmp_path / "from_pth"), config)
+    ref = convert.convert_file(
+        "detectron2", str(tmp_path / "model_final.pkl"), str(tmp_path / "from_pkl"), config, allow_pickle=True
+    )
+    assert (out.kind, out.layout) == ("detector", "detectron2")
+    assert flat(out.variables).keys() == flat(ref.variables).keys()
+    for k, x in flat(ref.variables).items():
+        np.testing.assert_array_equal(flat(out.variables)[k], x, err_msg=k)
+    # Read as torchvision's, the names say what they are.
+    config_tv = small_d2_config()
+    with pytest.raises(convert.ConversionError, match=r"the names are detectron2's .*--source=detectron2"):
+        convert.convert(convert.read_torch_state_dict(str(pth)), config_tv.model, layout="torchvision")
+    # Without torch, a .pth is refused with what to install.
+    monkeypatch.setitem(sys.modules, "torch", None)
+    with pytest.raises(ImportError, match="model_final.pth: reading a .pth file needs torch"):
+        convert.convert_file("detectron2", str(pth), str(tmp_path / "no_torch"), config)
+
+
+def test_detectron2_naming_is_told_from_the_names():
+    d2 = random_tensors(d2_detector_shapes(depth=18, c=16, fc=32, mask_dim=16, convs=1, k=2), seed=8)
+    # {'model': ...} without the model zoo's '__author__' (detectron2's own output): detectron2.
+    assert convert.detectron2_tensors({"model": d2})[1] == "detectron2"
+    assert convert.detectron2_tensors({"model": d2, "__author__": "Detectron2 Model Zoo"})[1] == "detectron2"
+    backbone = random_tensors(d2_backbone_shapes(18, prefix=""), seed=9)
+    assert convert.detectron2_tensors(backbone)[1] == "detectron2"  # bare, unprefixed state dict
+    blobs = {"conv1_w": np.zeros((64, 3, 7, 7)), "res2_0_branch2a_w": np.zeros((64, 64, 1, 1))}
+    assert convert.detectron2_tensors(blobs)[1] == "caffe2"
+    assert convert.detectron2_tensors({"blobs": blobs})[1] == "caffe2"
+    tensors, layout = convert.detectron2_tensors({"model": d2})
+    assert convert.convert(tensors, small_d2_config().model, layout=layout).kind == "detector"
+    # Names of another family than the layout asked for: the error says whose they are.
+    tv = random_tensors(tv_resnet_shapes(18), seed=10)
+    with pytest.raises(convert.ConversionError, match=r"\(detectron2 names\); the names are torchvision's"):
+        convert.convert(tv, small_d2_config().model, layout="detectron2")
+    with pytest.raises(convert.ConversionError, match=r"the names are caffe2's .*--source=detectron2"):
+        convert.convert(blobs, small_d2_config().model, layout="torchvision")
+    with pytest.raises(convert.ConversionError, match="there are no tensors"):
+        convert.convert({}, small_d2_config().model, layout="detectron2")
+
+
 def test_converted_checkpoint_loads_and_fine_tunes_with_other_classes(tmp_path):
     pkl = str(tmp_path / "model_final.pkl")
     small_d2_pickle(pkl)
