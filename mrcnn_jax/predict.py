@@ -6,7 +6,7 @@
 
 `predict_main` runs the same over an image file, a folder of images, or a dataset split
 ("split:NAME"), writing WORKDIR/predictions/results.json (COCO results format) and an overlay PNG
-per image.
+per image (`predict_main` says what it removes of an earlier run's).
 
 The weights are the workdir's latest checkpoint, else `config.train.init_checkpoint` (as
 `--mode=eval`). What the labels mean (class names, the dataset's category ids for results.json)
@@ -29,6 +29,7 @@ from absl import logging
 from mrcnn_jax import evaluate, image_io, inference, mask_rcnn, visualize
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+MANIFEST_FILE = "manifest.json"  # in WORKDIR/predictions: the overlays the last run wrote
 
 
 @dataclasses.dataclass(frozen=True)
@@ -330,13 +331,14 @@ def read_rgb(path: str) -> np.ndarray:
     return image_io.read_rgb(path)
 
 
-def _inputs(config, spec: str) -> Iterator[tuple[str, int, np.ndarray]]:
-    """(name, image id, RGB image) for a file, a folder, or "split:NAME" of the config's dataset."""
+def _inputs(config, spec: str) -> Iterator[tuple[str, int, np.ndarray, str]]:
+    """(name, image id, RGB image, where it comes from) for a file, a folder, or "split:NAME" of
+    the config's dataset."""
     if spec.startswith("split:"):
         from mrcnn_jax.data import pipeline
 
         for image_id, image in pipeline.split_images(config, spec[len("split:") :]):
-            yield str(image_id), int(image_id), image
+            yield str(image_id), int(image_id), image, f"{spec} image {image_id}"
         return
     files = _image_files(spec)
     stems = [os.path.splitext(os.path.basename(p))[0] for p in files]
@@ -348,39 +350,111 @@ def _inputs(config, spec: str) -> Iterator[tuple[str, int, np.ndarray]]:
         except Exception as e:  # noqa: BLE001 - PIL raises many types; one bad file is skipped
             logging.warning("skipped %s: not a readable image (%r)", path, e)
             continue
-        yield name, i, image
+        yield name, i, image, path
 
 
 def predict_main(config, workdir: str, inputs: str, score_threshold: float = 0.5) -> list[str]:
-    """Runs the latest checkpoint of `workdir` on `inputs`; -> the overlay PNG paths written."""
-    class_names, label_to_cat = _labels(workdir, config, weights_source(workdir, config))
+    """Runs the latest checkpoint of `workdir` on `inputs`; -> the overlay PNG paths written.
+
+    Writes WORKDIR/predictions/results.json, NAME.png overlays, and manifest.json: the overlays
+    this run wrote. The overlays that the previous run's manifest.json lists and this run does
+    not rewrite are removed, so the folder holds this run's results and overlays; nothing else
+    there is touched (files of your own, overlays of runs before manifest.json existed).
+
+    An image whose prediction or overlay fails is skipped with a warning naming it and the
+    error. results.json holds what was predicted; it is written also when the run stops early
+    (an error outside one image, Ctrl-C), and the exception then goes on.
+    """
+    source = weights_source(workdir, config)
+    refuse_backbone_only(source)
+    class_names, label_to_cat = _labels(workdir, config, source)
     predictor = Predictor.from_workdir(
         workdir, config=config,
         class_names=class_names or generic_class_names(config.model.num_classes),
     )
     out_dir = os.path.join(workdir, "predictions")
     os.makedirs(out_dir, exist_ok=True)
-    results, paths = [], []
-    for name, image_id, image in _inputs(config, inputs):
-        p = predictor(image)
-        for box, score, cls, rle in zip(
-            p.boxes, p.scores, p.classes, evaluate.encode_masks(p.masks), strict=True
-        ):
-            x1, y1, x2, y2 = (float(v) for v in box)
-            results.append({
-                "image_id": image_id,
-                "file_name": name,
-                "category_id": int(label_to_cat.get(int(cls), int(cls))),
-                "bbox": [x1, y1, x2 - x1, y2 - y1],
-                "score": float(score),
-                "segmentation": rle,
-            })
-        path = os.path.join(out_dir, f"{name}.png")
-        visualize.save_png(path, visualize.overlay(
-            image, p.boxes, p.masks, p.classes, p.scores, predictor.class_names, score_threshold
-        ))
-        paths.append(path)
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(results, f)
-    logging.info("wrote %d detections on %d images to %s", len(results), len(paths), out_dir)
+    previous = _read_manifest(out_dir)
+    results, paths, skipped = [], [], 0
+    finished = False
+    try:
+        for name, image_id, image, where in _inputs(config, inputs):
+            path = os.path.join(out_dir, f"{name}.png")
+            try:
+                image_results = _predict_one(
+                    predictor, image, name, image_id, label_to_cat, path, score_threshold
+                )
+            except Exception as e:  # noqa: BLE001 - one bad image must not stop the run
+                logging.warning("skipped %s: prediction failed (%s: %s)", where,
+                                type(e).__name__, e)
+                skipped += 1
+                continue
+            results += image_results
+            paths.append(path)
+        finished = True
+    finally:
+        with open(os.path.join(out_dir, "results.json"), "w") as f:
+            json.dump(results, f)
+        _replace_manifest(out_dir, previous, [os.path.basename(p) for p in paths])
+        if not finished:
+            logging.warning("stopped early: %s holds the %d images predicted until then",
+                            os.path.join(out_dir, "results.json"), len(paths))
+    logging.info("wrote %d detections on %d images to %s%s", len(results), len(paths), out_dir,
+                 f" ({skipped} skipped)" if skipped else "")
     return paths
+
+
+def _predict_one(predictor, image, name, image_id, label_to_cat, path, score_threshold):
+    """Predicts one image and writes its overlay at `path`; -> its results.json entries."""
+    p = predictor(image)
+    results = []
+    for box, score, cls, rle in zip(
+        p.boxes, p.scores, p.classes, evaluate.encode_masks(p.masks), strict=True
+    ):
+        x1, y1, x2, y2 = (float(v) for v in box)
+        results.append({
+            "image_id": image_id,
+            "file_name": name,
+            "category_id": int(label_to_cat.get(int(cls), int(cls))),
+            "bbox": [x1, y1, x2 - x1, y2 - y1],
+            "score": float(score),
+            "segmentation": rle,
+        })
+    visualize.save_png(path, visualize.overlay(
+        image, p.boxes, p.masks, p.classes, p.scores, predictor.class_names, score_threshold
+    ))
+    return results
+
+
+def _read_manifest(out_dir: str) -> list[str]:
+    """The overlay names an earlier `predict_main` wrote in `out_dir`: only plain PNG names in
+    that folder, whatever the file says."""
+    file = os.path.join(out_dir, MANIFEST_FILE)
+    try:
+        with open(file) as f:
+            names = json.load(f).get("overlays", [])
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError, AttributeError) as e:
+        logging.warning("ignoring %s: unreadable (%r); no earlier overlays removed", file, e)
+        return []
+    return [
+        n for n in names
+        if isinstance(n, str) and n.lower().endswith(".png") and n == os.path.basename(n)
+        and "\\" not in n
+    ]
+
+
+def _replace_manifest(out_dir: str, previous: list[str], written: list[str]) -> None:
+    """Removes the earlier run's overlays that this run did not rewrite; records this run's."""
+    keep = set(written)
+    for name in previous:
+        path = os.path.join(out_dir, name)
+        if name not in keep and os.path.isfile(path) and not os.path.islink(path):
+            try:
+                os.remove(path)
+            except OSError as e:
+                logging.warning("cannot remove the earlier overlay %s (%r)", path, e)
+    with open(os.path.join(out_dir, MANIFEST_FILE), "w") as f:
+        json.dump({"overlays": written, "about": "the overlays the last --mode=predict wrote;"
+                   " the next run removes those it does not rewrite"}, f, indent=1)

@@ -86,7 +86,7 @@ def test_predict_mode_on_a_folder(trained, tmp_path):
     out = os.path.join(workdir, "predictions")
     # im0.jpg and im0.png keep apart: named with their extensions.
     assert sorted(os.listdir(out)) == [
-        "gray.png", "im0.jpg.png", "im0.png.png", "im1.png", "results.json"
+        "gray.png", "im0.jpg.png", "im0.png.png", "im1.png", "manifest.json", "results.json"
     ]
     assert Image.open(os.path.join(out, "im1.png")).size == (60, 80)
     assert Image.open(os.path.join(out, "im0.jpg.png")).size == (50, 30)

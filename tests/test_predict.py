@@ -137,3 +137,103 @@ def test_backbone_conversion_is_refused_with_the_fine_tuning_to_do(tmp_path):
         predict.Predictor.from_workdir(fresh)
     with pytest.raises(ValueError, match=match):
         predict.predict_main(config, fresh, str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- predict_main
+
+
+class _FakePredictor:
+    """One detection per image, raising on images whose top-left pixel is 13."""
+
+    class_names = CLASS_NAMES
+
+    def __call__(self, image):
+        if image[0, 0, 0] == 13:
+            raise RuntimeError("output dimensions must be positive")
+        h, w = image.shape[:2]
+        masks = np.zeros((1, h, w), bool)
+        masks[0, : h // 2, : w // 2] = True
+        return predict.Prediction(
+            boxes=np.array([[0, 0, w / 2, h / 2]], np.float32), scores=np.array([0.9], np.float32),
+            classes=np.array([1]), names=("square",), masks=masks,
+        )
+
+
+@pytest.fixture
+def fake_predictor(monkeypatch):
+    monkeypatch.setattr(
+        predict.Predictor, "from_workdir", classmethod(lambda cls, *a, **k: _FakePredictor())
+    )
+
+
+@pytest.fixture
+def run(workdir, tmp_path):
+    """(config, an empty workdir) predicting with the weights and labels of `workdir`."""
+    config = tiny.get_config()
+    config.train.init_checkpoint = workdir
+    return config, str(tmp_path / "run")
+
+
+def _images(folder, names, bad=()):
+    os.makedirs(folder, exist_ok=True)
+    for name in names:
+        image = np.full((20, 30, 3), 13 if name in bad else 100, np.uint8)
+        PIL.Image.fromarray(image).save(os.path.join(folder, f"{name}.png"))
+    return str(folder)
+
+
+def test_one_failing_image_is_skipped_and_the_rest_written(run, tmp_path, fake_predictor, caplog):
+    config, workdir = run
+    folder = _images(tmp_path / "in", ["a", "b", "c"], bad={"b"})
+    paths = predict.predict_main(config, workdir, folder)
+    out = os.path.join(workdir, "predictions")
+    assert [os.path.basename(p) for p in paths] == ["a.png", "c.png"]
+    results = json.load(open(os.path.join(out, "results.json")))
+    assert [r["file_name"] for r in results] == ["a", "c"]
+    assert {r["category_id"] for r in results} == {11}  # labels.json's category id of label 1
+    assert "b.png" in caplog.text and "output dimensions must be positive" in caplog.text
+
+
+def test_interrupt_is_not_swallowed_and_what_was_predicted_is_kept(run, tmp_path, monkeypatch):
+    config, workdir = run
+    calls = []
+
+    class Interrupted(_FakePredictor):
+        def __call__(self, image):
+            calls.append(1)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return super().__call__(image)
+
+    monkeypatch.setattr(
+        predict.Predictor, "from_workdir", classmethod(lambda cls, *a, **k: Interrupted())
+    )
+    folder = _images(tmp_path / "in", ["a", "b", "c"])
+    with pytest.raises(KeyboardInterrupt):
+        predict.predict_main(config, workdir, folder)
+    out = os.path.join(workdir, "predictions")
+    assert [r["file_name"] for r in json.load(open(os.path.join(out, "results.json")))] == ["a"]
+
+
+def test_overlays_of_an_earlier_run_are_removed_and_user_files_kept(run, tmp_path,
+                                                                   fake_predictor):
+    config, workdir = run
+    out = os.path.join(workdir, "predictions")
+    os.makedirs(out, exist_ok=True)
+    PIL.Image.new("RGB", (2, 2)).save(os.path.join(out, "mine.png"))  # put there by the user
+    predict.predict_main(config, workdir, _images(tmp_path / "one", ["a", "b", "c"]))
+    assert {"a.png", "b.png", "c.png", "mine.png"} <= set(os.listdir(out))
+    predict.predict_main(config, workdir, _images(tmp_path / "two", ["b", "d"]))
+    assert sorted(os.listdir(out)) == [
+        "b.png", "d.png", predict.MANIFEST_FILE, "mine.png", "results.json"
+    ]
+    assert {r["file_name"] for r in json.load(open(os.path.join(out, "results.json")))} == {"b", "d"}
+    # A manifest naming anything but a PNG in the folder removes nothing else.
+    PIL.Image.new("RGB", (2, 2)).save(os.path.join(workdir, "above.png"))
+    with open(os.path.join(out, predict.MANIFEST_FILE), "w") as f:
+        json.dump({"overlays": ["../above.png", "results.json", "d.png"]}, f)
+    predict.predict_main(config, workdir, _images(tmp_path / "three", ["e"]))
+    assert sorted(os.listdir(out)) == [
+        "b.png", "e.png", predict.MANIFEST_FILE, "mine.png", "results.json"
+    ]
+    assert os.path.isfile(os.path.join(workdir, "above.png"))
