@@ -43,6 +43,8 @@ import json
 import os
 import pickle
 import re
+import shlex
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -508,7 +510,8 @@ def _naming_hint(names: set[str], layout: str) -> str:
     naming = naming_of(names)
     if naming is not None and naming[0] != layout:
         family, example = naming
-        return f"; the names are {family}'s (e.g. {example}): {_SOURCE_OF[family]} (layout={family!r})"
+        source = _SOURCE_OF[family]
+        return f"; the names are {family}'s (e.g. {example}): {source} (layout={family!r})"
     return f"; the names begin {sorted(names)[:3]}"
 
 
@@ -659,7 +662,9 @@ def target_shapes(model_cfg) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(shapes, sep="/").items()}
 
 
-def _check_against_model(flat: Mapping[str, np.ndarray], model_cfg, backbone_only: bool) -> None:
+def _check_against_model(
+    flat: Mapping[str, np.ndarray], model_cfg, backbone_only: bool, config_args: Sequence[str]
+) -> None:
     expected = target_shapes(model_cfg)
     if backbone_only:
         expected = {k: v for k, v in expected.items() if k.split("/")[1] == "backbone"}
@@ -678,9 +683,12 @@ def _check_against_model(flat: Mapping[str, np.ndarray], model_cfg, backbone_onl
             lines += [f"  {title} ({len(names)}):"] + [f"    {n}" for n in names]
     bias = flat.get("params/box_head/cls_score/bias")
     if bias is not None and bias.shape[0] - 1 != model_cfg.num_classes:
+        theirs = bias.shape[0] - 1
         lines.append(
-            f"  the weights have {bias.shape[0] - 1} classes: convert with --config.data.num_classes="
-            f"{bias.shape[0] - 1}, then fine-tune to {model_cfg.num_classes} with merge_pretrained"
+            f"  the weights have {theirs} classes: convert with "
+            f"{with_override(config_args, 'data.num_classes', theirs)}, then fine-tune to "
+            f"{model_cfg.num_classes} classes with --config.train.init_checkpoint=DIR (the "
+            "converted workdir; python -m mrcnn_jax.main, the class layers start afresh)"
         )
     raise ConversionError("\n".join(lines))
 
@@ -693,6 +701,7 @@ def convert(
     class_rows: Sequence[int] | None = None,
     pixel_mean: Sequence[float] | None = None,
     pixel_std: Sequence[float] | None = None,
+    config_args: Sequence[str] | None = None,
 ) -> Converted:
     """Source tensors {name: array} -> our variables for `build_model(model_cfg)`.
 
@@ -702,6 +711,8 @@ def convert(
     class_rows: our class l <- the source's class class_rows[l] (after moving detectron2's
     background first), e.g. COCO_TORCHVISION_ROWS; None keeps them all.
     pixel_mean / pixel_std: the config's, checked against the buffers some detectron2 files carry.
+    config_args: the --config flags that made the config, for the hints in errors (default: the
+    family's config file, `family_config_file`).
     Raises ConversionError listing every unused / missing source tensor and unfilled variable.
     """
     if layout not in LAYOUTS:
@@ -709,10 +720,12 @@ def convert(
     src = _Source(tensors)
     kind, prefix = _kind_and_prefix(src.tensors, layout)
     depth = infer_depth(src.tensors, layout, prefix)
+    config_args = config_args or (f"--config={family_config_file(_family(layout))}",)
     if depth != model_cfg.depth:
         raise ConversionError(
-            f"the weights are a ResNet-{depth}, config.model.depth is {model_cfg.depth}: pass "
-            f"--config.model.depth={depth} (and the same override when evaluating)"
+            f"the weights are a ResNet-{depth}, config.model.depth is {model_cfg.depth}: convert "
+            f"with {with_override(config_args, 'model.depth', depth)}, and give the same "
+            f"--config.model.depth={depth} when evaluating or fine-tuning"
         )
     out = _Writer(src, NormKind(model_cfg.norm))
     _fill_resnet(out, depth, layout, prefix)
@@ -722,7 +735,7 @@ def convert(
         _fill_mask_head(out, layout, model_cfg.roi.num_mask_convs, class_rows)
     _drop_non_weights(src, layout, model_cfg, pixel_mean, pixel_std)
     src.check_all_used()
-    _check_against_model(out.flat, model_cfg, backbone_only=kind == "backbone")
+    _check_against_model(out.flat, model_cfg, kind == "backbone", config_args)
     variables = traverse_util.unflatten_dict(out.flat, sep="/")
     return Converted(variables=variables, kind=kind, layout=layout, dropped=tuple(src.dropped))
 
@@ -803,6 +816,36 @@ def default_config(source: str):
     raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
 
 
+# configs/ files of default_config(source).
+FAMILY_CONFIG_FILES = {
+    "torchvision": "torchvision_r50_fpn.py",
+    "detectron2": "detectron2_r50_fpn_1x.py",
+}
+
+
+def family_config_file(source: str) -> str:
+    """The file of `default_config(source)`: configs/..., relative to the current directory when
+    it lies below it, else absolute."""
+    import configs
+
+    directory = os.path.dirname(os.path.abspath(configs.__file__))
+    path = os.path.join(directory, FAMILY_CONFIG_FILES[source])
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
+
+
+def _family(layout: str) -> str:
+    return "torchvision" if layout == "torchvision" else "detectron2"
+
+
+def with_override(config_args: Sequence[str], key: str, value: Any) -> str:
+    """`config_args` (--config=FILE and --config.* overrides) with --config.KEY=VALUE in place of
+    any override of KEY, quoted for a shell: the flags an error tells the user to run with."""
+    pattern = rf"-{{1,2}}(no)?config\.{re.escape(key)}(=|$)"
+    kept = [a for a in config_args if not re.match(pattern, a)]
+    return " ".join(shlex.quote(a) for a in [*kept, f"--config.{key}={value}"])
+
+
 def resolve_class_rows(class_map: str, tensors: Mapping[str, np.ndarray], layout: str, num_classes: int):
     """--class_map -> `convert`'s class_rows. "auto": torchvision's 91-row COCO heads become our 80
     contiguous COCO labels when the config has 80 classes; otherwise all rows are kept."""
@@ -833,11 +876,14 @@ def convert_file(
     *,
     allow_pickle: bool = False,
     class_map: str = "auto",
+    config_args: Sequence[str] | None = None,
 ) -> Converted:
     """What `python -m mrcnn_jax.convert` does: read `input_path`, convert it for `config`
     (default: `default_config(source)`), write the checkpoint, conversion.json and config.json
-    into `workdir`."""
+    into `workdir`. config_args: the --config flags that made `config`, repeated by the hints in
+    errors (default: --config=<the family's config file>)."""
     config = config if config is not None else default_config(source)
+    config_args = config_args or (f"--config={family_config_file(source)}",)
     if source == "torchvision":
         tensors, layout = read_torch_state_dict(input_path), "torchvision"
     elif source == "detectron2" and sniff(input_path) == "zip":
@@ -856,6 +902,7 @@ def convert_file(
         class_rows=rows,
         pixel_mean=tuple(config.data.pixel_mean),
         pixel_std=tuple(config.data.pixel_std),
+        config_args=config_args,
     )
     info = {
         "source": source,
@@ -891,34 +938,89 @@ def convert_file(
     return converted
 
 
-def main(argv: Sequence[str]) -> None:
+def _flag_value(argv: Sequence[str], name: str) -> str | None:
+    """The value of --NAME in a command line (--NAME=V or --NAME V; the last one counts)."""
+    value = None
+    for i, arg in enumerate(argv[1:], start=1):
+        if match := re.fullmatch(rf"-{{1,2}}{name}=(.*)", arg):
+            value = match[1]
+        elif arg in (f"--{name}", f"-{name}") and i + 1 < len(argv):
+            value = argv[i + 1]
+    return value
+
+
+def config_args_of(argv: Sequence[str], config_file: str) -> tuple[str, ...]:
+    """--config=CONFIG_FILE and the --config.* overrides of a command line, as typed."""
+    overrides = []
+    for i, arg in enumerate(argv[1:], start=1):
+        if re.match(r"-{1,2}(no)?config\.", arg):
+            if "=" not in arg and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+                arg = f"{arg}={argv[i + 1]}"  # --config.KEY VALUE
+            overrides.append(arg)
+    return (f"--config={config_file}", *overrides)
+
+
+def main(argv: Sequence[str], flag_values=None, command_line: Sequence[str] | None = None) -> None:
+    """flag_values: the parsed flags (default absl's FLAGS); command_line: what they were parsed
+    from (default sys.argv), for the --config flags that errors repeat."""
     from absl import app, flags, logging
 
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    f = flags.FLAGS
+    f = flags.FLAGS if flag_values is None else flag_values
+    config_file = family_config_file(f.source)
+    if f.config is not None:
+        from ml_collections import config_flags
+
+        config_file = config_flags.get_config_filename(f["config"])
     converted = convert_file(
-        f.source, f.input, f.workdir, f.config, allow_pickle=f.allow_pickle, class_map=f.class_map
+        f.source,
+        f.input,
+        f.workdir,
+        f.config,
+        allow_pickle=f.allow_pickle,
+        class_map=f.class_map,
+        config_args=config_args_of(sys.argv if command_line is None else command_line, config_file),
     )
     logging.info("converted %s (%s %s) into %s", f.input, converted.layout, converted.kind, f.workdir)
     for line in converted.dropped:
         logging.info("not used by design: %s", line)
 
 
-def _define_flags() -> None:
-    """Flags exist only when run as a script, so importing this module defines none."""
+def _define_flags(flag_values=None, argv: Sequence[str] | None = None) -> None:
+    """Flags exist only when run as a script, so importing this module defines none.
+
+    --config defaults to the file of the family --source names (found in `argv`, default
+    sys.argv), so that --config.KEY=VALUE overrides work without --config: config_flags parses
+    a default file at once, and defines override flags only for a file it has parsed.
+    """
     from absl import flags
     from ml_collections import config_flags
 
-    flags.DEFINE_enum("source", None, list(SOURCES), "Which family the weights come from.")
+    fv = flags.FLAGS if flag_values is None else flag_values
+    source = _flag_value(sys.argv if argv is None else argv, "source")
+    default = family_config_file(source) if source in SOURCES else None
+    kw = {"flag_values": fv}
+    flags.DEFINE_enum("source", None, list(SOURCES), "Which family the weights come from.", **kw)
     flags.DEFINE_string(
-        "input", None, "The .pth (torchvision; detectron2's model_final.pth) or .pkl (detectron2) file."
+        "input", None, "The .pth (torchvision, detectron2's own) or .pkl (detectron2) file.", **kw
     )
-    flags.DEFINE_string("workdir", None, "Output: WORKDIR/checkpoints/0 and WORKDIR/conversion.json.")
-    flags.DEFINE_bool("allow_pickle", False, "Allow reading a .pkl (pickle: only files you trust).")
-    flags.DEFINE_enum("class_map", "auto", list(CLASS_MAPS), "Class rows: see resolve_class_rows.")
-    config_flags.DEFINE_config_file("config", None, "Target config (default: the family's).")
-    flags.mark_flags_as_required(["source", "input", "workdir"])
+    flags.DEFINE_string(
+        "workdir", None, "Output: WORKDIR/checkpoints/0, conversion.json and config.json.", **kw
+    )
+    flags.DEFINE_bool("allow_pickle", False, "Allow reading a .pkl (only files you trust).", **kw)
+    flags.DEFINE_enum(
+        "class_map", "auto", list(CLASS_MAPS), "Class rows: see resolve_class_rows.", **kw
+    )
+    families = " or ".join(f"configs/{name}" for name in FAMILY_CONFIG_FILES.values())
+    config_flags.DEFINE_config_file(
+        "config",
+        default,
+        f"Target config (default: the family's, {families}).",
+        sys_argv=None if argv is None else list(argv),
+        **kw,
+    )
+    flags.mark_flags_as_required(["source", "input", "workdir"], flag_values=fv)
 
 
 if __name__ == "__main__":

@@ -640,23 +640,70 @@ def test_backbone_checkpoint_initialises_only_the_backbone(tmp_path):
     )
 
 
+SMALL_CONFIG = (
+    "from configs import detectron2_r50_fpn_1x\n\n\ndef get_config():\n"
+    "    c = detectron2_r50_fpn_1x.get_config()\n    c.data.num_classes = 2\n"
+    "    c.model.depth, c.model.fpn_channels = 18, 16\n"
+    "    c.model.roi.fc_dim, c.model.roi.mask_conv_dim, c.model.roi.num_mask_convs = 32, 16, 1\n"
+    "    return c\n"
+)
+
+
 def test_command_line(tmp_path):
+    """Without --config the family's config is the default, and --config.* overrides apply to it."""
     pkl = str(tmp_path / "w.pkl")
     small_d2_pickle(pkl)
-    cfg = tmp_path / "small.py"
-    cfg.write_text(
-        "from configs import detectron2_r50_fpn_1x\n\n\ndef get_config():\n"
-        "    c = detectron2_r50_fpn_1x.get_config()\n    c.data.num_classes = 2\n"
-        "    c.model.depth, c.model.fpn_channels = 18, 16\n"
-        "    c.model.roi.fc_dim, c.model.roi.mask_conv_dim, c.model.roi.num_mask_convs = 32, 16, 1\n"
-        "    return c\n"
-    )
     cmd = [sys.executable, "-m", "mrcnn_jax.convert", "--source=detectron2", f"--input={pkl}"]
-    cmd += [f"--workdir={tmp_path / 'out'}", f"--config={cfg}", "--allow_pickle"]
+    cmd += [f"--workdir={tmp_path / 'out'}", "--allow_pickle", "--config.data.num_classes=2"]
+    cmd += ["--config.model.depth=18", "--config.model.fpn_channels=16", "--config.model.roi.fc_dim=32"]
+    cmd += ["--config.model.roi.mask_conv_dim=16", "--config.model.roi.num_mask_convs=1"]
     env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     assert done.returncode == 0, done.stderr[-2000:]
     assert ckpt_lib.latest_step(str(tmp_path / "out" / ckpt_lib.CHECKPOINT_DIR)) == 0
+    saved = (tmp_path / "out" / convert.CONFIG_FILE).read_text()
+    assert '"channel_order": "BGR"' in saved and '"fpn_channels": 16' in saved
+
+
+def parse_convert_flags(argv):
+    """`python -m mrcnn_jax.convert`'s flags parsed from `argv`, in-process, on their own FlagValues."""
+    from absl import flags
+
+    flag_values = flags.FlagValues()
+    convert._define_flags(flag_values, argv)
+    flag_values(argv)
+    return flag_values
+
+
+def test_hints_in_errors_are_complete_working_flags(tmp_path, monkeypatch):
+    import re
+    import shlex
+
+    monkeypatch.chdir(REPO)
+    pkl = str(tmp_path / "w.pkl")
+    small_d2_pickle(pkl)  # a ResNet-18 with 2 classes
+    args = ["convert", "--source=detectron2", f"--input={pkl}", "--allow_pickle"]
+    # Depth, no --config: the hint names the family's config file, and replaces the wrong override.
+    argv = [*args, f"--workdir={tmp_path / 'a'}", "--config.model.depth=101"]
+    flag_values = parse_convert_flags(argv)
+    assert flag_values.config.model.depth == 101 and flag_values.config.data.channel_order == "BGR"
+    with pytest.raises(convert.ConversionError, match="ResNet-18") as e:
+        convert.main(argv[:1], flag_values=flag_values, command_line=argv)
+    hint = re.search(r"convert with (.*), and give", str(e.value))[1]
+    assert hint == "--config=configs/detectron2_r50_fpn_1x.py --config.model.depth=18"
+    assert parse_convert_flags([*args, "--workdir=b", *shlex.split(hint)]).config.model.depth == 18
+    # Classes, with the user's --config and overrides: run as told, the conversion succeeds.
+    cfg = tmp_path / "small.py"
+    cfg.write_text(SMALL_CONFIG)
+    argv = [*args, f"--workdir={tmp_path / 'c'}", f"--config={cfg}", "--config.data.num_classes=5"]
+    with pytest.raises(convert.ConversionError, match="the weights have 2 classes") as e:
+        convert.main(argv[:1], flag_values=parse_convert_flags(argv), command_line=argv)
+    assert "merge_pretrained" not in str(e.value) and "--config.train.init_checkpoint=DIR" in str(e.value)
+    hint = re.search(r"convert with (.*), then fine-tune to 5 classes", str(e.value))[1]
+    assert hint == f"--config={cfg} --config.data.num_classes=2"
+    argv = [*args, f"--workdir={tmp_path / 'c'}", *shlex.split(hint)]
+    convert.main(argv[:1], flag_values=parse_convert_flags(argv), command_line=argv)
+    assert ckpt_lib.latest_step(str(tmp_path / "c" / ckpt_lib.CHECKPOINT_DIR)) == 0
 
 
 # ----------------------------------------------------------------------------- inference switches
