@@ -11,7 +11,6 @@ compatible type. The console script `mrcnn-jax` calls `run()`.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -85,25 +84,45 @@ def validate_config(config: ml_collections.ConfigDict, reference=None) -> None:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
 
 
+def _choice(errors: list[str], name: str, value, choices) -> None:
+    if value not in choices:
+        errors.append(f"{name}: expected one of {tuple(choices)}, got {value!r}")
+
+
+def _length(errors: list[str], name: str, value, n: int, what: str) -> None:
+    if len(value) != n:
+        errors.append(f"{name}: expected {what} ({n} values), got {tuple(value)}")
+
+
 def _value_errors(config) -> list[str]:
-    """Model / data values outside their choices, found now rather than when jit or tf.data
-    first meets them."""
+    """Model / data / training values outside their choices, found now rather than when jit,
+    tf.data or the first evaluation meets them (after hours of dataset preparation or training).
+
+    Tuples overridden on the command line are replaced, but a --flagfile plus a later flag of the
+    same tuple are concatenated by ml_collections: the lengths are checked for that reason too."""
     from mrcnn_jax.data.pipeline import GROUND_TRUTHS
     from mrcnn_jax.data.transforms import RESIZE_ROUNDINGS
-    from mrcnn_jax.inference import FEATURE_PADDINGS
+    from mrcnn_jax.inference import FEATURE_PADDINGS, LEVEL_MAPPERS
+    from mrcnn_jax.modeling.norm import NormKind
+    from mrcnn_jax.modeling.resnet import STAGE_BLOCKS
     from mrcnn_jax.ops.anchors import ANCHOR_GRIDS
     from mrcnn_jax.train import LR_SCHEDULES
 
-    m, d = config.model, config.data
+    m, d, t = config.model, config.data, config.train
     errors = []
-    if m.anchor_grid not in ANCHOR_GRIDS:
-        errors.append(f"model.anchor_grid: expected one of {ANCHOR_GRIDS}, got {m.anchor_grid!r}")
+    _choice(errors, "model.anchor_grid", m.anchor_grid, ANCHOR_GRIDS)
     if m.anchor_grid == "torchvision" and m.rpn.size_divisibility <= 0:
         errors.append("model.anchor_grid='torchvision' needs model.rpn.size_divisibility > 0")
-    if m.feature_padding not in FEATURE_PADDINGS:
-        errors.append(
-            f"model.feature_padding: expected one of {FEATURE_PADDINGS}, got {m.feature_padding!r}"
-        )
+    _choice(errors, "model.feature_padding", m.feature_padding, FEATURE_PADDINGS)
+    _choice(errors, "model.norm", m.norm, [k.value for k in NormKind])
+    _choice(errors, "model.dtype", m.dtype, ("float32", "bfloat16", "float16"))
+    _choice(errors, "model.depth", m.depth, sorted(STAGE_BLOCKS))
+    _choice(errors, "model.frozen_stages_per_image", m.get("frozen_stages_per_image", "auto"),
+            ("auto", "on", "off"))
+    _choice(errors, "model.roi.level_mapper", m.roi.level_mapper, sorted(LEVEL_MAPPERS))
+    _choice(errors, "model.test.mask_paste", m.test.mask_paste, ("detectron2", "torchvision"))
+    if not 0 <= m.freeze_at <= 5:
+        errors.append(f"model.freeze_at: expected 0 (none) to 5 (every stage), got {m.freeze_at}")
     if m.rpn.size_divisibility < 0:
         errors.append(f"model.rpn.size_divisibility: expected >= 0, got {m.rpn.size_divisibility}")
     if m.norm_eps < 0:
@@ -115,37 +134,35 @@ def _value_errors(config) -> list[str]:
         )
     if m.roi.max_sampling_ratio < 1:
         errors.append(f"model.roi.max_sampling_ratio: expected >= 1, got {m.roi.max_sampling_ratio}")
+    _length(errors, "model.anchor_strides", m.anchor_strides, len(m.anchor_sizes),
+            "one stride per anchor size (model.anchor_sizes)")
+    _length(errors, "model.rpn.box_weights", m.rpn.box_weights, 4, "(wx, wy, ww, wh)")
+    _length(errors, "model.roi.box_weights", m.roi.box_weights, 4, "(wx, wy, ww, wh)")
+
+    _choice(errors, "data.dataset", d.dataset, ("shapes", "coco_folder"))
+    _choice(errors, "data.channel_order", d.channel_order, ("RGB", "BGR"))
+    _choice(errors, "data.resize_rounding", d.resize_rounding, RESIZE_ROUNDINGS)
+    _length(errors, "data.image_size", d.image_size, 2, "(height, width)")
+    _length(errors, "data.pixel_mean", d.pixel_mean, 3, "one per channel")
+    _length(errors, "data.pixel_std", d.pixel_std, 3, "one per channel")
+    if not d.train_min_sizes:
+        errors.append("data.train_min_sizes: expected at least one shortest-side size")
     jitter = tuple(d.get("train_scale_jitter", ()))
     if jitter and not (len(jitter) == 2 and 0 < jitter[0] <= jitter[1]):
         errors.append(
             f"data.train_scale_jitter: expected () or (min, max) with 0 < min <= max, got {jitter}"
         )
-    if config.eval.get("ground_truth", "file") not in GROUND_TRUTHS:
-        errors.append(
-            f"eval.ground_truth: expected one of {GROUND_TRUTHS}, got {config.eval.ground_truth!r}"
-        )
-    t = config.train
-    if t.lr_schedule not in LR_SCHEDULES:
-        errors.append(f"train.lr_schedule: expected one of {LR_SCHEDULES}, got {t.lr_schedule!r}")
+
+    _choice(errors, "eval.ground_truth", config.eval.get("ground_truth", "file"), GROUND_TRUTHS)
+    _choice(errors, "train.parallelism", t.parallelism, ("pmap", "mesh"))
+    _choice(errors, "train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
     if not 0.0 <= t.lr_end_factor <= 1.0:
         errors.append(f"train.lr_end_factor: expected in [0, 1], got {t.lr_end_factor}")
     if t.lr_schedule == "cosine" and t.num_steps <= 0:
         errors.append(f"train.num_steps: the cosine schedule needs > 0, got {t.num_steps}")
-    if d.resize_rounding not in RESIZE_ROUNDINGS:
-        errors.append(
-            f"data.resize_rounding: expected one of {RESIZE_ROUNDINGS}, got {d.resize_rounding!r}"
-        )
+    if t.global_batch_size <= 0:
+        errors.append(f"train.global_batch_size: expected > 0, got {t.global_batch_size}")
     return errors
-
-
-def save_config(config: ml_collections.ConfigDict, workdir: str) -> str:
-    """Writes the resolved config to `workdir/config.json` (process 0); returns the path."""
-    path = os.path.join(workdir, "config.json")
-    if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        with open(path, "w") as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
-    return path
 
 
 def main(argv) -> None:
@@ -164,8 +181,7 @@ def main(argv) -> None:
 
     from mrcnn_jax import train
 
-    if mode == "train":
-        save_config(config, workdir)
+    if mode == "train":  # writes WORKDIR/config.json once its checkpoints are known to fit
         train.train_and_evaluate(config, workdir)
     elif mode == "eval":
         train.evaluate_checkpoint(config, workdir)

@@ -494,12 +494,16 @@ class MetricWriter:
         self._write(step, "eval", scalars)
 
     def _write(self, step: int, split: str, scalars: Mapping[str, float]) -> None:
+        # NaN (an AP of an empty size bucket, a diverged loss) is null in the JSON, as in
+        # eval_metrics.jsonl (bare NaN is not JSON), and left out of TensorBoard.
+        finite = {k: v if math.isfinite(v) else None for k, v in scalars.items()}
         if self._jsonl is not None:
-            self._jsonl.write(json.dumps({"step": step, "split": split, **scalars}) + "\n")
+            self._jsonl.write(json.dumps({"step": step, "split": split, **finite}) + "\n")
             self._jsonl.flush()
         if self._tb is not None:
-            for k, v in scalars.items():
-                self._tb.add_scalar(f"{split}/{k}", v, step)
+            for k, v in finite.items():
+                if v is not None:
+                    self._tb.add_scalar(f"{split}/{k}", v, step)
             self._tb.flush()
 
     def close(self) -> None:
@@ -642,6 +646,49 @@ def _optimizer_from_config(
     return tx, schedule
 
 
+def save_config(config, workdir: str) -> str:
+    """Writes the resolved config to `workdir/config.json` (process 0); returns the path."""
+    path = os.path.join(workdir, ckpt_lib.CONFIG_FILE)
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        with open(path, "w") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def _flat(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple | list) else value
+    return out
+
+
+def _resume_mismatch(workdir: str, config, error: Exception) -> str:
+    """The message for checkpoints that do not fit the config: their run's model keys that
+    differ (from WORKDIR/config.json), and what to do."""
+    text = f"cannot resume the run in {workdir}: {error}."
+    path = os.path.join(workdir, ckpt_lib.CONFIG_FILE)
+    try:
+        with open(path) as f:
+            saved = _flat(json.load(f))
+    except (OSError, ValueError):
+        return text + " Start a new run in another --workdir."
+    now = _flat(json.loads(config.to_json_best_effort()))
+    changed = [
+        f"{k}: {saved.get(k)!r} -> {now.get(k)!r}"
+        for k in sorted(set(saved) | set(now))
+        if k.startswith(("model.", "data.num_classes")) and saved.get(k) != now.get(k)
+    ]
+    if changed:
+        text += f" {path}, the config its checkpoints were trained with, differs in: " + "; ".join(
+            changed
+        )
+    return text + ". Resume with that config, or start a new run in another --workdir."
+
+
 def _initial_variables(config, model, key, resuming: bool) -> dict[str, Any]:
     """Fresh variables, overwritten by config.train.init_checkpoint unless a run is resumed."""
     from mrcnn_jax import mask_rcnn
@@ -649,6 +696,16 @@ def _initial_variables(config, model, key, resuming: bool) -> dict[str, Any]:
     fine_tune = bool(config.train.init_checkpoint) and not resuming
     if fine_tune:  # before anything is computed: weights of another input convention
         ckpt_lib.check_input_convention(config, config.train.init_checkpoint)
+    m = config.model
+    frozen = m.freeze_at > 0 or m.norm == "frozen_bn"
+    if frozen and not config.train.init_checkpoint and not resuming:
+        logging.warning(
+            "training from random weights with model.freeze_at=%d and model.norm=%r: frozen layers"
+            " keep their random initial values (and frozen BN its identity statistics). These"
+            " settings are for ImageNet weights: pass --config.train.init_checkpoint=DIR"
+            " (docs/weights.md), or train from scratch with --config.model.freeze_at=0 and a"
+            " trainable norm (group_norm, as configs/shapes.py)", m.freeze_at, m.norm,
+        )
     variables = mask_rcnn.init_variables(model, key, tuple(config.data.image_size))
     if fine_tune:
         from mrcnn_jax import convert
@@ -667,9 +724,16 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     from mrcnn_jax import losses, mask_rcnn
     from mrcnn_jax.data import pipeline, transforms
 
+    as_given = config
     config = config.copy_and_resolve_references()
     config.train = scale_schedule(config.train)
     tc = config.train
+    devices = jax.device_count()
+    if tc.global_batch_size % devices:
+        raise ValueError(
+            f"config.train.global_batch_size={tc.global_batch_size} does not split over the"
+            f" {devices} devices ({jax.process_count()} processes): use a multiple of {devices}"
+        )
     if tc.get("scale_schedule", False):
         logging.info(
             "schedule for a batch of %d (recipe at %d): %s", tc.global_batch_size,
@@ -698,7 +762,13 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     variables = _initial_variables(config, model, init_key, resuming)
     trainable = mask_rcnn.trainable_mask(variables["params"], config.model)
     tx, schedule = _optimizer_from_config(tc, variables["params"], trainable)
-    state = checkpoints.restore_latest(create_train_state(variables, tx, train_key))
+    try:
+        state = checkpoints.restore_latest(create_train_state(variables, tx, train_key))
+    except ckpt_lib.RestoreError as e:
+        raise ckpt_lib.RestoreError(_resume_mismatch(workdir, as_given, e)) from e
+    # Written once the workdir's checkpoints are known to be this config's (a fresh run, or one
+    # resumed): a refused restart must not replace the config its checkpoints were made with.
+    save_config(as_given, workdir)
     logging.info("training from step %d to %d", int(state.step), tc.num_steps)
     step_fn = compile_train_step(
         placement,

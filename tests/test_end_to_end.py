@@ -36,6 +36,7 @@ def test_train_writes_checkpoint_metrics_results(trained):
     workdir, _ = trained
     assert os.listdir(os.path.join(workdir, "checkpoints"))
     lines = open(os.path.join(workdir, "metrics.jsonl")).read().splitlines()
+    assert "NaN" not in "".join(lines)  # strict JSON: empty AP buckets are null
     assert [json.loads(x)["step"] for x in lines if "loss" in json.loads(x)][-1] == 4
     assert json.load(open(os.path.join(workdir, "config.json")))["data"]["dataset"] == "shapes"
     evals = [json.loads(x) for x in open(os.path.join(workdir, "eval_metrics.jsonl"))]

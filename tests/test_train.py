@@ -461,11 +461,41 @@ def test_writer_averages_the_window_and_logs_eval(tmp_path):
     writer.train(1, {"loss": 1.0})
     writer.reset_timer()  # e.g. after a checkpoint: restarts the clock, keeps the window
     writer.train(2, {"loss": 3.0})
-    writer.eval(2, {"AP": 0.5, "per_class": np.zeros(3)})
+    writer.eval(2, {"AP": 0.5, "APl": math.nan, "per_class": np.zeros(3)})
     writer.close()
-    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+
+    def strict(constant):  # bare NaN / Infinity are not JSON
+        raise ValueError(f"not JSON: {constant}")
+
+    text = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    lines = [json.loads(x, parse_constant=strict) for x in text]
     assert lines[0]["loss"] == 2.0 and lines[0]["split"] == "train"
-    assert lines[1] == {"step": 2, "split": "eval", "AP": 0.5}
+    assert lines[1] == {"step": 2, "split": "eval", "AP": 0.5, "APl": None}
+
+
+def test_a_refused_resume_names_the_keys_its_run_was_trained_with(tmp_path):
+    from configs import tiny
+
+    trained = tiny.get_config()
+    train.save_config(trained, str(tmp_path))
+    changed = tiny.get_config()
+    changed.model.fpn_channels = 16
+    changed.train.num_steps = 99  # not a model key: not listed
+    text = train._resume_mismatch(str(tmp_path), changed, RuntimeError("shape (32,) vs (16,)"))
+    assert text.startswith(f"cannot resume the run in {tmp_path}: shape (32,) vs (16,).")
+    assert "differs in: model.fpn_channels: 32 -> 16." in text and "num_steps" not in text
+    assert "another --workdir" in train._resume_mismatch(str(tmp_path / "none"), changed, None)
+
+
+def test_a_batch_that_does_not_split_over_the_devices_is_refused_first(monkeypatch, tmp_path):
+    from configs import tiny
+
+    config = tiny.get_config()
+    config.train.global_batch_size = 6
+    monkeypatch.setattr(jax, "device_count", lambda: 4)
+    with pytest.raises(ValueError, match=r"global_batch_size=6 does not split over the 4 devices"):
+        train.train_and_evaluate(config, str(tmp_path))
+    assert not os.listdir(tmp_path)  # before the dataset, the labels or config.json
 
 
 def test_check_finite_names_every_component():
