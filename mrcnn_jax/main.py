@@ -11,6 +11,7 @@ compatible type. The console script `mrcnn-jax` calls `run()`.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,6 +28,11 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "predict"], "What t
 _INPUT = flags.DEFINE_string(
     "input", None, 'predict: an image file, a folder of images, or "split:NAME" of the dataset.'
 )
+
+
+# A run stopped by SIGTERM (preemption) after saving its checkpoint exits with the status of a
+# process killed by SIGTERM (128 + 15): not finished, to be restarted.
+PREEMPTED_EXIT_STATUS = 143
 
 
 class ConfigError(ValueError):
@@ -182,7 +188,14 @@ def main(argv) -> None:
     from mrcnn_jax import train
 
     if mode == "train":  # writes WORKDIR/config.json once its checkpoints are known to fit
-        train.train_and_evaluate(config, workdir)
+        state = train.train_and_evaluate(config, workdir)
+        num_steps = train.scale_schedule(config.train).num_steps
+        if int(state.step) < num_steps:  # stopped by SIGTERM, its checkpoint saved
+            logging.warning(
+                "stopped at step %d of %d: exit status %d, so that a scheduler restarts the job;"
+                " the same command resumes it", int(state.step), num_steps, PREEMPTED_EXIT_STATUS,
+            )
+            sys.exit(PREEMPTED_EXIT_STATUS)
     elif mode == "eval":
         train.evaluate_checkpoint(config, workdir)
     else:

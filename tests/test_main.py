@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 
 import pytest
 from absl import flags
@@ -93,7 +94,12 @@ def parse_flags(monkeypatch):
 
 def test_train_mode_saves_config_and_dispatches(tmp_path, monkeypatch, parse_flags):
     calls = []
-    monkeypatch.setattr(train, "train_and_evaluate", lambda c, w: calls.append((c, w)))
+
+    def train_and_evaluate(c, w):
+        calls.append((c, w))
+        return types.SimpleNamespace(step=7)  # ran to the end
+
+    monkeypatch.setattr(train, "train_and_evaluate", train_and_evaluate)
     workdir = str(tmp_path / "work")
     argv = parse_flags(
         f"--config={ROOT}/configs/tiny.py",
@@ -107,6 +113,16 @@ def test_train_mode_saves_config_and_dispatches(tmp_path, monkeypatch, parse_fla
     assert config.train.num_steps == 7 and tuple(config.data.image_size) == (128, 96)
     # config.json is the training's to write, once the workdir's checkpoints are known to fit.
     assert not (tmp_path / "work" / "config.json").exists()
+
+
+def test_a_run_stopped_by_sigterm_exits_as_not_finished(tmp_path, monkeypatch, parse_flags):
+    """After SIGTERM the loop saves and returns early: the process must not report success, or a
+    scheduler with restart-on-failure would take the run as done."""
+    monkeypatch.setattr(train, "train_and_evaluate", lambda c, w: types.SimpleNamespace(step=3))
+    argv = parse_flags(f"--config={ROOT}/configs/tiny.py", f"--workdir={tmp_path}")
+    with pytest.raises(SystemExit) as exit_info:
+        main.main(argv)
+    assert exit_info.value.code == main.PREEMPTED_EXIT_STATUS == 143
 
 
 def test_eval_and_predict_modes_dispatch(tmp_path, monkeypatch, parse_flags):
