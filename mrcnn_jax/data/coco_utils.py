@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 REPAIR_KINDS = {
     "image_record_invalid": "image entry without an integer id or a file_name: dropped",
     "image_duplicate_id": "image id listed twice: later entry dropped",
+    "image_duplicate_file": "file_name listed under two image ids: later entry dropped",
     "image_file_missing": "image file missing: image dropped",
     "image_file_unreadable": "image file cannot be decoded: image dropped",
     "image_size_missing": "image height / width missing: taken from the file",
@@ -184,16 +185,21 @@ def parse_categories(categories: list, path: str) -> list[dict]:
 
 
 def index_images(images: list, log: RepairLog) -> dict[int, dict]:
-    """Image entries by id (json order kept); entries without an int id / file_name are dropped."""
-    out = {}
+    """Image entries by id (json order kept); entries without an int id / file_name are dropped,
+    and the later of two entries with the same id or the same file (which would be one picture
+    twice: in evaluation, its detections false positives against the copy without annotations)."""
+    out, files = {}, set()
     for i, im in enumerate(images):
         iid = im.get("id") if isinstance(im, dict) else None
         if not is_int(iid) or not isinstance(im.get("file_name"), str):
             log.add("image_record_invalid", f"#{i}")
         elif iid in out:
             log.add("image_duplicate_id", iid)
+        elif im["file_name"] in files:
+            log.add("image_duplicate_file", iid)
         else:
             out[iid] = im
+            files.add(im["file_name"])
     return out
 
 

@@ -146,9 +146,14 @@ def test_index_images_drops_bad_and_duplicate_entries():
         {"id": 1, "file_name": "b"},
         {"file_name": "c"},
         {"id": 2},
+        {"id": 3, "file_name": "a"},  # the same picture under another id
+        {"id": 4, "file_name": "b"},
     ]
-    assert list(coco_utils.index_images(images, log)) == [1]
-    assert dict(log.counts) == {"image_duplicate_id": 1, "image_record_invalid": 2}
+    assert list(coco_utils.index_images(images, log)) == [1, 4]
+    assert dict(log.counts) == {
+        "image_duplicate_id": 1, "image_record_invalid": 2, "image_duplicate_file": 1
+    }
+    assert log.first_ids["image_duplicate_file"] == [3]
 
 
 def test_annotation_file_errors_name_the_file(tmp_path):
