@@ -33,6 +33,9 @@ else is a ConversionError naming every offending tensor. Layout changes, per ten
 
 The written checkpoint is read by `checkpoint.load_weights(DIR)`; `merge_pretrained` merges it
 into a fresh model for evaluation or fine-tuning (other class count: class layers re-initialised).
+The config is written beside it (config.json), and `checkpoint.check_input_convention` later holds
+runs to its input convention: so `convert_file` refuses a config of another convention than
+torchvision's for torchvision weights, and warns for detectron2 weights (`check_family_convention`).
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import traverse_util
 
 from mrcnn_jax import checkpoint as ckpt_lib
@@ -846,6 +850,73 @@ def with_override(config_args: Sequence[str], key: str, value: Any) -> str:
     return " ".join(shlex.quote(a) for a in [*kept, f"--config.{key}={value}"])
 
 
+# Of checkpoint.INPUT_CONVENTION_KEYS, those every torchvision weight file shares: ImageNet mean /
+# std on RGB pixels, the stride in the 3x3 conv. Not model.norm_eps, which depends on the file: 0
+# for its COCO detectors, 1e-5 for its ImageNet ResNets (convert_file records that) and for models
+# trained with its reference scripts.
+TORCHVISION_CONVENTION_KEYS = tuple(
+    k for k in ckpt_lib.INPUT_CONVENTION_KEYS if k != "model.norm_eps"
+)
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if isinstance(a, str | bool) or isinstance(b, str | bool):
+        return a == b
+    return np.shape(a) == np.shape(b) and bool(np.allclose(a, b, rtol=1e-6, atol=1e-6))
+
+
+def _flag_text(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
+
+
+def convention_differences(config, source: str, keys: Iterable[str]) -> list[tuple[str, Any, Any]]:
+    """[(key, the config's value, the family's)] of `keys` where `config` differs from
+    `default_config(source)`."""
+    ours, family = config.to_dict(), default_config(source).to_dict()
+    out = []
+    for key in keys:
+        mine, theirs = ckpt_lib.lookup(ours, key), ckpt_lib.lookup(family, key)
+        if mine is not None and theirs is not None and not _same_value(mine, theirs):
+            out.append((key, mine, theirs))
+    return out
+
+
+def check_family_convention(
+    source: str, config, config_args: Sequence[str], input_path: str
+) -> None:
+    """The config's input convention against the family's, before the conversion writes it into
+    config.json, where `checkpoint.check_input_convention` takes it for the weights' own.
+
+    torchvision: all its weights share one (TORCHVISION_CONVENTION_KEYS), and another is a
+    ConversionError naming the keys, the config's values and torchvision's. detectron2: files
+    trained from other backbones (e.g. torchvision's) legitimately use others, so differences in
+    any of checkpoint.INPUT_CONVENTION_KEYS are a warning naming them.
+    """
+    if source == "torchvision":
+        wrong = convention_differences(config, source, TORCHVISION_CONVENTION_KEYS)
+        if not wrong:
+            return
+        lines = "\n".join(f"  {k}: {m!r} in the config, torchvision's {t!r}" for k, m, t in wrong)
+        fix = " ".join(f"--config.{k}={_flag_text(t)}" for k, _, t in wrong)
+        raise ConversionError(
+            f"the config ({' '.join(config_args)}) gives torchvision's weights other inputs than "
+            f"they were trained with:\n{lines}\nconvert with "
+            f"--config={family_config_file('torchvision')} (its COCO detectors), a config with "
+            "base's convention such as --config=configs/coco_r50_fpn_1x.py (its ImageNet "
+            f"backbones), or set {fix}"
+        )
+    wrong = convention_differences(config, source, ckpt_lib.INPUT_CONVENTION_KEYS)
+    if wrong:
+        logging.warning(
+            "%s: the config's input convention differs from detectron2's (%s): %s. Right only if "
+            "these weights were trained so (e.g. from a torchvision backbone): config.json will "
+            "record the config's values, and evaluation and fine-tuning will require them.",
+            input_path,
+            family_config_file("detectron2"),
+            "; ".join(f"{k} {m!r} in the config, detectron2's {t!r}" for k, m, t in wrong),
+        )
+
+
 def resolve_class_rows(class_map: str, tensors: Mapping[str, np.ndarray], layout: str, num_classes: int):
     """--class_map -> `convert`'s class_rows. "auto": torchvision's 91-row COCO heads become our 80
     contiguous COCO labels when the config has 80 classes; otherwise all rows are kept."""
@@ -884,6 +955,7 @@ def convert_file(
     errors (default: --config=<the family's config file>)."""
     config = config if config is not None else default_config(source)
     config_args = config_args or (f"--config={family_config_file(source)}",)
+    check_family_convention(source, config, config_args, input_path)
     if source == "torchvision":
         tensors, layout = read_torch_state_dict(input_path), "torchvision"
     elif source == "detectron2" and sniff(input_path) == "zip":
@@ -933,6 +1005,15 @@ def convert_file(
         # eps 0 is for torchvision's COCO detectors only; its ImageNet ResNets use 1e-5.
         config = config.copy_and_resolve_references()
         config.model.norm_eps = 1e-5
+    elif source == "torchvision" and config.model.norm_eps != 0:
+        logging.warning(
+            "%s: config.model.norm_eps is %s; torchvision's COCO detectors run with 0 (%s), models "
+            "trained with its reference scripts with 1e-5. Pass --config.model.norm_eps=0 unless "
+            "this is one of those.",
+            input_path,
+            config.model.norm_eps,
+            family_config_file("torchvision"),
+        )
     with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
         f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
     return converted

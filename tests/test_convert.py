@@ -407,8 +407,14 @@ def fresh_variables(config, seed):
     return traverse_util.unflatten_dict(random_tensors(convert.target_shapes(config.model), seed), sep="/")
 
 
+def small_d2_tensors(seed=6, k=2):
+    """A detectron2 ResNet-18 detector of small_d2_config's sizes."""
+    shapes = d2_detector_shapes(depth=18, c=16, fc=32, mask_dim=16, convs=1, k=k)
+    return random_tensors(shapes, seed=seed)
+
+
 def small_d2_pickle(path, seed=6, k=2):
-    tensors = random_tensors(d2_detector_shapes(depth=18, c=16, fc=32, mask_dim=16, convs=1, k=k), seed=seed)
+    tensors = small_d2_tensors(seed, k)
     with open(path, "wb") as f:
         pickle.dump({"model": tensors, "__author__": "Detectron2 Model Zoo"}, f)
     return tensors
@@ -539,7 +545,7 @@ def test_detectron2_training_output_pth_converts_like_the_model_zoo_pickle(tmp_p
 
 
 def test_detectron2_naming_is_told_from_the_names():
-    d2 = random_tensors(d2_detector_shapes(depth=18, c=16, fc=32, mask_dim=16, convs=1, k=2), seed=8)
+    d2 = small_d2_tensors(seed=8)
     # {'model': ...} without the model zoo's '__author__' (detectron2's own output): detectron2.
     assert convert.detectron2_tensors({"model": d2})[1] == "detectron2"
     assert convert.detectron2_tensors({"model": d2, "__author__": "Detectron2 Model Zoo"})[1] == "detectron2"
@@ -655,8 +661,9 @@ def test_command_line(tmp_path):
     small_d2_pickle(pkl)
     cmd = [sys.executable, "-m", "mrcnn_jax.convert", "--source=detectron2", f"--input={pkl}"]
     cmd += [f"--workdir={tmp_path / 'out'}", "--allow_pickle", "--config.data.num_classes=2"]
-    cmd += ["--config.model.depth=18", "--config.model.fpn_channels=16", "--config.model.roi.fc_dim=32"]
-    cmd += ["--config.model.roi.mask_conv_dim=16", "--config.model.roi.num_mask_convs=1"]
+    cmd += ["--config.model.depth=18", "--config.model.fpn_channels=16"]
+    cmd += ["--config.model.roi.fc_dim=32", "--config.model.roi.mask_conv_dim=16"]
+    cmd += ["--config.model.roi.num_mask_convs=1"]
     env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -666,7 +673,8 @@ def test_command_line(tmp_path):
 
 
 def parse_convert_flags(argv):
-    """`python -m mrcnn_jax.convert`'s flags parsed from `argv`, in-process, on their own FlagValues."""
+    """`python -m mrcnn_jax.convert`'s flags parsed from `argv` in-process, on a FlagValues
+    of their own."""
     from absl import flags
 
     flag_values = flags.FlagValues()
@@ -698,7 +706,8 @@ def test_hints_in_errors_are_complete_working_flags(tmp_path, monkeypatch):
     argv = [*args, f"--workdir={tmp_path / 'c'}", f"--config={cfg}", "--config.data.num_classes=5"]
     with pytest.raises(convert.ConversionError, match="the weights have 2 classes") as e:
         convert.main(argv[:1], flag_values=parse_convert_flags(argv), command_line=argv)
-    assert "merge_pretrained" not in str(e.value) and "--config.train.init_checkpoint=DIR" in str(e.value)
+    assert "--config.train.init_checkpoint=DIR" in str(e.value)
+    assert "merge_pretrained" not in str(e.value)
     hint = re.search(r"convert with (.*), then fine-tune to 5 classes", str(e.value))[1]
     assert hint == f"--config={cfg} --config.data.num_classes=2"
     argv = [*args, f"--workdir={tmp_path / 'c'}", *shlex.split(hint)]
@@ -789,3 +798,92 @@ def test_torchvision_imagenet_conversion_records_its_eps(tmp_path):
     assert saved["model"]["norm_eps"] == 1e-5
     with pytest.raises(ValueError, match="model.norm_eps: 1e-05 there, 0.0 in this config"):
         ckpt_lib.check_input_convention(config, str(tmp_path / "tv"))
+
+
+def test_a_config_of_another_input_convention_is_refused_for_torchvision_weights(tmp_path, caplog):
+    """A detectron2 config (BGR, std 1, stride in the 1x1) would be written into config.json and
+    make `checkpoint.check_input_convention` accept it for torchvision's weights later."""
+    import logging
+
+    from configs import coco_r50_fpn_1x
+
+    torch = pytest.importorskip("torch")
+    path = str(tmp_path / "resnet18.pth")
+    tensors = random_tensors(tv_resnet_shapes(18), seed=4)
+    torch.save({k: torch.from_numpy(v) for k, v in tensors.items()}, path)
+    config = detectron2_r50_fpn_1x.get_config()
+    config.model.depth = 18
+    with pytest.raises(convert.ConversionError, match="other inputs than they were trained") as e:
+        convert.convert_file("torchvision", path, str(tmp_path / "d2"), config)
+    for line in (
+        "data.pixel_mean: (103.53, 116.28, 123.675) in the config, "
+        "torchvision's (123.675, 116.28, 103.53)",
+        "data.pixel_std: (1.0, 1.0, 1.0) in the config, torchvision's (58.395, 57.12, 57.375)",
+        "data.channel_order: 'BGR' in the config, torchvision's 'RGB'",
+        "model.stride_in_1x1: True in the config, torchvision's False",
+        "--config=configs/torchvision_r50_fpn.py",
+        "--config.data.channel_order=RGB --config.model.stride_in_1x1=False",
+    ):
+        assert line in str(e.value)
+    assert not (tmp_path / "d2" / convert.CONFIG_FILE).exists()
+    # The ImageNet-backbone configs share torchvision's convention: converted, and checked alike.
+    with caplog.at_level(logging.WARNING):
+        for name, module in (("base", base), ("coco", coco_r50_fpn_1x)):
+            config = module.get_config()
+            config.model.depth = 18
+            out = convert.convert_file("torchvision", path, str(tmp_path / name), config)
+            assert out.kind == "backbone"
+            ckpt_lib.check_input_convention(config, str(tmp_path / name))
+    assert "input convention" not in caplog.text and "norm_eps" not in caplog.text
+
+
+def test_detectron2_weights_under_another_input_convention_convert_with_a_warning(tmp_path, caplog):
+    """detectron2 models trained from torchvision backbones use torchvision's convention."""
+    import logging
+
+    pkl = str(tmp_path / "model_final.pkl")
+    small_d2_pickle(pkl)
+    config = small_d2_config()
+    tv = torchvision_r50_fpn.get_config()
+    for key in ("pixel_mean", "pixel_std", "channel_order"):
+        config.data[key] = tv.data[key]
+    config.model.stride_in_1x1 = False
+    with caplog.at_level(logging.WARNING):
+        convert.convert_file("detectron2", pkl, str(tmp_path / "tv"), config, allow_pickle=True)
+    assert "model_final.pkl: the config's input convention differs from detectron2's" in caplog.text
+    assert "data.channel_order 'RGB' in the config, detectron2's 'BGR'" in caplog.text
+    assert "model.stride_in_1x1 False in the config, detectron2's True" in caplog.text
+    assert "model.norm_eps" not in caplog.text
+    ckpt_lib.check_input_convention(config, str(tmp_path / "tv"))  # recorded as converted
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        convert.convert_file(
+            "detectron2", pkl, str(tmp_path / "d2"), small_d2_config(), allow_pickle=True
+        )
+    assert "input convention" not in caplog.text
+
+
+def test_torchvision_detectors_under_another_norm_eps_convert_with_a_warning(tmp_path, caplog):
+    """torchvision's COCO detectors run with eps 0, models trained by its reference scripts 1e-5."""
+    import logging
+
+    torch = pytest.importorskip("torch")
+    d2 = small_d2_tensors()
+    path = str(tmp_path / "maskrcnn.pth")
+    torch.save({k: torch.from_numpy(v) for k, v in d2_to_torchvision(d2).items()}, path)
+    config = torchvision_r50_fpn.get_config()
+    config.data.num_classes = 2
+    config.model.depth, config.model.fpn_channels = 18, 16
+    roi = config.model.roi
+    roi.fc_dim, roi.mask_conv_dim, roi.num_mask_convs = 32, 16, 1
+    config.model.norm_eps = 1e-5
+    with caplog.at_level(logging.WARNING):
+        out = convert.convert_file("torchvision", path, str(tmp_path / "a"), config)
+    assert out.kind == "detector"
+    warning = "maskrcnn.pth: config.model.norm_eps is 1e-05; torchvision's COCO detectors run with"
+    assert warning in caplog.text
+    caplog.clear()
+    config.model.norm_eps = 0.0
+    with caplog.at_level(logging.WARNING):
+        convert.convert_file("torchvision", path, str(tmp_path / "b"), config)
+    assert "norm_eps" not in caplog.text
