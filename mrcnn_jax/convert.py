@@ -253,7 +253,7 @@ def read_pickle(path: str, *, allow_pickle: bool = False) -> dict[str, Any]:
     naming it and the cause.
     """
     kind = sniff(path)
-    if kind == "zip":
+    if kind in ("zip", "torch-legacy"):
         raise ConversionError(f"{path}: {_TORCH_FILE_HINT}")
     if not allow_pickle:
         raise ConversionError(
@@ -268,8 +268,7 @@ def read_pickle(path: str, *, allow_pickle: bool = False) -> dict[str, Any]:
     except OSError:
         raise
     except _Refused as e:
-        hint = f" ({_TORCH_FILE_HINT})" if kind == "torch-legacy" else ""
-        raise ConversionError(f"{path}: {e}{hint}") from None
+        raise ConversionError(f"{path}: {e}") from None
     except EOFError as e:
         raise ConversionError(f"{path}: the pickle is truncated (an interrupted download or copy?)") from e
     except Exception as e:  # UnpicklingError, ValueError, ...: not a pickle, or a damaged one
@@ -953,19 +952,19 @@ def convert_file(
     (default: `default_config(source)`), write the checkpoint, conversion.json and config.json
     into `workdir`. config_args: the --config flags that made `config`, repeated by the hints in
     errors (default: --config=<the family's config file>)."""
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
     config = config if config is not None else default_config(source)
     config_args = config_args or (f"--config={family_config_file(source)}",)
     check_family_convention(source, config, config_args, input_path)
     if source == "torchvision":
         tensors, layout = read_torch_state_dict(input_path), "torchvision"
-    elif source == "detectron2" and sniff(input_path) == "zip":
+    elif source == "detectron2" and sniff(input_path) in ("zip", "torch-legacy"):
         # detectron2's own training output (model_final.pth): torch.save({'model': ..., ...}),
         # read safely with torch.load(weights_only=True).
         tensors, layout = detectron2_tensors({"model": read_torch_state_dict(input_path)})
-    elif source == "detectron2":
-        tensors, layout = detectron2_tensors(read_pickle(input_path, allow_pickle=allow_pickle))
     else:
-        raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+        tensors, layout = detectron2_tensors(read_pickle(input_path, allow_pickle=allow_pickle))
     rows = resolve_class_rows(class_map, tensors, layout, config.model.num_classes)
     converted = convert(
         tensors,

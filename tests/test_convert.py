@@ -534,6 +534,14 @@ def test_detectron2_training_output_pth_converts_like_the_model_zoo_pickle(tmp_p
     assert flat(out.variables).keys() == flat(ref.variables).keys()
     for k, x in flat(ref.variables).items():
         np.testing.assert_array_equal(flat(out.variables)[k], x, err_msg=k)
+    # torch.save's format before torch 1.6 too (here its depth is told, then refused).
+    legacy = tmp_path / "legacy.pth"
+    state = torch.load(pth, weights_only=True)["model"]
+    torch.save({"model": state}, legacy, _use_new_zipfile_serialization=False)
+    with pytest.raises(convert.ConversionError, match="the weights are a ResNet-18"):
+        convert.convert_file("detectron2", str(legacy), str(tmp_path / "legacy"))
+    with pytest.raises(convert.ConversionError, match="legacy.pth: this is a torch file"):
+        convert.read_pickle(str(legacy), allow_pickle=True)
     # Read as torchvision's, the names say what they are.
     config_tv = small_d2_config()
     with pytest.raises(convert.ConversionError, match=r"the names are detectron2's .*--source=detectron2"):
