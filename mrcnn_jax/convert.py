@@ -797,6 +797,15 @@ def merge_pretrained(fresh: Mapping[str, Any], loaded: Mapping[str, Any]) -> dic
             and np.shape(flat_loaded[name]) != np.shape(flat_fresh[name])
         )
 
+    refreshed = sorted(k for k in flat_fresh if is_class_dependent(k) and skip(k))
+    if refreshed:
+        score = "params/box_head/cls_score/kernel"
+        classes = [np.shape(t[score])[-1] - 1 if score in t else "?" for t in (flat_loaded, flat_fresh)]
+        logging.warning(
+            "the weights have %s classes and the model %s: their class layers (%s) start from"
+            " fresh values, everything else is loaded", *classes,
+            ", ".join(sorted({k.rsplit("/", 1)[0].split("/", 1)[1] for k in refreshed})),
+        )
     return ckpt_lib.merge_weights(fresh, loaded, skip=skip)
 
 

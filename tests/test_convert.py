@@ -2,6 +2,7 @@
 real key names and shapes, strictness, pickles, the written checkpoint, fine-tuning merges, and the
 inference switches the imported families need."""
 
+import logging
 import os
 import pickle
 import subprocess
@@ -574,7 +575,7 @@ def test_detectron2_naming_is_told_from_the_names():
         convert.convert({}, small_d2_config().model, layout="detectron2")
 
 
-def test_converted_checkpoint_loads_and_fine_tunes_with_other_classes(tmp_path):
+def test_converted_checkpoint_loads_and_fine_tunes_with_other_classes(tmp_path, caplog):
     pkl = str(tmp_path / "model_final.pkl")
     small_d2_pickle(pkl)
     workdir = str(tmp_path / "converted")
@@ -611,7 +612,10 @@ def test_converted_checkpoint_loads_and_fine_tunes_with_other_classes(tmp_path):
     fresh5 = fresh_variables(config5, seed=11)
     with pytest.raises(ckpt_lib.WeightsMismatchError, match="cls_score"):
         ckpt_lib.merge_weights(fresh5, loaded)
-    merged5 = flat(convert.merge_pretrained(fresh5, loaded))
+    with caplog.at_level(logging.WARNING):
+        merged5 = flat(convert.merge_pretrained(fresh5, loaded))
+    assert "the weights have 2 classes and the model 5: their class layers" in caplog.text
+    assert "box_head/bbox_pred, box_head/cls_score, mask_head/predictor" in caplog.text
     for k, x in merged5.items():
         source = flat(fresh5) if convert.is_class_dependent(k) else flat(loaded)
         np.testing.assert_array_equal(x, source[k], err_msg=k)
