@@ -440,15 +440,47 @@ def check_finite(step: int, metrics: Mapping[str, float]) -> None:
     raise NonFiniteLossError(f"non-finite loss or gradient at step {step}: {parts}")
 
 
+def drop_logged_after(path: str, step: int) -> int:
+    """Rewrites the JSON-lines log `path` without its entries of steps after `step` (what a run
+    resumed from checkpoint `step` logs again); other lines are kept as they are. -> dropped."""
+    try:
+        with open(path) as f:
+            lines = f.readlines()
+    except FileNotFoundError:
+        return 0
+
+    def later(line: str) -> bool:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            return False
+        return isinstance(entry, dict) and isinstance(entry.get("step"), int) and entry["step"] > step
+
+    kept = [line for line in lines if not later(line)]
+    if len(kept) < len(lines):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
+        logging.info("%s: dropped %d entries after step %d (resumed there)", path,
+                     len(lines) - len(kept), step)
+    return len(lines) - len(kept)
+
+
 class MetricWriter:
     """Train / eval metrics to `workdir/metrics.jsonl`, TensorBoard and the console.
 
     Train metrics are averaged over `log_every` steps. On a terminal a carriage-return progress line
     is refreshed every step; otherwise a plain log line is written every `log_every` steps.
     Only process 0 writes files.
+
+    resumed_at: the step a resumed run starts from; what the files hold of later steps (logged
+    before the run stopped, after its last checkpoint) is dropped, so the logs read as those of
+    one uninterrupted run.
     """
 
-    def __init__(self, workdir, *, log_every, num_steps, images_per_step, stream=None):
+    def __init__(
+        self, workdir, *, log_every, num_steps, images_per_step, stream=None, resumed_at=None
+    ):
         self.log_every, self.num_steps = max(int(log_every), 1), num_steps
         self.images_per_step = images_per_step
         self.stream = sys.stderr if stream is None else stream
@@ -460,8 +492,12 @@ class MetricWriter:
             from tensorboardX import SummaryWriter
 
             os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            path = os.path.join(workdir, "metrics.jsonl")
+            if resumed_at is not None:  # steps past the checkpoint are logged again: drop them
+                drop_logged_after(path, resumed_at)
+            self._jsonl = open(path, "a")  # noqa: SIM115
+            purge = None if resumed_at is None else resumed_at + 1
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge)
 
     def reset_timer(self) -> None:
         """Restart the images/s clock (after an evaluation or a checkpoint)."""
@@ -790,11 +826,15 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
         variables = jax.device_get(model_variables(host_state))
         return evaluate_lib.evaluate_model(config, model, variables, workdir, step)
 
+    resumed_at = int(state.step) if resuming else None
+    if resumed_at is not None and jax.process_index() == 0:
+        drop_logged_after(os.path.join(workdir, "eval_metrics.jsonl"), resumed_at)
     writer = MetricWriter(
         workdir,
         log_every=tc.log_every,
         num_steps=tc.num_steps,
         images_per_step=tc.global_batch_size,
+        resumed_at=resumed_at,
     )
     try:
         return train_loop(

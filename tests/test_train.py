@@ -498,6 +498,30 @@ def test_a_batch_that_does_not_split_over_the_devices_is_refused_first(monkeypat
     assert not os.listdir(tmp_path)  # before the dataset, the labels or config.json
 
 
+def test_a_resumed_writer_drops_what_was_logged_after_its_checkpoint(tmp_path):
+    """A run logged steps 1-6 and stopped; its last checkpoint was step 4. The resumed run logs
+    5 and 6 again: the files must not hold them twice."""
+    first = train.MetricWriter(str(tmp_path), log_every=1, num_steps=6, images_per_step=1)
+    for step in range(1, 7):
+        first.train(step, {"loss": float(step)})
+    first.eval(6, {"AP": 0.1})
+    first.close()
+    (tmp_path / "eval_metrics.jsonl").write_text('{"step": 2}\n{"step": 6}\nnot json\n')
+    assert train.drop_logged_after(str(tmp_path / "eval_metrics.jsonl"), 4) == 1
+    assert (tmp_path / "eval_metrics.jsonl").read_text() == '{"step": 2}\nnot json\n'
+    resumed = train.MetricWriter(
+        str(tmp_path), log_every=1, num_steps=6, images_per_step=1, resumed_at=4
+    )
+    for step in (5, 6):
+        resumed.train(step, {"loss": 10.0 + step})
+    resumed.close()
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(x["step"], x["split"]) for x in lines] == [
+        (1, "train"), (2, "train"), (3, "train"), (4, "train"), (5, "train"), (6, "train")
+    ]
+    assert [x["loss"] for x in lines] == [1.0, 2.0, 3.0, 4.0, 15.0, 16.0]
+
+
 def test_check_finite_names_every_component():
     train.check_finite(3, {"loss": 1.0, "grad_norm": 2.0})
     with pytest.raises(train.NonFiniteLossError, match=r"step 7: grad_norm=inf, loss=1"):
