@@ -129,6 +129,7 @@ def build_example(meta: dict, anns: list[dict], loaded, label_of: dict, log: coc
     """One image entry + its annotations + `_load` result -> stored example, or None (dropped)."""
     iid = meta["id"]
     dropped = loaded if isinstance(loaded, str) else None
+    detail = ""
     if dropped is None:
         data, h, w, exif = loaded
         declared = _declared_size(meta)
@@ -136,10 +137,16 @@ def build_example(meta: dict, anns: list[dict], loaded, label_of: dict, log: coc
             log.add("image_size_missing", iid)  # repaired: the file's size is used
         elif declared != (h, w):
             dropped = "image_size_mismatch"
+            detail = f" (declared {declared[0]} x {declared[1]}, the file is {h} x {w})"
         if exif is not None and dropped is None:
             log.add(exif, iid)
     if dropped is not None:
         log.add(dropped, iid)
+        if log.counts[dropped] <= coco_utils.MAX_LOGGED_IDS:  # the ids alone do not say which file
+            logger.warning(
+                "image %s, %s: %s%s", iid, meta["file_name"], coco_utils.REPAIR_KINDS[dropped],
+                detail,
+            )
         for a in anns:
             log.add("annotation_of_dropped_image", a["id"])
         return None

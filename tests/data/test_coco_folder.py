@@ -14,7 +14,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from configs import base
-from mrcnn_jax.data import coco_folder, pipeline
+from mrcnn_jax.data import coco_folder, coco_utils, pipeline
 from tests.data import reference
 
 H, W = 40, 56
@@ -223,12 +223,14 @@ def prepared(tmp_path_factory):
     records = []
     handler = logging.Handler()
     handler.emit = records.append
-    logger = logging.getLogger("mrcnn_jax.data.coco_utils")
-    logger.addHandler(handler)
+    loggers = [logging.getLogger(f"mrcnn_jax.data.{m}") for m in ("coco_utils", "coco_folder")]
+    for logger in loggers:
+        logger.addHandler(handler)
     try:
         split = pipeline._split(config.data, SPLIT)  # prepares the dataset
     finally:
-        logger.removeHandler(handler)
+        for logger in loggers:
+            logger.removeHandler(handler)
     return config, split, images, instances, "\n".join(r.getMessage() for r in records)
 
 
@@ -238,6 +240,11 @@ def test_bad_records_are_counted_and_logged(prepared):
     for kind, v in EXPECTED_REPAIRS.items():
         assert f"{kind}: {v['count']}" in log_text and str(v["first_ids"]) in log_text
     assert "instances_tiny.json" in log_text
+    # Dropped images are named by file too, with what was wrong.
+    assert "image 109, missing.png: image file missing" in log_text
+    assert "image 110, broken.jpg: image file cannot be decoded" in log_text
+    assert f"image 112, wrongsize.png: {coco_utils.REPAIR_KINDS['image_size_mismatch']}" in log_text
+    assert f"(declared {H} x {W}, the file is 30 x 30)" in log_text
 
 
 def test_ground_truth_matches_the_source_annotations(prepared):
