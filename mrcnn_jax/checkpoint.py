@@ -48,6 +48,33 @@ class RestoreError(RuntimeError):
     """No checkpoint of a directory can be restored into the given state."""
 
 
+def _shapes(tree) -> dict[str, tuple]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {
+        "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): tuple(leaf.shape)
+        for path, leaf in leaves
+        if hasattr(leaf, "shape")
+    }
+
+
+def _shape_mismatches(target_dict, metadata) -> list[str]:
+    """'name: checkpoint (a, b) vs state (c, d)' for every array both hold with other shapes,
+    and the arrays only one of them holds."""
+    tree = getattr(metadata, "tree", metadata)
+    stored, wanted = _shapes(tree), _shapes(target_dict)
+    def order(keys):  # the parameters before their optimizer state
+        return sorted(keys, key=lambda k: (not k.startswith("params/"), k))
+
+    out = [
+        f"{k}: checkpoint {stored[k]} vs state {wanted[k]}"
+        for k in order(stored.keys() & wanted.keys())
+        if stored[k] != wanted[k]
+    ]
+    out += [f"{k}: not in the checkpoint" for k in order(wanted.keys() - stored.keys())]
+    out += [f"{k}: only in the checkpoint" for k in order(stored.keys() - wanted.keys())]
+    return out
+
+
 def _first_line(error: Exception) -> str:
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0] if text else ''}"
@@ -93,11 +120,19 @@ class CheckpointManager:
 
     def restore(self, target: Any, step: int | None = None) -> Any:
         """The state of checkpoint `step` (default latest), with the structure, dtypes and
-        devices of `target` (a host state, e.g. a freshly created one)."""
+        devices of `target` (a host state, e.g. a freshly created one). Arrays of other shapes
+        than the target's (a run of another config) are a ValueError naming them, found from the
+        checkpoint's metadata before anything is read."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         target_dict = serialization.to_state_dict(target)
+        mismatches = _shape_mismatches(target_dict, self._manager.item_metadata(step)[_STATE])
+        if mismatches:
+            raise ValueError(
+                f"{len(mismatches)} arrays of checkpoint {step} do not fit this state:"
+                f" {'; '.join(mismatches[:8])}{'; ...' if len(mismatches) > 8 else ''}"
+            )
         restore_args = ocp.checkpoint_utils.construct_restore_args(target_dict)
         restored = self._manager.restore(
             step,

@@ -705,7 +705,7 @@ def _flat(tree: Mapping, prefix: str = "") -> dict[str, Any]:
 def _resume_mismatch(workdir: str, config, error: Exception) -> str:
     """The message for checkpoints that do not fit the config: their run's model keys that
     differ (from WORKDIR/config.json), and what to do."""
-    text = f"cannot resume the run in {workdir}: {error}."
+    text = f"cannot resume the run in {workdir}: {str(error).rstrip('.')}."
     path = os.path.join(workdir, ckpt_lib.CONFIG_FILE)
     try:
         with open(path) as f:
@@ -801,6 +801,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     try:
         state = checkpoints.restore_latest(create_train_state(variables, tx, train_key))
     except ckpt_lib.RestoreError as e:
+        checkpoints.close()
         raise ckpt_lib.RestoreError(_resume_mismatch(workdir, as_given, e)) from e
     # Written once the workdir's checkpoints are known to be this config's (a fresh run, or one
     # resumed): a refused restart must not replace the config its checkpoints were made with.

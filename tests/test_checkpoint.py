@@ -167,11 +167,20 @@ def test_a_state_of_another_shape_is_refused_and_nothing_is_moved(tmp_path):
     with ckpt_lib.CheckpointManager(str(tmp_path)) as checkpoints:
         checkpoints.save(1, state)
         checkpoints.save(2, state)
-    other = {"w": np.zeros((3, 5), np.float32)}
+    wider = jax.tree.map(
+        lambda x: np.zeros((*np.shape(x)[:-1], np.shape(x)[-1] + 1), np.asarray(x).dtype)
+        if np.ndim(x) else x, state.params,
+    )
     with ckpt_lib.CheckpointManager(str(tmp_path)) as checkpoints:
-        with pytest.raises(ckpt_lib.RestoreError, match=r"steps \[2, 1\]"):
-            checkpoints.restore_latest(other)
+        with pytest.raises(ckpt_lib.RestoreError, match=r"steps \[2, 1\]") as error:
+            checkpoints.restore_latest(state.replace(params=wider))
         assert checkpoints.all_steps() == [1, 2]
+    # Named from the metadata, parameters first, before any array is read.
+    message = str(error.value)
+    first = message.index("do not fit this state: ") + len("do not fit this state: ")
+    assert message[first:].startswith("params/")
+    name, shape = next(iter(ckpt_lib._shapes({"params": state.params}).items()))
+    assert f"{name}: checkpoint {shape} vs state {(*shape[:-1], shape[-1] + 1)}" in message
 
 
 # ----------------------------------------------------------------------------- weights only
