@@ -163,6 +163,10 @@ def get_config() -> ml_collections.ConfigDict:
     tr.weight_decay = 1e-4
     tr.weight_decay_norm = 0.0  # detectron2 WEIGHT_DECAY_NORM
     tr.grad_clip_norm = 0.0  # 0 = off
+    # Exponential moving average of the weights (e.g. 0.9998, TF Model Garden's average_decay,
+    # with its dynamic decay min(d, (1 + step) / (10 + step))); evaluation, prediction and
+    # fine-tuning from the checkpoints then use the average. 0 = off.
+    tr.ema_decay = 0.0
     tr.parallelism = "pmap"  # "pmap" | "mesh"
     tr.distributed = False  # call jax.distributed.initialize() (multi-host)
     tr.init_checkpoint = ""  # weights to start from (fine-tuning); resuming a workdir is separate

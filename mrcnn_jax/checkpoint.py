@@ -240,17 +240,22 @@ def latest_step(directory: str) -> int | None:
         manager.close()
 
 
-def load_weights(path: str) -> dict[str, Any]:
+def load_weights(path: str, ema: bool = True) -> dict[str, Any]:
     """The model variables {'params': ..., 'batch_stats': ...} (numpy) of a checkpoint.
 
     path: a workdir, its `checkpoints` directory (latest step) or one step directory. Only the
     weights are read (no optimizer state), whatever devices the checkpoint was written from.
+    ema: a run trained with `train.ema_decay` gives its parameters' moving average (what its
+    evaluation scored), unless False.
     """
     directory, step = _resolve(path)
     manager = _manager(directory, create=False)
     try:
         tree = manager.item_metadata(step)[_STATE].tree
-        item = {"params": tree["params"], "model_state": tree.get("model_state", {})}
+        key = "ema_params" if ema and tree.get("ema_params") else "params"
+        if key == "ema_params":
+            logging.info("%s: the moving average of the parameters (train.ema_decay)", path)
+        item = {key: tree[key], "model_state": tree.get("model_state", {})}
         restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
         restored = manager.restore(
             step,
@@ -264,7 +269,7 @@ def load_weights(path: str) -> dict[str, Any]:
         )[_STATE]
     finally:
         manager.close()
-    return {"params": restored["params"], **restored.get("model_state", {})}
+    return {"params": restored[key], **restored.get("model_state", {})}
 
 
 LABELS_FILE = "labels.json"  # in a workdir: class names and dataset category ids of the labels

@@ -166,6 +166,8 @@ def _value_errors(config) -> list[str]:
         errors.append(f"train.lr_end_factor: expected in [0, 1], got {t.lr_end_factor}")
     if t.lr_schedule == "cosine" and t.num_steps <= 0:
         errors.append(f"train.num_steps: the cosine schedule needs > 0, got {t.num_steps}")
+    if not 0.0 <= t.ema_decay < 1.0:
+        errors.append(f"train.ema_decay: expected in [0, 1) (0 = off), got {t.ema_decay}")
     if t.global_batch_size <= 0:
         errors.append(f"train.global_batch_size: expected > 0, got {t.global_batch_size}")
     return errors

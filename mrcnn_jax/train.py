@@ -67,6 +67,9 @@ class TrainState:
     model_state: every other collection, e.g. {'batch_stats': ...}; {} when there is none
     opt_state:   the optax state of `tx`
     rng:         [2] uint32 PRNG key; the keys of step s derive from fold_in(rng, s)
+    ema_params:  None, or the exponential moving average of `params` (`ema_decay` > 0)
+    ema_decay:   static; the EMA's decay d: after update s, ema <- d_s * ema + (1 - d_s) * params
+                 with d_s = min(d, (1 + s) / (10 + s)) (TF Model Garden's dynamic decay)
     """
 
     step: jax.Array
@@ -75,12 +78,20 @@ class TrainState:
     opt_state: Any
     rng: jax.Array
     tx: optax.GradientTransformation = struct.field(pytree_node=False)
+    ema_params: Any = None
+    ema_decay: float = struct.field(pytree_node=False, default=0.0)
 
 
 def create_train_state(
-    variables: Mapping[str, Any], tx: optax.GradientTransformation, rng: jax.Array
+    variables: Mapping[str, Any],
+    tx: optax.GradientTransformation,
+    rng: jax.Array,
+    ema_decay: float = 0.0,
 ) -> TrainState:
-    """variables: {'params': ..., other collections...} (e.g. from `model.init`); rng: [2] key."""
+    """variables: {'params': ..., other collections...} (e.g. from `model.init`); rng: [2] key;
+    ema_decay > 0 keeps an exponential moving average of the parameters (`TrainState`)."""
+    if not 0.0 <= ema_decay < 1.0:
+        raise ValueError(f"ema_decay: expected in [0, 1), got {ema_decay}")
     params = variables["params"]
     model_state = {k: v for k, v in variables.items() if k != "params"}
     return TrainState(
@@ -90,12 +101,23 @@ def create_train_state(
         opt_state=tx.init(params),
         rng=jnp.asarray(rng),
         tx=tx,
+        ema_params=jax.tree.map(jnp.array, params) if ema_decay > 0 else None,
+        ema_decay=float(ema_decay),
     )
 
 
-def model_variables(state: TrainState) -> dict[str, Any]:
-    """The Flax variables {'params': ..., 'batch_stats': ...} held by a (host) state."""
-    return {"params": state.params, **state.model_state}
+def ema_decay_at(decay: float, step) -> jax.Array:
+    """The EMA decay of update `step` (0-based): min(decay, (1 + step) / (10 + step)), so the
+    average is not held near the initial weights for the first ~1 / (1 - decay) steps."""
+    s = jnp.asarray(step, jnp.float32)
+    return jnp.minimum(jnp.float32(decay), (1.0 + s) / (10.0 + s))
+
+
+def model_variables(state: TrainState, ema: bool = False) -> dict[str, Any]:
+    """The Flax variables {'params': ..., 'batch_stats': ...} held by a (host) state; with `ema`,
+    the parameters' moving average when the state keeps one."""
+    params = state.ema_params if ema and state.ema_params is not None else state.params
+    return {"params": params, **state.model_state}
 
 
 def scaled_learning_rate(base_lr: float, global_batch_size: int, reference_batch: int) -> float:
@@ -324,8 +346,13 @@ def train_step(
     )
     metrics["grad_norm"] = optax.global_norm(grads)
     metrics["learning_rate"] = learning_rate_fn(state.step)
+    ema = state.ema_params
+    if ema is not None:
+        d = ema_decay_at(state.ema_decay, state.step)
+        ema = jax.tree.map(lambda e, p: (d * e + (1.0 - d) * p).astype(e.dtype), ema, params)
     new_state = state.replace(
-        step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state
+        step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state,
+        ema_params=ema,
     )
     return new_state, metrics
 
@@ -716,7 +743,8 @@ def _resume_mismatch(workdir: str, config, error: Exception) -> str:
     changed = [
         f"{k}: {saved.get(k)!r} -> {now.get(k)!r}"
         for k in sorted(set(saved) | set(now))
-        if k.startswith(("model.", "data.num_classes")) and saved.get(k) != now.get(k)
+        if k.startswith(("model.", "data.num_classes", "train.ema_decay"))
+        and saved.get(k) != now.get(k)
     ]
     if changed:
         text += f" {path}, the config its checkpoints were trained with, differs in: " + "; ".join(
@@ -799,7 +827,9 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     trainable = mask_rcnn.trainable_mask(variables["params"], config.model)
     tx, schedule = _optimizer_from_config(tc, variables["params"], trainable)
     try:
-        state = checkpoints.restore_latest(create_train_state(variables, tx, train_key))
+        state = checkpoints.restore_latest(
+            create_train_state(variables, tx, train_key, ema_decay=tc.get("ema_decay", 0.0))
+        )
     except ckpt_lib.RestoreError as e:
         checkpoints.close()
         raise ckpt_lib.RestoreError(_resume_mismatch(workdir, as_given, e)) from e
@@ -824,7 +854,8 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     def evaluate(step, host_state):
         # On the host: under a mesh the state's arrays span every device of every host, and each
         # host evaluates its own shard of the split with its own batches (evaluate_model).
-        variables = jax.device_get(model_variables(host_state))
+        # With train.ema_decay, the moving average is what is evaluated (TF Model Garden).
+        variables = jax.device_get(model_variables(host_state, ema=True))
         return evaluate_lib.evaluate_model(config, model, variables, workdir, step)
 
     resumed_at = int(state.step) if resuming else None

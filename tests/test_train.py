@@ -86,7 +86,9 @@ def batch_iter(batch_size: int = 4):
     return batches
 
 
-def tiny_state(lr=0.1, momentum=0.9, axis_name=None, trainable=None, warmup=0, clip=0.0):
+def tiny_state(
+    lr=0.1, momentum=0.9, axis_name=None, trainable=None, warmup=0, clip=0.0, ema_decay=0.0
+):
     """(model, state, schedule) for TinyNet with the detectron2 SGD recipe."""
     model = TinyNet(axis_name=axis_name)
     variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, IMAGE, IMAGE, 3)), train=False)
@@ -102,7 +104,8 @@ def tiny_state(lr=0.1, momentum=0.9, axis_name=None, trainable=None, warmup=0, c
         grad_clip_norm=clip,
         trainable=trainable,
     )
-    return model, train.create_train_state(variables, tx, jax.random.PRNGKey(42)), schedule
+    state = train.create_train_state(variables, tx, jax.random.PRNGKey(42), ema_decay=ema_decay)
+    return model, state, schedule
 
 
 def jit_step(model, schedule, trainable=None):
@@ -520,6 +523,37 @@ def test_a_resumed_writer_drops_what_was_logged_after_its_checkpoint(tmp_path):
         (1, "train"), (2, "train"), (3, "train"), (4, "train"), (5, "train"), (6, "train")
     ]
     assert [x["loss"] for x in lines] == [1.0, 2.0, 3.0, 4.0, 15.0, 16.0]
+
+
+def test_ema_of_the_parameters_follows_its_definition(tmp_path):
+    """train.ema_decay: after update s, ema <- d_s * ema + (1 - d_s) * params, d_s = min(d,
+    (1 + s) / (10 + s)), from the initial parameters; the training itself is unchanged; the
+    checkpoint keeps the average, and the weights read back for evaluation / prediction are it."""
+    model, state, schedule = tiny_state(ema_decay=0.5)
+    _, plain, _ = tiny_state()
+    step = jit_step(model, schedule)
+    want = jax.tree.map(np.asarray, state.params)
+    for s in range(12):
+        state, _ = step(state, make_batch(s))
+        plain, _ = step(plain, make_batch(s))
+        d = min(0.5, (1 + s) / (10 + s))  # 0.1, 0.18, ... then 0.5 from s = 8
+        want = jax.tree.map(lambda e, p, d=d: d * e + (1 - d) * np.asarray(p), want, state.params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), state.ema_params, want)
+    jax.tree.map(np.testing.assert_array_equal, state.params, plain.params)  # training unchanged
+    assert not np.allclose(state.ema_params["head"]["kernel"], state.params["head"]["kernel"])
+    assert train.model_variables(state, ema=True)["params"] is state.ema_params
+    assert train.model_variables(plain, ema=True)["params"] is plain.params  # none kept
+    with ckpt_lib.CheckpointManager(str(tmp_path / "checkpoints")) as checkpoints:
+        checkpoints.save(12, state)
+        checkpoints.wait()
+        restored = checkpoints.restore(tiny_state(ema_decay=0.5)[1])
+    jax.tree.map(np.testing.assert_array_equal, restored.ema_params, state.ema_params)
+    weights = ckpt_lib.load_weights(str(tmp_path))
+    jax.tree.map(np.testing.assert_array_equal, weights["params"], state.ema_params)
+    raw = ckpt_lib.load_weights(str(tmp_path), ema=False)
+    jax.tree.map(np.testing.assert_array_equal, raw["params"], state.params)
+    with pytest.raises(ValueError, match="ema_decay"):
+        tiny_state(ema_decay=1.0)
 
 
 def test_check_finite_names_every_component():
