@@ -228,4 +228,5 @@ def make_loss_fn(
         }
         return total, (metrics, new_state)
 
+    loss_fn.axis_name = axis_name  # checked by train.compile_train_step against the placement
     return loss_fn

@@ -92,6 +92,9 @@ def create_train_state(
     ema_decay > 0 keeps an exponential moving average of the parameters (`TrainState`)."""
     if not 0.0 <= ema_decay < 1.0:
         raise ValueError(f"ema_decay: expected in [0, 1), got {ema_decay}")
+    rng = jnp.asarray(rng)
+    if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):  # jax.random.key(): its uint32 data, the
+        rng = jax.random.key_data(rng)  # form checkpoints store and restore
     params = variables["params"]
     model_state = {k: v for k, v in variables.items() if k != "params"}
     return TrainState(
@@ -99,7 +102,7 @@ def create_train_state(
         params=params,
         model_state=model_state,
         opt_state=tx.init(params),
-        rng=jnp.asarray(rng),
+        rng=rng,
         tx=tx,
         ema_params=jax.tree.map(jnp.array, params) if ema_decay > 0 else None,
         ema_decay=float(ema_decay),
@@ -391,13 +394,18 @@ class Placement:
         than one); under pmap each device's step sees its own examples only."""
         return self.kind == "mesh" and self.mesh.size > 1
 
-    def put_state(self, state: TrainState) -> TrainState:
+    def put_state(self, state: TrainState, copy: bool = True) -> TrainState:
+        """The state on the devices. The step donates it; with `copy` (default) the caller's
+        own arrays stay usable (a state reused for several runs), as pmap's replicate always
+        leaves them; copy=False lets the mesh placement reuse them, one state's memory less."""
         if self.kind == "pmap":
             # Through a pmapped identity, so the state carries the sharding the step's outputs
             # have (jax >= 0.8: a mesh over the pmap axis) rather than `replicate`'s: otherwise
             # the second step sees a new input sharding and compiles the whole step again.
             same = jax.pmap(lambda x: x, axis_name=PMAP_AXIS, donate_argnums=(0,))
             return same(flax.jax_utils.replicate(state))
+        if copy:  # device_put's may_alias=False still shares the shard already on its device
+            state = jax.tree.map(lambda x: jnp.array(x, copy=True), state)
         return jax.device_put(state, NamedSharding(self.mesh, P()))
 
     def get_state(self, state: TrainState) -> TrainState:
@@ -409,6 +417,13 @@ class Placement:
         if self.kind == "pmap":
             return self.shard_for_pmap(batch, jax.local_device_count())
         sharding = NamedSharding(self.mesh, P(MESH_AXIS))
+        local = self.mesh.local_mesh.size
+        for key, x in (batch.items() if isinstance(batch, Mapping) else ()):
+            if np.shape(x)[0] % local:
+                raise ValueError(
+                    f"batch[{key!r}] has {np.shape(x)[0]} rows, not divisible by this host's"
+                    f" {local} devices of the mesh (config.train.global_batch_size)"
+                )
         return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
 
     def get_metrics(self, metrics: Mapping[str, jax.Array]) -> dict[str, float]:
@@ -433,8 +448,14 @@ class Placement:
 
 
 def make_placement(parallelism: str, devices=None) -> Placement:
-    """parallelism: "pmap" | "mesh"; devices: the mesh devices (default: all, over every host)."""
+    """parallelism: "pmap" | "mesh"; devices: the mesh devices (default: all, over every host).
+    pmap always runs on every local device."""
     if parallelism == "pmap":
+        if devices is not None and list(devices) != jax.local_devices():
+            raise ValueError(
+                "make_placement('pmap') runs on every local device: a subset of devices= is for"
+                " 'mesh'"
+            )
         return Placement("pmap")
     if parallelism == "mesh":
         devices = jax.devices() if devices is None else devices
@@ -445,7 +466,19 @@ def make_placement(parallelism: str, devices=None) -> Placement:
 def compile_train_step(
     placement: Placement, *, loss_fn: LossFn, learning_rate_fn: optax.Schedule, trainable=None
 ):
-    """The jitted / pmapped `train_step` for `placement`: (placed state, placed batch) -> ..."""
+    """The jitted / pmapped `train_step` for `placement`: (placed state, placed batch) -> ...
+
+    A loss from `losses.make_loss_fn` says which device axis it was made for: under pmap it must
+    be PMAP_AXIS (else the mask loss is averaged per device and sync BN is per-device BN, silently
+    other numbers than on one device), under a mesh None (GSPMD sees the global batch)."""
+    made_for = getattr(loss_fn, "axis_name", "unknown")
+    wanted = PMAP_AXIS if placement.kind == "pmap" else None
+    if made_for != "unknown" and made_for != wanted:
+        raise ValueError(
+            f"the loss was made with axis_name={made_for!r} but the {placement.kind!r} placement"
+            f" needs {wanted!r}: losses.make_loss_fn(..., axis_name={wanted!r}) (and"
+            f" mask_rcnn.build_model(..., axis_name={wanted!r}) for sync_bn)"
+        )
     step_fn = functools.partial(
         train_step, loss_fn=loss_fn, learning_rate_fn=learning_rate_fn, trainable=trainable
     )
@@ -616,8 +649,12 @@ def train_loop(
     checkpoint_every: int = 0,
     evaluate: Callable[[int, TrainState], Mapping[str, Any]] | None = None,
     eval_every: int = 0,
+    keep_state: bool = True,
 ) -> TrainState:
     """Trains from `state.step` to `num_steps`; returns the host state.
+
+    keep_state: leave `state`'s arrays usable (`Placement.put_state(copy=True)`); False when the
+    caller has no further use for them, which saves a copy of the state on the devices.
 
     state: host (unreplicated) state; step_fn: from `compile_train_step`; batches(start) yields the
     host-local batches [host_batch, ...] of steps start, start + 1, ... (deterministic by step).
@@ -626,7 +663,7 @@ def train_loop(
     step s + 1 runs; a non-finite one raises before any later save, so the last checkpoint is good.
     """
     start = int(state.step)
-    placed = placement.put_state(state)
+    placed = placement.put_state(state, copy=keep_state)
     pending = None  # (step, device metrics) not yet read back
     last_eval, stopped = None, False
 
@@ -880,6 +917,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
             checkpoint_every=tc.checkpoint_every,
             evaluate=evaluate,
             eval_every=tc.eval_every,
+            keep_state=False,  # the state made here has no other use: no second copy
         )
     finally:
         writer.close()

@@ -327,7 +327,7 @@ def jax_train_setup(config, batch_np: dict, weights_npz: str | None = None, wrap
     trainable = mask_rcnn.trainable_mask(variables["params"], config.model)
     tx, schedule = train._optimizer_from_config(config.train, variables["params"], trainable)
     tx = wrap_tx(tx) if wrap_tx else tx
-    state = placement.put_state(train.create_train_state(variables, tx, train_key))
+    state = placement.put_state(train.create_train_state(variables, tx, train_key), copy=False)
     step_fn = train.compile_train_step(
         placement,
         loss_fn=losses.make_loss_fn(model, config.model, image_size, axis),

@@ -556,6 +556,42 @@ def test_ema_of_the_parameters_follows_its_definition(tmp_path):
         tiny_state(ema_decay=1.0)
 
 
+def test_a_new_style_key_is_stored_as_its_data_and_resumes(tmp_path):
+    _, old, _ = tiny_state()
+    model = TinyNet()
+    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, IMAGE, IMAGE, 3)), train=False)
+    new = train.create_train_state(variables, old.tx, jax.random.key(42))
+    np.testing.assert_array_equal(new.rng, old.rng)  # jax.random.key(42) -> PRNGKey(42)'s data
+    with ckpt_lib.CheckpointManager(str(tmp_path)) as checkpoints:
+        checkpoints.save(1, new)
+        checkpoints.wait()
+        fresh = train.create_train_state(variables, old.tx, jax.random.key(0))
+        restored = checkpoints.restore_latest(fresh)
+    np.testing.assert_array_equal(restored.rng, old.rng)
+
+
+def test_a_loss_made_for_another_placement_is_refused():
+    """Under pmap a loss made without the axis name averages the mask loss per device and makes
+    sync BN per-device BN: other numbers than on one device, silently."""
+
+    def loss_fn(params, model_state, batch, keys):
+        return 0.0, ({}, model_state)
+
+    loss_fn.axis_name = None  # as losses.make_loss_fn records it
+    pmap = train.make_placement("pmap")
+    with pytest.raises(ValueError, match="axis_name=None but the 'pmap' placement needs 'batch'"):
+        train.compile_train_step(pmap, loss_fn=loss_fn, learning_rate_fn=lambda s: 0.1)
+    loss_fn.axis_name = train.PMAP_AXIS
+    train.compile_train_step(pmap, loss_fn=loss_fn, learning_rate_fn=lambda s: 0.1)
+    with pytest.raises(ValueError, match="needs None"):
+        train.compile_train_step(
+            train.make_placement("mesh"), loss_fn=loss_fn, learning_rate_fn=lambda s: 0.1
+        )
+    train.make_placement("pmap", devices=jax.local_devices())  # all of them: fine
+    with pytest.raises(ValueError, match="a subset of devices= is for 'mesh'"):
+        train.make_placement("pmap", devices=[])
+
+
 def test_check_finite_names_every_component():
     train.check_finite(3, {"loss": 1.0, "grad_norm": 2.0})
     with pytest.raises(train.NonFiniteLossError, match=r"step 7: grad_norm=inf, loss=1"):
