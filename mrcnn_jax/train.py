@@ -463,6 +463,9 @@ def make_placement(parallelism: str, devices=None) -> Placement:
     raise ValueError(f"config.train.parallelism must be 'pmap' or 'mesh', got {parallelism!r}")
 
 
+_UNKNOWN = object()
+
+
 def compile_train_step(
     placement: Placement, *, loss_fn: LossFn, learning_rate_fn: optax.Schedule, trainable=None
 ):
@@ -471,9 +474,9 @@ def compile_train_step(
     A loss from `losses.make_loss_fn` says which device axis it was made for: under pmap it must
     be PMAP_AXIS (else the mask loss is averaged per device and sync BN is per-device BN, silently
     other numbers than on one device), under a mesh None (GSPMD sees the global batch)."""
-    made_for = getattr(loss_fn, "axis_name", "unknown")
+    made_for = getattr(loss_fn, "axis_name", _UNKNOWN)  # any other loss function: not checked
     wanted = PMAP_AXIS if placement.kind == "pmap" else None
-    if made_for != "unknown" and made_for != wanted:
+    if made_for is not _UNKNOWN and made_for != wanted:
         raise ValueError(
             f"the loss was made with axis_name={made_for!r} but the {placement.kind!r} placement"
             f" needs {wanted!r}: losses.make_loss_fn(..., axis_name={wanted!r}) (and"
