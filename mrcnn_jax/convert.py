@@ -1115,5 +1115,7 @@ def _define_flags(flag_values=None, argv: Sequence[str] | None = None) -> None:
 if __name__ == "__main__":
     from absl import app
 
+    from mrcnn_jax import runtime
+
     _define_flags()
-    app.run(main)
+    app.run(runtime.reporting_user_errors(main, errors=(ConversionError,)))

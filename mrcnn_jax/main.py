@@ -21,6 +21,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from mrcnn_jax import runtime
+from mrcnn_jax.runtime import ConfigError  # noqa: F401 - main.ConfigError, where it is raised
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and outputs go here.")
@@ -33,10 +34,6 @@ _INPUT = flags.DEFINE_string(
 # A run stopped by SIGTERM (preemption) after saving its checkpoint exits with the status of a
 # process killed by SIGTERM (128 + 15): not finished, to be restarted.
 PREEMPTED_EXIT_STATUS = 143
-
-
-class ConfigError(ValueError):
-    """The config has keys the base config does not know, or values of the wrong type."""
 
 
 def _compatible(value: Any, reference: Any) -> bool:
@@ -209,7 +206,7 @@ def main(argv) -> None:
 def run() -> None:
     """Entry point of the `mrcnn-jax` console script."""
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    app.run(runtime.reporting_user_errors(main))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Process-level settings for running on the CPU backend: XLA flags and host memory.
+"""Process-level settings for running on the CPU backend: XLA flags and host memory; and how the
+command lines report an input of the user's that does not fit (`reporting_user_errors`).
 
 Imports no JAX, so `set_default_xla_flags` can run before JAX creates its backends (XLA reads
 `XLA_FLAGS` once, when the first backend is created; a flag set later has no effect, and XLA:CPU
@@ -8,8 +9,11 @@ takes this one from the environment only: per-compile `compiler_options` do not 
 from __future__ import annotations
 
 import ctypes
+import functools
+import logging
 import os
-from collections.abc import MutableMapping
+import sys
+from collections.abc import Callable, MutableMapping
 
 # XLA:CPU's default concurrency-optimised scheduler orders instructions so that more of them can
 # run at once, at the price of keeping more buffers alive: the R50-FPN train step at 800 x 1216,
@@ -42,3 +46,38 @@ def release_host_memory() -> bool:
     if trim is None:
         return False
     return bool(trim(0))
+
+
+# Exit status of a command line refused by `reporting_user_errors` (absl's for a usage error, too).
+USER_ERROR_EXIT_STATUS = 2
+
+
+class ConfigError(ValueError):
+    """The config has keys the base config does not know, or values of the wrong type
+    (`main.validate_config`)."""
+
+
+def reporting_user_errors(
+    main: Callable[[list[str]], None], errors: tuple[type[BaseException], ...] = ()
+) -> Callable[[list[str]], None]:
+    """`main` for absl's app.run, with the library's errors about the user's input (a config,
+    checkpoints or weights that do not fit: ConfigError, checkpoint.RestoreError and
+    WeightsMismatchError, and `errors`) logged as one message and exit status 2 instead of a
+    traceback: their messages say what is wrong and how to fix it. Every other exception
+    propagates as it is. (A module run as a script passes its own error classes in `errors`:
+    they are its `__main__` copies, not the importable module's.)"""
+
+    @functools.wraps(main)
+    def run(argv):
+        try:
+            return main(argv)
+        except Exception as e:
+            from mrcnn_jax import checkpoint
+
+            known = (ConfigError, checkpoint.RestoreError, checkpoint.WeightsMismatchError, *errors)
+            if not isinstance(e, known):
+                raise
+            logging.getLogger("absl").error("%s: %s", type(e).__name__, e)
+            sys.exit(USER_ERROR_EXIT_STATUS)
+
+    return run

@@ -67,10 +67,33 @@ def test_cli_refuses_bad_config_before_any_work(tmp_path):
         text=True,
         timeout=120,
     )
-    assert proc.returncode != 0
+    assert proc.returncode == 2  # a message, not a traceback
+    assert "ConfigError: invalid config" in proc.stderr and "Traceback" not in proc.stderr
     for name in ("train.bogus_rate", "model.depth", "train.warmup_steps", "data.image_size"):
         assert name in proc.stderr
     assert not workdir.exists()  # refused before config.json, checkpoints or compilation
+
+
+def test_user_errors_are_one_message_and_status_2_other_errors_propagate(caplog):
+    from mrcnn_jax import checkpoint, runtime
+
+    class LocalError(ValueError):  # a script's own error class (a __main__ copy)
+        pass
+
+    def failing(error):
+        def run(argv):
+            raise error
+
+        return run
+
+    for error in (main.ConfigError("bad key"), checkpoint.RestoreError("no step fits"),
+                  LocalError("weights of another model")):
+        with pytest.raises(SystemExit) as exit_info:
+            runtime.reporting_user_errors(failing(error), errors=(LocalError,))([])
+        assert exit_info.value.code == runtime.USER_ERROR_EXIT_STATUS
+        assert f"{type(error).__name__}: {error}" in caplog.text
+    with pytest.raises(KeyError):  # a bug keeps its traceback
+        runtime.reporting_user_errors(failing(KeyError("x")))([])
 
 
 @pytest.fixture
