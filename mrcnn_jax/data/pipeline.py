@@ -297,14 +297,12 @@ def _jittered_example(ex: dict, p: _Params, aug_seed: tf.Tensor) -> dict:
     the crop is that of the resized, windowed mask, as without jitter."""
     image = decode_rgb(ex["image"])
     h, w = ex["height"], ex["width"]
-    wf = tf.cast(w, tf.float32)
     u = tf.random.stateless_uniform([4], seed=aug_seed)  # flip, scale, row and column offsets
     flip = u[0] < p.flip_prob
     boxes = tf.cast(ex["objects"]["bbox"], tf.float32)
-    mirrored = tf.stack([wf - boxes[:, 2], boxes[:, 1], wf - boxes[:, 0], boxes[:, 3]], axis=1)
     image = tf.cond(flip, lambda: image[:, ::-1], lambda: image)
     image, image_size, scales, offsets, boxes = transforms.jitter_resize_crop(
-        image, tf.where(flip, mirrored, boxes), u[1:], p.scale_jitter, p.image_size,
+        image, tf.where(flip, transforms.mirror_boxes(boxes, w), boxes), u[1:], p.scale_jitter, p.image_size,
         p.pixel_mean, p.pixel_std, p.channel_order, p.resize_antialias,
     )
     inside = tf.where((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]))[:, 0]
@@ -315,8 +313,8 @@ def _jittered_example(ex: dict, p: _Params, aug_seed: tf.Tensor) -> dict:
     # The output box in the (possibly mirrored) original frame, then unmirrored.
     sy, sx, oy, ox = scales[0], scales[1], offsets[0], offsets[1]
     back = (boxes + tf.stack([ox, oy, ox, oy])) / tf.stack([sx, sy, sx, sy])
-    unmirrored = tf.stack([wf - back[:, 2], back[:, 1], wf - back[:, 0], back[:, 3]], axis=1)
-    crops = transforms.crop_masks(obj["rle"], tf.where(flip, unmirrored, back), h, w, p.mask_size)
+    back = tf.where(flip, transforms.mirror_boxes(back, w), back)
+    crops = transforms.crop_masks(obj["rle"], back, h, w, p.mask_size)
     crops = tf.cond(flip, lambda: crops[:, :, ::-1], lambda: crops)
     return _element(ex, p, image, image_size, scales, obj, boxes, crops)
 

@@ -122,10 +122,24 @@ def resize_scale(height, width, short_size, max_size, rounding: str = "half_up")
         tf.cast(max_size, tf.float64) / tf.maximum(h, w),
     )
     half = 0.5 if rounding == "half_up" else 0.0
-    # At least one pixel: a 1 x 500 strip would otherwise round to no rows and stop the pipeline.
-    rh = tf.cast(tf.maximum(tf.floor(h * scale + half), 1.0), tf.int32)
-    rw = tf.cast(tf.maximum(tf.floor(w * scale + half), 1.0), tf.int32)
-    return tf.cast(scale, tf.float32), rh, rw
+    return tf.cast(scale, tf.float32), _side(h * scale, half), _side(w * scale, half)
+
+
+def _side(length, half: float) -> tf.Tensor:
+    """A resized side, float64 `length` rounded (floor(length + half)) to at least one pixel: a
+    1 x 500 strip would otherwise round to no rows and stop the pipeline. -> int32."""
+    return tf.cast(tf.maximum(tf.floor(length + half), 1.0), tf.int32)
+
+
+def _resize(image: tf.Tensor, rh, rw, antialias: bool):
+    """image [h, w, 3] -> (float32 [rh, rw, 3] bilinear, half-pixel centres; the factors the
+    pixels were resized by, float32 [2] (rh / h, rw / w))."""
+    shape = tf.cast(tf.shape(image)[:2], tf.float64)
+    resized = tf.image.resize(
+        tf.cast(image, tf.float32), tf.stack([rh, rw]), method="bilinear", antialias=antialias
+    )
+    scales = tf.cast(tf.cast(tf.stack([rh, rw]), tf.float64) / shape, tf.float32)
+    return resized, scales
 
 
 def normalize(
@@ -164,14 +178,10 @@ def resize_normalize_pad(
     detections back, and torchvision's resize_boxes / transform.postprocess likewise."""
     shape = tf.shape(image)
     _, rh, rw = resize_scale(shape[0], shape[1], short_size, max_size, rounding)
-    resized = tf.image.resize(
-        tf.cast(image, tf.float32), tf.stack([rh, rw]), method="bilinear", antialias=antialias
-    )
+    resized, scales = _resize(image, rh, rw, antialias)
     resized = normalize(resized, mean, std, channel_order)
     padded = tf.image.pad_to_bounding_box(resized, 0, 0, out_size[0], out_size[1])
-    size = tf.stack([rh, rw])
-    scales = tf.cast(tf.cast(size, tf.float64) / tf.cast(shape[:2], tf.float64), tf.float32)
-    return padded, size, scales
+    return padded, tf.stack([rh, rw]), scales
 
 
 def jitter_resize_crop(
@@ -202,21 +212,16 @@ def jitter_resize_crop(
     u = tf.cast(uniforms, tf.float64)
     r = jitter[0] + u[0] * (jitter[1] - jitter[0])
     s = tf.minimum(r * out_size[0] / h, r * out_size[1] / w)
-    rh = tf.cast(tf.maximum(tf.floor(h * s + 0.5), 1.0), tf.int32)
-    rw = tf.cast(tf.maximum(tf.floor(w * s + 0.5), 1.0), tf.int32)
+    rh, rw = _side(h * s, 0.5), _side(w * s, 0.5)
 
     def offset(draw, extra):
         return tf.cast(tf.floor(draw * tf.cast(tf.maximum(extra, 0), tf.float64) + 0.5), tf.int32)
 
     oy, ox = offset(u[1], rh - out_size[0]), offset(u[2], rw - out_size[1])
     ch, cw = tf.minimum(rh - oy, out_size[0]), tf.minimum(rw - ox, out_size[1])
-    resized = tf.image.resize(
-        tf.cast(image, tf.float32), tf.stack([rh, rw]), method="bilinear", antialias=antialias
-    )
+    resized, scales = _resize(image, rh, rw, antialias)
     window = normalize(resized[oy : oy + ch, ox : ox + cw], mean, std, channel_order)
     padded = tf.image.pad_to_bounding_box(window, 0, 0, out_size[0], out_size[1])
-    scales = tf.stack([tf.cast(rh, tf.float64) / h, tf.cast(rw, tf.float64) / w])
-    scales = tf.cast(scales, tf.float32)
     offsets = tf.cast(tf.stack([oy, ox]), tf.float32)
     sx, sy, fx, fy = scales[1], scales[0], offsets[1], offsets[0]
     fw, fh = tf.cast(cw, tf.float32), tf.cast(ch, tf.float32)
@@ -232,13 +237,17 @@ def jitter_resize_crop(
     return padded, tf.stack([ch, cw]), scales, offsets, out_boxes
 
 
+def mirror_boxes(boxes: tf.Tensor, width) -> tf.Tensor:
+    """Boxes [N, 4] xyxy in an image of `width` pixels, mirrored left to right (its own inverse)."""
+    w = tf.cast(width, boxes.dtype)
+    return tf.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], axis=1)
+
+
 def flip_left_right(image: tf.Tensor, boxes: tf.Tensor, crops: tf.Tensor, width):
     """Horizontal flip of image [h, w, 3], boxes [N, 4] in an image of `width` pixels and their mask
     crops [N, S, S]. The crop of the flipped mask at the flipped box is the mirrored crop: sample
     (j) of the flipped box lands on sample (S - 1 - j) of the original."""
-    w = tf.cast(width, boxes.dtype)
-    flipped = tf.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], axis=1)
-    return image[:, ::-1], flipped, crops[:, :, ::-1]
+    return image[:, ::-1], mirror_boxes(boxes, width), crops[:, :, ::-1]
 
 
 def check_resize_fits(data_config, train: bool) -> None:
