@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
-from flax import struct
+from flax import struct, traverse_util
 from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -759,16 +759,6 @@ def save_config(config, workdir: str) -> str:
     return path
 
 
-def _flat(tree: Mapping, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple | list) else value
-    return out
-
-
 def _resume_mismatch(workdir: str, config, error: Exception) -> str:
     """The message for checkpoints that do not fit the config: their run's model keys that
     differ (from WORKDIR/config.json), and what to do."""
@@ -776,10 +766,10 @@ def _resume_mismatch(workdir: str, config, error: Exception) -> str:
     path = os.path.join(workdir, ckpt_lib.CONFIG_FILE)
     try:
         with open(path) as f:
-            saved = _flat(json.load(f))
+            saved = traverse_util.flatten_dict(json.load(f), sep=".")
     except (OSError, ValueError):
         return text + " Start a new run in another --workdir."
-    now = _flat(json.loads(config.to_json_best_effort()))
+    now = traverse_util.flatten_dict(json.loads(config.to_json_best_effort()), sep=".")
     changed = [
         f"{k}: {saved.get(k)!r} -> {now.get(k)!r}"
         for k in sorted(set(saved) | set(now))

@@ -388,15 +388,24 @@ def encode_mask(mask: np.ndarray) -> bytes:
 # ------------------------------------------------------------------------------ ground truth
 
 
+def image_entry(ex: dict) -> dict:
+    """A stored example's COCO image entry: {"id", "height", "width", "file_name"}."""
+    name = ex["file_name"]
+    return {
+        "id": int(ex["image_id"]),
+        "height": int(ex["height"]),
+        "width": int(ex["width"]),
+        "file_name": name.decode() if isinstance(name, bytes) else str(name),
+    }
+
+
 def coco_ground_truth_dict(examples: Iterable[dict], categories: list[dict]) -> dict:
     """Stored examples (numpy, as `example_features` decodes them) -> a COCO ground-truth dict at
     the original resolution with the original ids, segmentation as compressed RLE (for COCOeval)."""
     images, annotations = [], []
     for ex in examples:
-        iid, h, w = int(ex["image_id"]), int(ex["height"]), int(ex["width"])
-        name = ex["file_name"]
-        name = name.decode() if isinstance(name, bytes) else str(name)
-        images.append({"id": iid, "height": h, "width": w, "file_name": name})
+        images.append(image_entry(ex))
+        iid, h, w = (images[-1][k] for k in ("id", "height", "width"))
         obj = ex["objects"]
         for k in range(len(obj["id"])):
             x1, y1, x2, y2 = (float(v) for v in obj["bbox"][k])

@@ -585,17 +585,7 @@ def coco_ground_truth(config, split: str | None = None) -> dict:
         raise ValueError(f"config.eval.ground_truth: expected one of {GROUND_TRUTHS}, got {kind!r}")
     if kind == "prepared" or d.dataset != "coco_folder":
         return coco_utils.coco_ground_truth_dict(examples, categories)
-    images = []
-    for ex in examples:
-        name = ex["file_name"]
-        images.append(
-            {
-                "id": int(ex["image_id"]),
-                "height": int(ex["height"]),
-                "width": int(ex["width"]),
-                "file_name": name.decode() if isinstance(name, bytes) else str(name),
-            }
-        )
+    images = [coco_utils.image_entry(ex) for ex in examples]
     path = coco_folder.annotation_path(d.root, split or d.eval_split)
     data = coco_utils.load_annotation_file(path)
     return coco_utils.file_ground_truth(data, images, categories, path)
