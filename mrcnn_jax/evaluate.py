@@ -105,8 +105,11 @@ def _boxes_to_original(boxes, scale, height, width, xp):
     return xp.clip(boxes / xp.stack([s[1], s[0], s[1], s[0]]), 0.0, limits)
 
 
+MASK_PASTES = ("detectron2", "torchvision")  # model.test.mask_paste
+
+
 def _check_paste_kind(kind: str) -> None:
-    if kind not in ("detectron2", "torchvision"):
+    if kind not in MASK_PASTES:
         raise ValueError(
             f"config.model.test.mask_paste must be detectron2 or torchvision, got {kind!r}"
         )

@@ -103,13 +103,15 @@ def _value_errors(config) -> list[str]:
 
     Tuples overridden on the command line are replaced, but a --flagfile plus a later flag of the
     same tuple are concatenated by ml_collections: the lengths are checked for that reason too."""
-    from mrcnn_jax.data.pipeline import GROUND_TRUTHS
-    from mrcnn_jax.data.transforms import RESIZE_ROUNDINGS
+    from mrcnn_jax.data.pipeline import DATASETS, GROUND_TRUTHS
+    from mrcnn_jax.data.transforms import CHANNEL_ORDERS, RESIZE_ROUNDINGS
+    from mrcnn_jax.evaluate import MASK_PASTES
     from mrcnn_jax.inference import FEATURE_PADDINGS, LEVEL_MAPPERS
+    from mrcnn_jax.mask_rcnn import FROZEN_STAGES_MODES
     from mrcnn_jax.modeling.norm import NormKind
     from mrcnn_jax.modeling.resnet import STAGE_BLOCKS
     from mrcnn_jax.ops.anchors import ANCHOR_GRIDS
-    from mrcnn_jax.train import LR_SCHEDULES
+    from mrcnn_jax.train import LR_SCHEDULES, PARALLELISMS
 
     m, d, t = config.model, config.data, config.train
     errors = []
@@ -121,9 +123,9 @@ def _value_errors(config) -> list[str]:
     _choice(errors, "model.dtype", m.dtype, ("float32", "bfloat16", "float16"))
     _choice(errors, "model.depth", m.depth, sorted(STAGE_BLOCKS))
     _choice(errors, "model.frozen_stages_per_image", m.get("frozen_stages_per_image", "auto"),
-            ("auto", "on", "off"))
+            FROZEN_STAGES_MODES)
     _choice(errors, "model.roi.level_mapper", m.roi.level_mapper, sorted(LEVEL_MAPPERS))
-    _choice(errors, "model.test.mask_paste", m.test.mask_paste, ("detectron2", "torchvision"))
+    _choice(errors, "model.test.mask_paste", m.test.mask_paste, MASK_PASTES)
     if not 0 <= m.freeze_at <= 5:
         errors.append(f"model.freeze_at: expected 0 (none) to 5 (every stage), got {m.freeze_at}")
     if m.rpn.size_divisibility < 0:
@@ -142,8 +144,8 @@ def _value_errors(config) -> list[str]:
     _length(errors, "model.rpn.box_weights", m.rpn.box_weights, 4, "(wx, wy, ww, wh)")
     _length(errors, "model.roi.box_weights", m.roi.box_weights, 4, "(wx, wy, ww, wh)")
 
-    _choice(errors, "data.dataset", d.dataset, ("shapes", "coco_folder"))
-    _choice(errors, "data.channel_order", d.channel_order, ("RGB", "BGR"))
+    _choice(errors, "data.dataset", d.dataset, DATASETS)
+    _choice(errors, "data.channel_order", d.channel_order, CHANNEL_ORDERS)
     _choice(errors, "data.resize_rounding", d.resize_rounding, RESIZE_ROUNDINGS)
     _length(errors, "data.image_size", d.image_size, 2, "(height, width)")
     _length(errors, "data.pixel_mean", d.pixel_mean, 3, "one per channel")
@@ -157,7 +159,7 @@ def _value_errors(config) -> list[str]:
         )
 
     _choice(errors, "eval.ground_truth", config.eval.get("ground_truth", "file"), GROUND_TRUTHS)
-    _choice(errors, "train.parallelism", t.parallelism, ("pmap", "mesh"))
+    _choice(errors, "train.parallelism", t.parallelism, PARALLELISMS)
     _choice(errors, "train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
     if not 0.0 <= t.lr_end_factor <= 1.0:
         errors.append(f"train.lr_end_factor: expected in [0, 1], got {t.lr_end_factor}")

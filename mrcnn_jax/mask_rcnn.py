@@ -157,11 +157,14 @@ def build_model(
     )
 
 
+FROZEN_STAGES_MODES = ("auto", "on", "off")  # model.frozen_stages_per_image
+
+
 def _frozen_per_image(model_cfg: ml_collections.ConfigDict, sharded_batch: bool) -> bool:
     """`model.frozen_stages_per_image`: auto (on for the CPU backend, where it was measured, unless
     the batch is sharded over devices), on, off. See ResNet.per_image_stages."""
     mode = model_cfg.get("frozen_stages_per_image", "auto")
-    if mode not in ("auto", "on", "off"):
+    if mode not in FROZEN_STAGES_MODES:
         raise ValueError(
             f"model.frozen_stages_per_image must be 'auto', 'on' or 'off', got {mode!r}"
         )

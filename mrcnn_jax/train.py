@@ -447,6 +447,9 @@ class Placement:
         )
 
 
+PARALLELISMS = ("pmap", "mesh")  # config.train.parallelism
+
+
 def make_placement(parallelism: str, devices=None) -> Placement:
     """parallelism: "pmap" | "mesh"; devices: the mesh devices (default: all, over every host).
     pmap always runs on every local device."""

@@ -97,6 +97,9 @@ class _Source:
         )
 
 
+DATASETS = ("shapes", "coco_folder")  # config.data.dataset
+
+
 def _builder(src: _Source, variant: str = "") -> tuple[tfds.core.DatasetBuilder, str]:
     kwargs = {"data_dir": src.data_dir or None, "file_format": "array_record"}
     if src.dataset == "shapes":

@@ -104,6 +104,7 @@ def crop_masks(rle: tf.Tensor, boxes: tf.Tensor, height, width, size: int) -> tf
 
 
 RESIZE_ROUNDINGS = ("half_up", "floor")
+CHANNEL_ORDERS = ("RGB", "BGR")  # config.data.channel_order
 
 
 def resize_scale(height, width, short_size, max_size, rounding: str = "half_up"):
@@ -149,7 +150,7 @@ def normalize(
     given in `channel_order` (detectron2's PIXEL_MEAN convention: BGR numbers for BGR models)."""
     if channel_order == "BGR":
         image = image[..., ::-1]
-    elif channel_order != "RGB":
+    elif channel_order not in CHANNEL_ORDERS:
         raise ValueError(f"config.data.channel_order must be 'RGB' or 'BGR', got {channel_order!r}")
     return (image - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
 
