@@ -4,6 +4,9 @@
     --mode=eval     evaluate the latest checkpoint of DIR (or config.train.init_checkpoint)
     --mode=predict  run the model on --input: an image file, a folder of images or "split:NAME"
 
+Several hosts: `--config.train.distributed=True` (clusters jax.distributed detects), or
+`--coordinator_address=HOST:PORT --num_processes=N --process_id=I` on each host.
+
 Config fields are overridden with `--config.train.base_lr=0.01`. The loaded config is checked
 against `configs.base.get_config()` before anything is compiled: every key must exist there with a
 compatible type. The console script `mrcnn-jax` calls `run()`.
@@ -29,6 +32,17 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "predict"], "What t
 _INPUT = flags.DEFINE_string(
     "input", None, 'predict: an image file, a folder of images, or "split:NAME" of the dataset.'
 )
+# Where the cluster is not one jax.distributed detects by itself (Cloud TPU, SLURM, Open MPI,
+# Kubernetes), each host is told its place, as detectron2's launcher is (--dist-url,
+# --num-machines, --machine-rank). These describe the launch, not the experiment, so they are
+# flags, not config keys: config.json stays the same on every host and for every restart.
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None,
+    "host:port of process 0's coordinator, the same on every host (JAX_COORDINATOR_ADDRESS)."
+    " Any of these three flags starts jax.distributed, as config.train.distributed=True does.",
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "How many processes (hosts).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0 .. n - 1.")
 
 
 # A run stopped by SIGTERM (preemption) after saving its checkpoint exits with the status of a
@@ -172,6 +186,27 @@ def _value_errors(config) -> list[str]:
     return errors
 
 
+def distributed_kwargs(
+    coordinator_address: str | None, num_processes: int | None, process_id: int | None
+) -> dict[str, Any]:
+    """The launch flags given, as `jax.distributed.initialize` keywords; those not given are
+    left to its cluster detection. Raises app.UsageError for values that cannot work."""
+    if num_processes is not None and num_processes < 1:
+        raise app.UsageError(f"--num_processes must be >= 1, got {num_processes}")
+    if process_id is not None and (
+        process_id < 0 or (num_processes is not None and process_id >= num_processes)
+    ):
+        raise app.UsageError(f"--process_id={process_id} is not in [0, --num_processes)")
+    if coordinator_address is not None and ":" not in coordinator_address:
+        raise app.UsageError(f"--coordinator_address needs host:port, got {coordinator_address!r}")
+    given = {
+        "coordinator_address": coordinator_address,
+        "num_processes": num_processes,
+        "process_id": process_id,
+    }
+    return {k: v for k, v in given.items() if v is not None}
+
+
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -180,8 +215,9 @@ def main(argv) -> None:
     validate_config(config)  # before any device work or compilation
     if mode == "predict" and not _INPUT.value:
         raise app.UsageError("--mode=predict needs --input")
-    if config.train.distributed:
-        jax.distributed.initialize()
+    launch = distributed_kwargs(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    if config.train.distributed or launch:
+        jax.distributed.initialize(**launch)
     logging.info(
         "process %d of %d; devices %s", jax.process_index(), jax.process_count(), jax.devices()
     )

@@ -236,3 +236,37 @@ def test_eval_device_mask_checks_survive_missing_keys_and_booleans():
     config.eval.device_mask_canvas = (True, 2)
     errors = evaluate.eval_config_errors(config.eval)
     assert [e.split(":")[0] for e in errors] == ["eval.device_masks", "eval.device_mask_canvas"]
+
+
+def test_launch_flags_start_jax_distributed(tmp_path, monkeypatch, parse_flags):
+    """--coordinator_address / --num_processes / --process_id reach jax.distributed (the real
+    two-process runs are in test_multihost); without them and without train.distributed it is
+    not started."""
+    started = []
+    monkeypatch.setattr(main.jax.distributed, "initialize", lambda **kw: started.append(kw))
+    monkeypatch.setattr(train, "evaluate_checkpoint", lambda c, w: None)
+    config = f"--config={ROOT}/configs/tiny.py"
+    main.main(parse_flags(config, f"--workdir={tmp_path}", "--mode=eval"))
+    main.main(parse_flags(config, f"--workdir={tmp_path}", "--mode=eval",
+                          "--config.train.distributed=True"))
+    main.main(parse_flags(config, f"--workdir={tmp_path}", "--mode=eval",
+                          "--coordinator_address=10.0.0.1:1234", "--num_processes=4",
+                          "--process_id=3"))
+    assert started == [
+        {},  # cluster detection (Cloud TPU, SLURM, ...)
+        {"coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 3},
+    ]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("host-without-port", None, None), "host:port"),
+        ((None, 0, None), "--num_processes must be >= 1"),
+        ((None, 2, 2), r"--process_id=2 is not in \[0, --num_processes\)"),
+        ((None, None, -1), "--process_id=-1"),
+    ],
+)
+def test_launch_flags_that_cannot_work_are_refused(args, message):
+    with pytest.raises(main.app.UsageError, match=message):
+        main.distributed_kwargs(*args)
