@@ -21,6 +21,7 @@ import json
 import os
 from collections.abc import Iterator, Sequence
 
+import jax
 import ml_collections
 import numpy as np
 import PIL.Image
@@ -364,6 +365,9 @@ def predict_main(config, workdir: str, inputs: str, score_threshold: float = 0.5
     An image whose prediction or overlay fails is skipped with a warning naming it and the
     error. results.json holds what was predicted; it is written also when the run stops early
     (an error outside one image, Ctrl-C), and the exception then goes on.
+
+    On several hosts every process must call it (reading the checkpoint is collective); process
+    0 predicts and writes, the others return [].
     """
     source = weights_source(workdir, config)
     refuse_backbone_only(source)
@@ -372,6 +376,10 @@ def predict_main(config, workdir: str, inputs: str, score_threshold: float = 0.5
         workdir, config=config,
         class_names=class_names or generic_class_names(config.model.num_classes),
     )
+    if jax.process_index() != 0:  # every host takes part in reading the checkpoint (orbax's
+        # collectives); then process 0 alone predicts, the one writer of WORKDIR/predictions
+        logging.info("prediction runs on process 0: process %d is done", jax.process_index())
+        return []
     out_dir = os.path.join(workdir, "predictions")
     os.makedirs(out_dir, exist_ok=True)
     previous = _read_manifest(out_dir)

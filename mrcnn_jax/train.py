@@ -410,7 +410,10 @@ class Placement:
 
     def get_state(self, state: TrainState) -> TrainState:
         if self.kind == "pmap":
-            return jax.device_get(jax.tree.map(lambda x: x[0], state))
+            # The first local replica's buffer, read as is. `x[0]` would be a computation over
+            # the local devices, which on several CPU hosts runs its collective through gloo and
+            # can meet another host's barrier collective there: both then wait forever.
+            return jax.device_get(jax.tree.map(lambda x: x.addressable_data(0)[0], state))
         return state
 
     def put_batch(self, batch: Batch) -> Batch:
@@ -827,7 +830,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     tc = config.train
     devices = jax.device_count()
     if tc.global_batch_size % devices:
-        raise ValueError(
+        raise runtime.ConfigError(
             f"config.train.global_batch_size={tc.global_batch_size} does not split over the"
             f" {devices} devices ({jax.process_count()} processes): use a multiple of {devices}"
         )
