@@ -35,6 +35,8 @@ def _free_port() -> int:
 
 
 def _start(workdir, *flags) -> list[subprocess.Popen]:
+    """The processes of one run; on the first run of a workdir both prepare the dataset into
+    the same fresh data_dir at once, as the hosts of a pod sharing it do."""
     env = {
         **os.environ,
         "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}",
@@ -47,7 +49,7 @@ def _start(workdir, *flags) -> list[subprocess.Popen]:
         cmd = [
             sys.executable, "-m", "mrcnn_jax.main", f"--workdir={workdir}",
             f"--coordinator_address=localhost:{port}", f"--num_processes={PROCESSES}",
-            f"--process_id={i}", *COMMON, *flags,
+            f"--process_id={i}", *COMMON, f"--config.data.data_dir={workdir}/tfds", *flags,
         ]
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=log))
     return procs

@@ -121,9 +121,18 @@ def _builder(src: _Source, variant: str = "") -> tuple[tfds.core.DatasetBuilder,
 def _prepare(src: _Source, variant: str = "") -> tuple[tfds.core.DatasetBuilder, str]:
     builder, name = _builder(src, variant)
     skip_stats = tfds.download.ComputeStatsMode.SKIP  # statistics over COCO take minutes; unused
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(compute_stats=skip_stats)
-    )
+    try:
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(compute_stats=skip_stats)
+        )
+    except FileExistsError:
+        # TFDS prepares into a temporary folder and renames it at the end; the rename fails when
+        # another process preparing the same split into the same data_dir (another host of this
+        # run, on a shared filesystem) finished first. Preparation is deterministic: use theirs.
+        builder, name = _builder(src, variant)
+        if not builder.is_prepared():
+            raise
+        logger.info("%s was prepared by another process meanwhile: using it", builder.data_dir)
     return builder, name
 
 

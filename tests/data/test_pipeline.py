@@ -314,3 +314,34 @@ def test_jpegs_decode_as_pil_decodes_them():
     png = io.BytesIO()
     PIL.Image.fromarray(noisy).save(png, format="PNG")
     np.testing.assert_array_equal(pipeline.decode_rgb(png.getvalue()).numpy(), noisy)
+
+
+def test_a_split_prepared_meanwhile_by_another_process_is_used(tmp_path, monkeypatch):
+    """Hosts of one run sharing data_dir all prepare the split on the first run. TFDS prepares
+    into a temporary folder and renames it; the rename of every host but the first raises
+    FileExistsError (seen with three processes). That host must go on with the split the
+    other one wrote. Simulated here: the other process finishes inside our call."""
+    config = _config(tmp_path)
+    src = pipeline._Source.of(config.data, "train")
+    real = type(pipeline._builder(src)[0]).download_and_prepare
+    calls = []
+
+    def racing(self, **kw):
+        calls.append(self)
+        if len(calls) == 1:  # the other process: a builder of its own prepares the split
+            real(pipeline._builder(src)[0], **kw)
+            raise FileExistsError(f"Cannot rename ... Destination {self.data_dir} already exists.")
+        return real(self, **kw)
+
+    monkeypatch.setattr(type(pipeline._builder(src)[0]), "download_and_prepare", racing)
+    builder, name = pipeline._prepare(src)
+    assert builder.is_prepared() and builder.info.splits[name].num_examples == 30
+    assert len(calls) == 1  # the other process's split is read, not prepared again
+
+    monkeypatch.setattr(
+        type(builder), "download_and_prepare",
+        lambda self, **kw: (_ for _ in ()).throw(FileExistsError("not a race")),
+    )
+    other = pipeline._Source.of(_variant(config, **{"data.shapes_num_train": 31}).data, "train")
+    with pytest.raises(FileExistsError, match="not a race"):  # nothing prepared: not hidden
+        pipeline._prepare(other)
