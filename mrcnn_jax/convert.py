@@ -1117,5 +1117,11 @@ if __name__ == "__main__":
 
     from mrcnn_jax import runtime
 
-    _define_flags()
-    app.run(runtime.reporting_user_errors(main, errors=(ConversionError,)))
+    try:  # a default --config is parsed, with its overrides, as the flags are defined
+        _define_flags()
+    except (AttributeError, KeyError) as e:
+        runtime.exit_for_unknown_override(sys.argv, e)
+    app.run(
+        runtime.reporting_user_errors(main, errors=(ConversionError,)),
+        flags_parser=runtime.parse_flags,
+    )

@@ -244,7 +244,7 @@ def main(argv) -> None:
 def run() -> None:
     """Entry point of the `mrcnn-jax` console script."""
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(runtime.reporting_user_errors(main))
+    app.run(runtime.reporting_user_errors(main), flags_parser=runtime.parse_flags)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ takes this one from the environment only: per-compile `compiler_options` do not 
 from __future__ import annotations
 
 import ctypes
+import difflib
 import functools
 import logging
 import os
@@ -81,3 +82,57 @@ def reporting_user_errors(
             sys.exit(USER_ERROR_EXIT_STATUS)
 
     return run
+
+
+def unknown_override_message(argv: list[str], error: Exception) -> str | None:
+    """For the error ml_collections raises while applying an override `--config.a.b=...` whose
+    key does not exist: a message naming the flag and the fields of the group it reaches into,
+    closest first; None when no override of `argv` names the missing key."""
+    # ml_collections raises AttributeError(KeyError("'name'\nDid you mean ...")) or the KeyError
+    reason = error
+    while isinstance(reason, BaseException) and reason.args:
+        reason = reason.args[0]
+    key = str(reason).split("\n")[0].strip("'\"")
+    for arg in argv[1:]:
+        if not arg.startswith("--config."):
+            continue
+        dotted = arg[len("--config."):].split("=", 1)[0]
+        parts = dotted.split(".")
+        if key not in parts:
+            continue
+        import ml_collections
+
+        from configs import base
+
+        parent = parts[: parts.index(key)]
+        group = base.get_config()
+        for name in parent:
+            group = group.get(name) if isinstance(group, ml_collections.ConfigDict) else None
+        if not isinstance(group, ml_collections.ConfigDict):
+            return None
+        where = ".".join(["config", *parent])
+        close = difflib.get_close_matches(key, list(group), n=3, cutoff=0.5)
+        hint = f"did you mean {' or '.join(close)}?" if close else f"its fields: {', '.join(group)}"
+        return f"--config.{dotted}: {where} has no field {key!r} ({hint})"
+    return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with an override of a config key that does not exist reported as
+    one line, like absl's other flag errors (status 1), instead of ml_collections' three
+    chained tracebacks ending in `AttributeError: "'name'"`."""
+    from absl import app
+
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError) as e:
+        exit_for_unknown_override(argv, e)
+
+
+def exit_for_unknown_override(argv: list[str], error: Exception) -> None:
+    """Exits with status 1 and `unknown_override_message`'s line; re-raises any other error."""
+    message = unknown_override_message(argv, error)
+    if message is None:
+        raise error
+    sys.stderr.write(f"FATAL Flags parsing error: {message}\n")
+    sys.exit(1)

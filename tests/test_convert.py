@@ -684,6 +684,16 @@ def test_command_line(tmp_path):
     assert '"channel_order": "BGR"' in saved and '"fpn_channels": 16' in saved
 
 
+def test_command_line_names_an_override_of_a_key_that_does_not_exist(tmp_path):
+    cmd = [sys.executable, "-m", "mrcnn_jax.convert", "--source=detectron2", "--input=w.pkl"]
+    cmd += [f"--workdir={tmp_path / 'out'}", "--config.model.roi.fc_dims=32"]
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "--config.model.roi.fc_dims: config.model.roi has no field 'fc_dims'" in done.stderr
+    assert "did you mean fc_dim" in done.stderr
+
+
 def parse_convert_flags(argv):
     """`python -m mrcnn_jax.convert`'s flags parsed from `argv` in-process, on a FlagValues
     of their own."""

@@ -12,7 +12,7 @@ import pytest
 from absl import flags
 
 from configs import base, shapes, tiny
-from mrcnn_jax import main, train
+from mrcnn_jax import main, runtime, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -270,3 +270,32 @@ def test_launch_flags_start_jax_distributed(tmp_path, monkeypatch, parse_flags):
 def test_launch_flags_that_cannot_work_are_refused(args, message):
     with pytest.raises(main.app.UsageError, match=message):
         main.distributed_kwargs(*args)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--config.train.base_rl=0.1", "config.train has no field 'base_rl' (did you mean base_lr?)"),
+        ("--config.trian.base_lr=0.1", "config has no field 'trian' (did you mean train?)"),
+        ("--config.train.bogus=1", "config.train has no field 'bogus' (its fields: base_lr,"),
+    ],
+)
+def test_an_override_of_a_key_that_does_not_exist_is_one_line(override, message, parse_flags):
+    with pytest.raises((AttributeError, KeyError)) as error:  # what ml_collections raises
+        parse_flags(f"--config={ROOT}/configs/tiny.py", "--workdir=w", override)
+    argv = ["mrcnn_jax.main", f"--config={ROOT}/configs/tiny.py", override]
+    assert message in runtime.unknown_override_message(argv, error.value)
+    assert runtime.unknown_override_message(argv[:2], error.value) is None  # not ours: re-raised
+
+
+def test_cli_reports_an_unknown_override_without_a_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "mrcnn_jax.main", f"--config={ROOT}/configs/tiny.py",
+         f"--workdir={tmp_path / 'work'}", "--config.model.rpn.nms_iuo=0.6"],
+        cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "--config.model.rpn.nms_iuo: config.model.rpn has no field 'nms_iuo'" in proc.stderr
+    assert "did you mean nms_iou" in proc.stderr
+    assert not (tmp_path / "work").exists()
