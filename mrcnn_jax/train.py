@@ -634,13 +634,34 @@ def stop_on_sigterm():
             signal.signal(signal.SIGTERM, previous)
 
 
-def _any_process(flag: bool) -> bool:
-    """True when `flag` is set on any host, so every host saves and stops at the same step."""
-    if jax.process_count() == 1:
-        return flag
-    from jax.experimental import multihost_utils
+class StopVote:
+    """Whether to stop after this step, the same answer on every host: True once any host has
+    been sent SIGTERM (`event`).
 
-    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+    One host reads its flag. Several vote: each step queues an all-reduce of the hosts' flags
+    behind that step on the devices, and the vote queued at step s is read at step s + 1, once
+    s + 1 is dispatched, as the metrics are. Read at once, it made every host wait for step s to
+    finish before preparing s + 1, so the batch transfer and the dispatch of every step left the
+    devices idle. All hosts read the same vote, so they stop, and save, at the same step: one
+    step after the signal at most. `collective` forces the vote on one host (tests)."""
+
+    def __init__(self, event: threading.Event, collective: bool | None = None):
+        self.event = event
+        self.collective = jax.process_count() > 1 if collective is None else collective
+        self._pending = None  # the vote queued at the previous step
+        if self.collective:
+            mesh = Mesh(np.asarray(jax.devices()), ("hosts",))
+            self._sharding = NamedSharding(mesh, P("hosts"))
+            self._any = jax.jit(jnp.max, out_shardings=NamedSharding(mesh, P()))
+
+    def __call__(self) -> bool:
+        """Called once per step, on every host, after the step is dispatched."""
+        if not self.collective:
+            return self.event.is_set()
+        previous = self._pending
+        flags = np.full((jax.local_device_count(),), self.event.is_set(), np.int32)
+        self._pending = self._any(jax.make_array_from_process_local_data(self._sharding, flags))
+        return previous is not None and bool(previous.addressable_data(0))
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -686,13 +707,14 @@ def train_loop(
 
     try:
         with stop_on_sigterm() as sigterm:
+            vote = StopVote(sigterm)
             for step, batch in zip(range(start + 1, num_steps + 1), batches(start), strict=False):
                 placed, metrics = step_fn(placed, placement.put_batch(batch))
                 if step == start + 1:  # the step is compiled (and dispatched) now
                     runtime.release_host_memory()
                 flush()
                 pending = (step, metrics)
-                stopped = _any_process(sigterm.is_set())
+                stopped = vote()
                 save = stopped or step == num_steps or _every(step, checkpoint_every)
                 do_eval = evaluate is not None and (step == num_steps or _every(step, eval_every))
                 if save or do_eval:

@@ -11,6 +11,7 @@ import io
 import json
 import math
 import os
+import threading
 
 import flax.linen as nn
 import jax
@@ -766,3 +767,17 @@ def test_evaluation_gets_host_copies_of_the_weights_under_a_mesh(tmp_path, stand
     config.train.parallelism = "mesh"
     train.train_and_evaluate(config, str(tmp_path / "run"))
     assert [s for s, _ in stand_ins["eval"]] == [2]  # evaluate_model asserts numpy leaves
+
+
+def test_stop_vote_is_read_one_step_after_it_is_cast():
+    """Several hosts vote through an all-reduce queued behind each step and read it one step
+    later (so no host waits for a step before preparing the next); all read the same vote, so
+    all stop at the same step. The two-process run of it is tests/test_multihost.py."""
+    event = threading.Event()
+    vote = train.StopVote(event, collective=True)
+    assert vote() is False
+    event.set()  # SIGTERM while the second step runs
+    assert vote() is False  # the vote of the first step, cast before the signal
+    assert vote() is True
+    assert train.StopVote(threading.Event())() is False
+    assert train.StopVote(event)() is True  # one host: its own flag, at once
