@@ -715,8 +715,10 @@ def train_loop(
                 flush()
                 pending = (step, metrics)
                 stopped = vote()
-                save = stopped or step == num_steps or _every(step, checkpoint_every)
                 do_eval = evaluate is not None and (step == num_steps or _every(step, eval_every))
+                # A mid-run evaluation (minutes on COCO) is saved first: a preemption during it
+                # then costs the evaluation only, not the steps since the last periodic save.
+                save = stopped or do_eval or step == num_steps or _every(step, checkpoint_every)
                 if save or do_eval:
                     flush()
                 if save and checkpoints is not None:

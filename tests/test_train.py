@@ -781,3 +781,29 @@ def test_stop_vote_is_read_one_step_after_it_is_cast():
     assert vote() is True
     assert train.StopVote(threading.Event())() is False
     assert train.StopVote(event)() is True  # one host: its own flag, at once
+
+
+def test_a_mid_run_evaluation_is_saved_before_it_runs(tmp_path, stand_ins, monkeypatch):
+    """An evaluation at a step that is not a periodic save (eval every 3, save every 4): the
+    step's (asynchronous) save starts before the evaluation, so a preemption during it loses
+    the evaluation only."""
+    from mrcnn_jax import evaluate
+
+    events = []
+    fake, save = evaluate.evaluate_model, ckpt_lib.CheckpointManager.save
+
+    def evaluate_model(config, model, variables, workdir, step):
+        events.append(("eval", step))
+        return fake(config, model, variables, workdir, step)
+
+    def recording_save(self, step, state):
+        events.append(("save", step))
+        return save(self, step, state)
+
+    monkeypatch.setattr(evaluate, "evaluate_model", evaluate_model)
+    monkeypatch.setattr(ckpt_lib.CheckpointManager, "save", recording_save)
+    config = glue_config(6)
+    config.train.checkpoint_every, config.train.eval_every = 4, 3
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+    # (the loop's closing save of the last step is a no-op: it is saved already)
+    assert events == [("save", 3), ("eval", 3), ("save", 4), ("save", 6), ("eval", 6), ("save", 6)]
