@@ -1,11 +1,11 @@
 """Checkpoints with orbax: save / resume a train state, and import weights for fine-tuning.
 
 Layout: `DIR/<step>/state` (the state pytree as a dict: params, model_state, opt_state, step, rng)
-and `DIR/<step>/meta` (JSON: step and data position). Orbax writes each step into a temporary
-directory (`<step>.orbax-checkpoint-tmp-*`) and renames it when complete, so a crash in the middle
-of a save leaves only a temporary directory behind: it is never listed as a step, and the next
-manager on the directory removes it (in the background, finished before its first save); the
-previous checkpoint stays usable.
+and `DIR/<step>/meta` (JSON: step, data position, number of processes). Orbax writes each step
+into a temporary directory (`<step>.orbax-checkpoint-tmp-*`) and renames it when complete, so a
+crash in the middle of a save leaves only a temporary directory behind: it is never listed as a
+step, and the next manager on the directory removes it (in the background, finished before its
+first save); the previous checkpoint stays usable.
 
 The state is any flax struct / pytree; `flax.serialization.to_state_dict` turns it (optax states
 included) into nested dicts, and `from_state_dict(target, ...)` rebuilds it on restore.
@@ -107,7 +107,9 @@ class CheckpointManager:
         """Saves `state` (host pytree) as checkpoint `step`; a step already saved is kept as is."""
         if step in self._manager.all_steps():
             return
-        meta = {"step": int(step), "data_position": int(step)}  # batches are a function of step
+        # Batches are a function of the step, and of the host count: each host shuffles its own
+        # slice of the training set (pipeline.train_batches).
+        meta = {"step": int(step), "data_position": int(step), "process_count": jax.process_count()}
         self._manager.save(
             step,
             args=ocp.args.Composite(
@@ -163,6 +165,7 @@ class CheckpointManager:
             if failed:
                 self._set_aside([s for s, _ in failed])
             logging.info("resuming from %s/%d", self.directory, step)
+            self._warn_if_other_host_count(step)
             return state
         if failed:
             step, error = failed[0]
@@ -171,6 +174,18 @@ class CheckpointManager:
                 f" (steps {[s for s, _ in failed]}); step {step}: {_first_line(error)}"
             ) from error
         return target
+
+    def _warn_if_other_host_count(self, step: int) -> None:
+        """The state resumes as saved on any host count; the example stream does not."""
+        saved = self.metadata(step).get("process_count")  # absent in checkpoints before 2026-11-27
+        if saved is not None and saved != jax.process_count():
+            logging.warning(
+                "checkpoint %s/%d was written by a run on %d processes, this one has %d: the"
+                " model, optimizer and step resume as saved, but each host reads its own slice"
+                " of the training set, so the examples from here on are not those the first run"
+                " would have seen (resume on %d processes for that)",
+                self.directory, step, saved, jax.process_count(), saved,
+            )
 
     def _set_aside(self, steps: list[int]) -> None:
         """Moves unreadable step directories out of the managed directory (kept, not deleted:

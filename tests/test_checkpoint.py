@@ -39,7 +39,7 @@ def test_round_trip_keeps_last_k_and_metadata(tmp_path):
         checkpoints.save(3, state)  # an existing step is kept as it is, not overwritten
         checkpoints.wait()
         assert checkpoints.all_steps() == [2, 3]
-        assert checkpoints.metadata(3) == {"step": 3, "data_position": 3}
+        assert checkpoints.metadata(3) == {"step": 3, "data_position": 3, "process_count": 1}
     with ckpt_lib.CheckpointManager(str(tmp_path), keep=2) as checkpoints:
         _, fresh, _ = tiny_state(lr=0.5)  # another optimizer: the static tx comes from the target
         restored = checkpoints.restore(fresh)
@@ -133,6 +133,24 @@ def _truncate_files(directory):
         for name in files:
             with open(os.path.join(root, name), "r+b") as f:
                 f.truncate(3)
+
+
+def test_a_resume_on_another_host_count_warns_that_the_data_stream_differs(
+    tmp_path, caplog, monkeypatch
+):
+    _, state, _ = tiny_state()
+    with ckpt_lib.CheckpointManager(str(tmp_path)) as checkpoints:
+        checkpoints.save(1, state)
+    with caplog.at_level(logging.WARNING), ckpt_lib.CheckpointManager(str(tmp_path)) as checkpoints:
+        checkpoints.restore_latest(state)  # the same host count: nothing to say
+        assert "processes" not in caplog.text
+        written = checkpoints.metadata(1)
+        assert written["process_count"] == 1
+        # as if a run on 4 hosts had written it (orbax itself cannot be run on a faked count)
+        monkeypatch.setattr(checkpoints, "metadata", lambda step: {**written, "process_count": 4})
+        assert_same_bits(checkpoints.restore_latest(state), state)
+    assert "written by a run on 4 processes, this one has 1" in caplog.text
+    assert "resume on 4 processes" in caplog.text
 
 
 def test_an_unreadable_latest_checkpoint_falls_back_and_is_set_aside(tmp_path, caplog):
