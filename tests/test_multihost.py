@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from tests.multidevice import ROOT
+from tests.multidevice import ROOT, device_env
 
 PROCESSES, DEVICES_PER_PROCESS = 2, 2
 COMMON = (
@@ -37,11 +37,7 @@ def _free_port() -> int:
 def _start(workdir, *flags) -> list[subprocess.Popen]:
     """The processes of one run; on the first run of a workdir both prepare the dataset into
     the same fresh data_dir at once, as the hosts of a pod sharing it do."""
-    env = {
-        **os.environ,
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}",
-        "JAX_PLATFORMS": "cpu",
-    }
+    env = device_env(DEVICES_PER_PROCESS)
     port = _free_port()
     procs = []
     for i in range(PROCESSES):
