@@ -688,9 +688,10 @@ def train_loop(
 
     state: host (unreplicated) state; step_fn: from `compile_train_step`; batches(start) yields the
     host-local batches [host_batch, ...] of steps start, start + 1, ... (deterministic by step).
-    Saves every `checkpoint_every` steps, at the end and on SIGTERM (then stops); evaluates every
-    `eval_every` steps (0 = only at the end) and at the end. The metrics of step s are read while
-    step s + 1 runs; a non-finite one raises before any later save, so the last checkpoint is good.
+    Saves every `checkpoint_every` steps, before each evaluation, at the end and on SIGTERM (then
+    stops); evaluates every `eval_every` steps (0 = only at the end) and at the end. The metrics of
+    step s are read while step s + 1 runs; a non-finite one raises before any later save, so the
+    last checkpoint is good.
     """
     start = int(state.step)
     placed = placement.put_state(state, copy=keep_state)

@@ -314,8 +314,8 @@ def _jittered_example(ex: dict, p: _Params, aug_seed: tf.Tensor) -> dict:
     boxes = tf.cast(ex["objects"]["bbox"], tf.float32)
     image = tf.cond(flip, lambda: image[:, ::-1], lambda: image)
     image, image_size, scales, offsets, boxes = transforms.jitter_resize_crop(
-        image, tf.where(flip, transforms.mirror_boxes(boxes, w), boxes), u[1:], p.scale_jitter, p.image_size,
-        p.pixel_mean, p.pixel_std, p.channel_order, p.resize_antialias,
+        image, tf.where(flip, transforms.mirror_boxes(boxes, w), boxes), u[1:], p.scale_jitter,
+        p.image_size, p.pixel_mean, p.pixel_std, p.channel_order, p.resize_antialias,
     )
     inside = tf.where((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]))[:, 0]
     obj = {k: tf.gather(v, inside) for k, v in ex["objects"].items()}
