@@ -22,7 +22,7 @@ if "tensorflow" in sys.modules and "triton" not in sys.modules:
     pytest.skip("tensorflow was imported before torchvision", allow_module_level=True)
 torch = pytest.importorskip("torch")
 pytest.importorskip("torchvision")
-from torchvision.models.detection import maskrcnn_resnet50_fpn  # noqa: E402
+from torchvision.models.detection.image_list import ImageList  # noqa: E402
 from torchvision.models.detection.rpn import concat_box_prediction_layers  # noqa: E402
 
 from configs import torchvision_r50_fpn  # noqa: E402
@@ -30,81 +30,36 @@ from mrcnn_jax import convert, inference, mask_rcnn  # noqa: E402
 from mrcnn_jax.mask_rcnn import MaskRCNN  # noqa: E402
 from mrcnn_jax.ops.anchors import image_anchors  # noqa: E402
 from mrcnn_jax.ops.masks import paste_masks_torchvision  # noqa: E402
+from tests.torchvision_reference import H, W, model_and_image, nhwc  # noqa: E402
 
 pytestmark = pytest.mark.torch
-
-# Multiples of 32: torchvision pads nothing. 224 = 7 x 32 gives torchvision's P6 4 rows at a
-# stride of 224 // 4 = 56, not 64 (config.model.anchor_grid="torchvision").
-H, W = 224, 320
-
-
-def _lively(tv, x, gen):
-    """Random weights that keep activations O(1) and scores spread: BatchNorm statistics measured
-    on `x` then random affine terms (small on each block's last norm, as in trained ResNets),
-    random head biases, larger RPN / classifier weights."""
-    norms = [m for m in tv.backbone.body.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average: the statistics of this one batch
-    tv.backbone.body.train()
-    with torch.no_grad():
-        tv.backbone.body(x)
-        tv.eval()
-        for name, m in tv.backbone.body.named_modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                last = name.endswith(("bn3", "downsample.1"))
-                m.weight.uniform_(0.1, 0.3, generator=gen) if last else m.weight.uniform_(
-                    0.5, 1.5, generator=gen
-                )
-                m.bias.normal_(0.0, 0.1 if last else 0.3, generator=gen)
-        for name, p in tv.named_parameters():
-            if name.startswith(("backbone.fpn", "rpn", "roi_heads")) and name.endswith("bias"):
-                p.normal_(0.0, 0.1, generator=gen)
-        tv.rpn.head.cls_logits.weight.mul_(15.0)
-        tv.rpn.head.bbox_pred.weight.mul_(3.0)
-        tv.roi_heads.box_predictor.cls_score.weight.mul_(10.0)
-
-
-def _nhwc(t):
-    return t.permute(0, 2, 3, 1).numpy()
 
 
 def _torchvision_run():
     """torchvision's model, its normalised input and every stage's outputs (numpy)."""
-    torch.set_num_threads(2)
-    torch.manual_seed(0)
-    tv = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, min_size=H, max_size=W).eval()
-    gen = torch.Generator().manual_seed(1)
-    low = torch.rand(1, 3, H // 16, W // 16, generator=gen)
-    image = torch.nn.functional.interpolate(low, size=(H, W), mode="bilinear")[0]
-    image = (image + 0.1 * torch.rand(3, H, W, generator=gen)).clamp(0.0, 1.0)
-    images, _ = tv.transform([image])
-    assert tuple(images.tensors.shape) == (1, 3, H, W) and images.image_sizes == [(H, W)]
-    _lively(tv, images.tensors, gen)
-    for m in tv.modules():  # as torchvision runs its COCO_V1 weights (overwrite_eps(model, 0.0))
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.eps = 0.0
-    r = types.SimpleNamespace(image=image.numpy(), x=_nhwc(images.tensors))
+    tv, image, x = model_and_image()
+    r = types.SimpleNamespace(image=image.numpy(), x=nhwc(x))
     with torch.no_grad():
-        body = tv.backbone.body(images.tensors)
+        body = tv.backbone.body(x)
         fpn = tv.backbone.fpn(body)
-        r.body = [_nhwc(body[k]) for k in ("0", "1", "2", "3")]
-        r.fpn = [_nhwc(fpn[k]) for k in ("0", "1", "2", "3", "pool")]
+        r.body = [nhwc(body[k]) for k in ("0", "1", "2", "3")]
+        r.fpn = [nhwc(fpn[k]) for k in ("0", "1", "2", "3", "pool")]
         feats = list(fpn.values())
         objectness, deltas = concat_box_prediction_layers(*tv.rpn.head(feats))
         r.objectness, r.deltas = objectness[:, 0].numpy(), deltas.numpy()
+        images = ImageList(x, [(H, W)])
         r.anchors = tv.rpn.anchor_generator(images, feats)[0].numpy()
         props, _ = tv.rpn(images, fpn)
         r.proposals = props[0].numpy()
         pooled = tv.roi_heads.box_roi_pool(fpn, props, images.image_sizes)
         cls, box = tv.roi_heads.box_predictor(tv.roi_heads.box_head(pooled))
-        r.box_pooled, r.cls_logits, r.box_deltas = _nhwc(pooled), cls.numpy(), box.numpy()
+        r.box_pooled, r.cls_logits, r.box_deltas = nhwc(pooled), cls.numpy(), box.numpy()
         dets, _ = tv.roi_heads(fpn, props, images.image_sizes)
         r.boxes, r.scores = dets[0]["boxes"].numpy(), dets[0]["scores"].numpy()
         r.labels, r.mask_probs = dets[0]["labels"].numpy(), dets[0]["masks"][:, 0].numpy()
         mask_pooled = tv.roi_heads.mask_roi_pool(fpn, [dets[0]["boxes"]], images.image_sizes)
         mask_logits = tv.roi_heads.mask_predictor(tv.roi_heads.mask_head(mask_pooled))
-        r.mask_pooled, r.mask_logits = _nhwc(mask_pooled), _nhwc(mask_logits)
+        r.mask_pooled, r.mask_logits = nhwc(mask_pooled), nhwc(mask_logits)
         pasted = tv.transform.postprocess(dets, images.image_sizes, [(H, W)])
         r.pasted = pasted[0]["masks"][:, 0].numpy()
     state = {k: v.numpy() for k, v in tv.state_dict().items()}
