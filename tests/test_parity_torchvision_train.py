@@ -5,7 +5,8 @@ The inference parity (`test_parity_torchvision.py`) covers the forward pass up t
 this covers what a training run adds: anchor matching with its low-quality rule, the RoI matcher
 with the gt boxes appended to the proposals, the box encodings, the loss definitions and their
 normalisers, the mask head on the positives, and the backward pass through all of it (RoIAlign's
-scatter, the RPN's proposals held constant, the convolutions' custom gradients).
+scatter, the RPN's proposals held constant, the convolutions' custom gradients, the frozen stages'
+image-by-image loop).
 
 Sampling is random on both sides, with different generators. So both take every candidate: the
 samplers' batch sizes are above the candidate counts (torchvision's sampler then keeps all
@@ -150,13 +151,18 @@ def _torchvision_training():
     return r
 
 
-def _config():
+def _config(freeze_at):
     config = torchvision_r50_fpn.get_config()
     config.data.num_classes = 90  # torchvision's 91 rows: its COCO label ids 1..90
     config.data.image_size = (H, W)
     config.data.max_instances = MAX_INSTANCES
     m = config.model
-    m.freeze_at = 0  # torchvision without pretrained weights trains every layer
+    # 0: every layer trains, as torchvision without pretrained weights. 2: the COCO recipes'
+    # setting, whose frozen stem and res2 run image by image in training (`frozen_stages_per_image`,
+    # forced here as on the CPU backend). The loss function differentiates them either way (the
+    # train step drops those gradients), so both compare every parameter.
+    m.freeze_at = freeze_at
+    m.frozen_stages_per_image = "on"
     m.rpn.batch_size_per_image = RPN_SLOTS
     m.rpn.smooth_l1_beta = m.roi.smooth_l1_beta = 1 / 9  # torchvision's, fixed in its code
     m.roi.batch_size_per_image = ROI_SLOTS
@@ -167,11 +173,17 @@ def _config():
 
 
 @pytest.fixture(scope="module")
-def runs():
-    tv = _torchvision_training()
-    config = _config()
+def torchvision_run():
+    return _torchvision_training()
+
+
+@pytest.fixture(scope="module", params=[0, 2], ids=["freeze_at_0", "freeze_at_2"])
+def runs(request, torchvision_run):
+    tv = torchvision_run
+    config = _config(request.param)
     m = config.model
     model = mask_rcnn.build_model(m)
+    assert model.per_image_stages == request.param
     converted = convert.convert(tv.state, m, layout="torchvision")
     variables = jax.tree.map(jnp.asarray, converted.variables)
     params = variables.pop("params")
