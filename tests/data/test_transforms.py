@@ -209,6 +209,30 @@ def test_antialiased_resize_is_pils_bilinear(short):
         assert np.abs(plain.numpy()[:rh, :rw] - pil).max() > 5.0
 
 
+@pytest.mark.parametrize("antialias", [False, True])
+@pytest.mark.parametrize("short", [97, 400])  # shrunk 3.1x, enlarged 1.3x
+def test_normalising_before_the_resize_is_normalising_after(antialias, short):
+    """resize_normalize_pad normalises the decoded image, then resizes (fewer pixels to touch):
+    bilinear weights sum to 1, so this is the normalised resize up to float round-off, with or
+    without antialiasing, in either channel order. pad=False returns the same pixels unpadded
+    (the pipeline pads them as it batches)."""
+    rng = np.random.default_rng(5)
+    image = rng.integers(0, 256, size=(300, 417, 3), dtype=np.uint8)
+    mean, std = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
+    for order in ("RGB", "BGR"):
+        out, size, _ = transforms.resize_normalize_pad(
+            image, short, 1000, (560, 560), mean, std, order, antialias=antialias
+        )
+        rh, rw = int(size[0]), int(size[1])
+        resized, _ = transforms._resize(tf.constant(image), rh, rw, antialias)
+        after = transforms.normalize(resized, mean, std, order).numpy()
+        np.testing.assert_allclose(out.numpy()[:rh, :rw], after, atol=2e-6)
+        unpadded, _, _ = transforms.resize_normalize_pad(
+            image, short, 1000, (560, 560), mean, std, order, antialias=antialias, pad=False
+        )
+        np.testing.assert_array_equal(unpadded.numpy(), out.numpy()[:rh, :rw])
+
+
 def test_normalize_rejects_unknown_channel_order():
     with pytest.raises(ValueError, match="channel_order"):
         transforms.normalize(tf.zeros([2, 2, 3]), (0, 0, 0), (1, 1, 1), "RBG")
