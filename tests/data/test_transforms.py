@@ -93,6 +93,35 @@ def test_crop_masks_match_the_bilinear_definition(args):
         np.testing.assert_array_equal(got[k], reference.crop(mask, box, size))
 
 
+def test_crop_masks_at_run_ends_on_column_and_row_edges():
+    """crop_masks reads each column's parity at the first row its taps read, then counts the run
+    ends below it: masks whose runs end exactly at a column's start or at that first row, that
+    start with 1 (an empty first run) or are all 1, under boxes that start on, between and
+    beyond those rows and columns."""
+    h, w = 6, 5
+    masks = [np.ones((h, w), bool), np.zeros((h, w), bool)]
+    column = np.zeros((h, w), bool)
+    column[:, 1] = True  # runs end at column starts (column-major)
+    masks.append(column)
+    rows = np.zeros((h, w), bool)
+    rows[2:4] = True  # runs end at rows 2 and 4 of every column
+    masks.append(rows)
+    masks.append(~rows)  # starts with 1: an empty first run
+    rng = np.random.default_rng(3)
+    masks += [rng.random((h, w)) < 0.5 for _ in range(4)]
+    boxes = np.array(
+        [[0, 0, 5, 6], [1, 2, 3, 4], [0.5, 1.5, 4.5, 5.5], [2, 2, 2.5, 2.5], [-1, -1, 6, 7],
+         [1, 3, 5, 6], [3.2, 0, 5, 2.1]],
+        np.float32,
+    )
+    for mask in masks:
+        for size in (1, 3, 8):
+            rle = tf.constant([_encode(mask)] * len(boxes))
+            got = transforms.crop_masks(rle, tf.constant(boxes), h, w, size).numpy()
+            for k, box in enumerate(boxes):
+                np.testing.assert_array_equal(got[k], reference.crop(mask, box, size))
+
+
 def test_crop_masks_threshold_is_inclusive():
     # One sample exactly between a 0 and a 1 pixel: bilinear value 0.5, kept (>= 0.5).
     mask = np.array([[0, 1]], bool)
