@@ -201,14 +201,32 @@ def normalize(
     return (image - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
 
 
-def _normalized(image: tf.Tensor, mean, std, channel_order: str) -> tf.Tensor:
-    """`normalize` of the image as decoded, before it is resized. Bilinear resizing (with or
-    without antialiasing) is a weighted mean whose weights sum to 1 along each axis, so it commutes
-    with the per-channel affine normalisation up to float round-off (torchvision normalises
-    first too). Done on the decoded image, the normalisation's two passes run over its pixels, not
-    over the 2-3 times more of a COCO image enlarged to 800 px: 20 -> 15 ms of the 21 ms that
-    decoding and resizing a 640 x 480 JPEG onto the 1344 x 1344 canvas took on one core."""
-    return normalize(tf.cast(image, tf.float32), mean, std, channel_order)
+def _resize_normalized(image, rh, rw, antialias, mean, std, channel_order, window=None):
+    """`_resize` then `normalize`, with the normalisation on whichever has fewer pixels: the image
+    as decoded, or the resized one (or its `window` (oy, ox, ch, cw), which alone is kept).
+    Bilinear resizing (with or without antialiasing) is a weighted mean whose weights sum to 1
+    along each axis, so it commutes with the per-channel affine normalisation up to float
+    round-off (4.8e-7 here; torchvision normalises first). A COCO image enlarged to 800 px has
+    2.8 x the pixels of the decoded one: normalising that instead took decoding and resizing a
+    640 x 480 JPEG onto the 1344 x 1344 canvas from 20 to 15 ms on one core; a large photo shrunk
+    to 1333 px keeps the normalisation after the resize. -> (float32 [rh, rw, 3] or the window;
+    scales [2], as `_resize`)."""
+    oy, ox, ch, cw = (0, 0, rh, rw) if window is None else window
+    shape = tf.shape(image)
+    decoded = tf.cast(shape[0], tf.int64) * tf.cast(shape[1], tf.int64)
+
+    def normalised_first():
+        resized, scales = _resize(
+            normalize(tf.cast(image, tf.float32), mean, std, channel_order), rh, rw, antialias
+        )
+        return resized[oy : oy + ch, ox : ox + cw], scales
+
+    def normalised_after():
+        resized, scales = _resize(image, rh, rw, antialias)
+        return normalize(resized[oy : oy + ch, ox : ox + cw], mean, std, channel_order), scales
+
+    kept = tf.cast(ch, tf.int64) * tf.cast(cw, tf.int64)
+    return tf.cond(decoded <= kept, normalised_first, normalised_after)
 
 
 def resize_normalize_pad(
@@ -237,7 +255,7 @@ def resize_normalize_pad(
     detections back, and torchvision's resize_boxes / transform.postprocess likewise."""
     shape = tf.shape(image)
     _, rh, rw = resize_scale(shape[0], shape[1], short_size, max_size, rounding)
-    resized, scales = _resize(_normalized(image, mean, std, channel_order), rh, rw, antialias)
+    resized, scales = _resize_normalized(image, rh, rw, antialias, mean, std, channel_order)
     if pad:
         resized = tf.image.pad_to_bounding_box(resized, 0, 0, out_size[0], out_size[1])
     return resized, tf.stack([rh, rw]), scales
@@ -263,8 +281,7 @@ def jitter_resize_crop(
     `resize_normalize_pad`) by s = min(r * H / h, r * W / w), to rh x rw = round(h * s) x
     round(w * s), so that it fits an r-times-scaled canvas H x W = out_size; where it is larger
     than the canvas a random H x W window is cut out, at offsets oy = round(u1 * max(rh - H, 0)),
-    ox = round(u2 * max(rw - W, 0)), and padded to the canvas (normalised before the resize, as
-    `resize_normalize_pad`).
+    ox = round(u2 * max(rw - W, 0)), normalised and padded to the canvas.
     -> (image [H, W, 3] float32 (pad=False: its size, unpadded); its size [2] int32,
     min(rh - oy, H) x min(rw - ox, W); scales
     [2] float32 (rh / h, rw / w); offsets [2] float32 (oy, ox); boxes [N, 4] in the output frame,
@@ -281,8 +298,9 @@ def jitter_resize_crop(
 
     oy, ox = offset(u[1], rh - out_size[0]), offset(u[2], rw - out_size[1])
     ch, cw = tf.minimum(rh - oy, out_size[0]), tf.minimum(rw - ox, out_size[1])
-    resized, scales = _resize(_normalized(image, mean, std, channel_order), rh, rw, antialias)
-    window = resized[oy : oy + ch, ox : ox + cw]
+    window, scales = _resize_normalized(
+        image, rh, rw, antialias, mean, std, channel_order, window=(oy, ox, ch, cw)
+    )
     if pad:
         window = tf.image.pad_to_bounding_box(window, 0, 0, out_size[0], out_size[1])
     offsets = tf.cast(tf.stack([oy, ox]), tf.float32)

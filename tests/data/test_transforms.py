@@ -241,10 +241,11 @@ def test_antialiased_resize_is_pils_bilinear(short):
 @pytest.mark.parametrize("antialias", [False, True])
 @pytest.mark.parametrize("short", [97, 400])  # shrunk 3.1x, enlarged 1.3x
 def test_normalising_before_the_resize_is_normalising_after(antialias, short):
-    """resize_normalize_pad normalises the decoded image, then resizes (fewer pixels to touch):
-    bilinear weights sum to 1, so this is the normalised resize up to float round-off, with or
-    without antialiasing, in either channel order. pad=False returns the same pixels unpadded
-    (the pipeline pads them as it batches)."""
+    """resize_normalize_pad normalises whichever of the decoded and the resized image has fewer
+    pixels (here the resized one when shrunk, the decoded one when enlarged): bilinear weights
+    sum to 1, so either is the normalised resize up to float round-off, with or without
+    antialiasing, in either channel order. pad=False returns the same pixels unpadded (the
+    pipeline pads them as it batches)."""
     rng = np.random.default_rng(5)
     image = rng.integers(0, 256, size=(300, 417, 3), dtype=np.uint8)
     mean, std = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
