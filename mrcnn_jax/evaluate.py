@@ -784,7 +784,7 @@ def evaluate_model(
     shard = {} if hosts.count == 1 else {"process_index": hosts.index, "process_count": hosts.count}
     metrics, _ = run_evaluation(
         predict,
-        pipeline.eval_batches(config, **shard),
+        pipeline.eval_batches(config, gt_masks=False, **shard),  # scored against the annotations
         pipeline.coco_ground_truth(config) if main else None,  # reads every image's annotations
         info.label_to_category_id,
         mask_threshold=config.model.test.mask_threshold,

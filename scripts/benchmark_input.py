@@ -122,7 +122,8 @@ def main() -> None:
     prepare = {"event": "prepare", "seconds": round(time.perf_counter() - start, 2)}
     print(json.dumps({**common, **prepare, "num_train": info.num_train, "num_eval": info.num_eval}))
     train = pipeline.train_batches(config, process_index=0, process_count=1)
-    evaluation = pipeline.eval_batches(config, process_index=0, process_count=1)
+    # As evaluation reads it: without the gt mask crops, which COCO scoring never uses.
+    evaluation = pipeline.eval_batches(config, process_index=0, process_count=1, gt_masks=False)
     eval_steps = min(args.steps, -(-info.num_eval // config.eval.batch_size) - args.warmup)
     runs = [("train", train, config.train.global_batch_size, args.steps)]
     runs.append(("eval", evaluation, config.eval.batch_size, eval_steps))  # within one pass

@@ -240,8 +240,8 @@ def test_evaluate_model_writes_on_process_0_only(monkeypatch, tmp_path):
     table = {id(b["images"]): d for pairs in shards.values() for b, d in pairs}
     gt_built_by, overlays = [], []
 
-    def eval_batches(config, process_index=None, process_count=None):
-        assert process_count == count
+    def eval_batches(config, process_index=None, process_count=None, gt_masks=True):
+        assert process_count == count and not gt_masks  # evaluation reads the annotations
         return iter([b for b, _ in shards[process_index]])
 
     def coco_ground_truth(config):

@@ -811,7 +811,7 @@ def test_evaluate_model_hands_out_batches_only_for_host_pasting(
     monkeypatch.setattr(inference, "make_predict_fn", lambda *a, **k: None)
     monkeypatch.setattr(pipeline, "dataset_info", lambda c: SimpleNamespace(
         class_names=["a"], label_to_category_id={1: 1}))
-    monkeypatch.setattr(pipeline, "eval_batches", lambda c: iter(()))
+    monkeypatch.setattr(pipeline, "eval_batches", lambda c, **kwargs: iter(()))
     monkeypatch.setattr(pipeline, "coco_ground_truth", lambda c: {})
     evaluate.evaluate_model(config, None, None, str(tmp_path), 0)
     assert seen["paste_workers"] == workers

@@ -265,12 +265,13 @@ def decode_rgb(data: tf.Tensor) -> tf.Tensor:
     return tf.ensure_shape(image, [None, None, 3])
 
 
-def _example(ex: dict, p: _Params, aug_seed: tf.Tensor) -> dict:
+def _example(ex: dict, p: _Params, aug_seed: tf.Tensor, masks: bool = True) -> dict:
     """A deserialized stored example -> one batch element (`structures` layout, no batch axis).
 
     Flip and shortest-side choice come from stateless draws on `aug_seed` [2]. Masks are cropped
     from the original-resolution RLE at the original box (so resizing does not touch them) and
-    mirrored with the image. With `scale_jitter`: `_jittered_example`.
+    mirrored with the image; masks=False leaves them zero. With `scale_jitter`:
+    `_jittered_example`.
     """
     if p.scale_jitter:
         return _jittered_example(ex, p, aug_seed)
@@ -279,7 +280,10 @@ def _example(ex: dict, p: _Params, aug_seed: tf.Tensor) -> dict:
     h, w = ex["height"], ex["width"]
     obj = _select_instances(ex["objects"], p.max_instances)
     boxes = tf.cast(obj["bbox"], tf.float32)
-    crops = transforms.crop_masks(obj["rle"], boxes, h, w, p.mask_size)
+    if masks:
+        crops = transforms.crop_masks(obj["rle"], boxes, h, w, p.mask_size)
+    else:
+        crops = tf.zeros([tf.shape(boxes)[0], p.mask_size, p.mask_size], tf.uint8)
     u = tf.random.stateless_uniform([2], seed=aug_seed)
     if p.flip_prob > 0:
         image, boxes, crops = tf.cond(
@@ -501,6 +505,7 @@ def eval_batches(
     *,
     process_index: int | None = None,
     process_count: int | None = None,
+    gt_masks: bool = True,
 ) -> Iterator[dict[str, np.ndarray]]:
     """One pass over the eval split (config.data.eval_split by default), in stored order, without
     augmentation, test resize, batches of config.eval.batch_size per host.
@@ -508,6 +513,9 @@ def eval_batches(
     Visits the first config.eval.max_examples (0 = all) examples exactly once across hosts; every
     host yields the same number of batches, the last ones padded with dummy examples
     (example_valid False, image_ids -1, blank images with image_sizes = image_size, scales 1).
+    gt_masks=False leaves the ground-truth mask crops zero: COCO evaluation scores against the
+    annotations and never reads them, and cropping them is a third of an example's host time
+    (a validation loss does need them).
     """
     d = config.data
     pi, pc = _processes(process_index, process_count)
@@ -521,7 +529,7 @@ def eval_batches(
     no_aug = tf.zeros([2], tf.int64)
 
     def element(i):
-        return _example(features.deserialize_example(read(i)), params, no_aug)
+        return _example(features.deserialize_example(read(i)), params, no_aug, masks=gt_masks)
 
     ds = tf.data.Dataset.range(lo, hi).map(element, num_parallel_calls=AUTOTUNE, deterministic=True)
     ds = _batched(ds, params, batch, drop_remainder=False).prefetch(2).with_options(_options())

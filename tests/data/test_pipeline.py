@@ -195,6 +195,21 @@ def test_eval_visits_every_example_once_and_pads_the_last_batch(config, examples
             reference.check_element(b, i, ex, d, [(False, d.test_min_size, d.test_max_size)])
 
 
+def test_eval_without_gt_masks_is_the_same_batches_with_zero_crops(config):
+    """gt_masks=False (what evaluation asks for: it scores against the annotations) changes
+    nothing but the mask crops, which are zero."""
+    with_masks = list(pipeline.eval_batches(config, process_index=0, process_count=1))
+    without = list(pipeline.eval_batches(config, process_index=0, process_count=1, gt_masks=False))
+    assert len(with_masks) == len(without)
+    assert any(b["gt_masks"].any() for b in with_masks)
+    for a, b in zip(with_masks, without, strict=True):
+        assert a.keys() == b.keys() and not b["gt_masks"].any()
+        for key in a:
+            assert a[key].shape == b[key].shape and a[key].dtype == b[key].dtype, key
+            if key != "gt_masks":
+                np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
 def test_eval_across_hosts_and_max_examples(config):
     per_host = [
         list(pipeline.eval_batches(config, process_index=p, process_count=2)) for p in range(2)
