@@ -720,14 +720,18 @@ def train_loop(
                 # A mid-run evaluation (minutes on COCO) is saved first: a preemption during it
                 # then costs the evaluation only, not the steps since the last periodic save.
                 save = stopped or do_eval or step == num_steps or _every(step, checkpoint_every)
-                if save or do_eval:
+                if save:
                     flush()
-                if save and checkpoints is not None:
-                    checkpoints.save(step, placement.get_state(placed))
-                if do_eval and not stopped:
-                    writer.eval(step, evaluate(step, placement.get_state(placed)))
-                    last_eval = step
-                if save or do_eval:
+                    eval_now = do_eval and not stopped
+                    # One host copy for the save and the evaluation (under pmap a device_get of
+                    # the whole state).
+                    if checkpoints is not None or eval_now:
+                        host = placement.get_state(placed)
+                    if checkpoints is not None:
+                        checkpoints.save(step, host)
+                    if eval_now:
+                        writer.eval(step, evaluate(step, host))
+                        last_eval = step
                     writer.reset_timer()
                 if stopped:
                     logging.warning("SIGTERM: saved the checkpoint of step %d, stopping", step)
