@@ -117,11 +117,11 @@ def _torchvision_training():
         "labels": torch.from_numpy(LABELS),
         "masks": torch.from_numpy(masks),
     }
-    r = types.SimpleNamespace(state=state, x=nhwc(x), masks=masks)
+    crops = _crops(masks, torchvision_r50_fpn.get_config().data.mask_crop_size)
+    r = types.SimpleNamespace(state=state, x=nhwc(x), crops=crops)
     with torch.no_grad():  # torchvision's own (soft) mask targets
         r.own_losses = {k: float(v) for k, v in tv([image], [target]).items()}
 
-    crops = _crops(masks, torchvision_r50_fpn.get_config().data.mask_crop_size)
 
     def our_targets(gt_masks, boxes, matched_idxs, size):
         rois, matched = boxes.detach().numpy(), matched_idxs.numpy()
@@ -193,7 +193,7 @@ def runs(request, torchvision_run):
 
     n = config.data.max_instances
     gt = slice(0, len(BOXES))
-    crops = _crops(tv.masks, config.data.mask_crop_size)
+    crops = tv.crops  # config.data.mask_crop_size is the torchvision config's
     batch = {
         "images": jnp.asarray(tv.x),
         "image_sizes": jnp.array([[H, W]], jnp.int32),
