@@ -13,6 +13,7 @@ import difflib
 import functools
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, MutableMapping
 
@@ -86,46 +87,51 @@ def reporting_user_errors(
 
 def unknown_override_message(argv: list[str], error: Exception) -> str | None:
     """For the error ml_collections raises while applying an override `--config.a.b=...` whose
-    key does not exist: a message naming the flag and the fields of the group it reaches into,
-    closest first; None when no override of `argv` names the missing key."""
-    # ml_collections raises AttributeError(KeyError("'name'\nDid you mean ...")) or the KeyError
-    reason = error
-    while isinstance(reason, BaseException) and reason.args:
-        reason = reason.args[0]
-    key = str(reason).split("\n")[0].strip("'\"")
+    path does not exist: a message naming the flag and what it reaches into: the fields of the
+    group that lacks the key (closest first), or the value a path goes below (`base_lr.x` on a
+    float). None when every override of `argv` names an existing key (the error is not ours)."""
+    import ml_collections
+
+    from configs import base
+
+    del error  # each override's path is checked against the reference config instead
+    reference = base.get_config()
     for arg in argv[1:]:
         if not arg.startswith("--config."):
             continue
         dotted = arg[len("--config."):].split("=", 1)[0]
-        parts = dotted.split(".")
-        if key not in parts:
-            continue
-        import ml_collections
-
-        from configs import base
-
-        parent = parts[: parts.index(key)]
-        group = base.get_config()
-        for name in parent:
-            group = group.get(name) if isinstance(group, ml_collections.ConfigDict) else None
-        if not isinstance(group, ml_collections.ConfigDict):
-            return None
-        where = ".".join(["config", *parent])
-        close = difflib.get_close_matches(key, list(group), n=3, cutoff=0.5)
-        hint = f"did you mean {' or '.join(close)}?" if close else f"its fields: {', '.join(group)}"
-        return f"--config.{dotted}: {where} has no field {key!r} ({hint})"
+        # `a.b[1]` names item 1 of a.b (ml_collections' syntax); `a.b.1` is read as field "1"
+        steps = re.findall(r"\[(\d+)\]|([^.\[\]]+)", dotted)
+        holder, path = reference, "config"
+        for index, key in steps:
+            if isinstance(holder, ml_collections.ConfigDict) and key:
+                if key in holder:
+                    holder, path = holder[key], f"{path}.{key}"
+                    continue
+                close = difflib.get_close_matches(key, list(holder), n=3, cutoff=0.5)
+                hint = (f"did you mean {' or '.join(close)}?" if close
+                        else f"its fields: {', '.join(holder)}")
+                return f"--config.{dotted}: {path} has no field {key!r} ({hint})"
+            if isinstance(holder, tuple) and index:  # ml_collections sets no item of a tuple
+                return (f"--config.{dotted}: {path} is a tuple, set as a whole:"
+                        f" --config.{path[len('config.'):]}=A,B,...")
+            # the type, not the value: the config being loaded may set another one
+            kind = "None" if holder is None else f"a {type(holder).__name__}"
+            name = f"field {key!r}" if key else f"item [{index}]"
+            return (f"--config.{dotted}: {path} is {kind}: it has no {name}"
+                    f" (set it with --config.{path[len('config.'):]}=VALUE)")
     return None
 
 
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with an override of a config key that does not exist reported as
-    one line, like absl's other flag errors (status 1), instead of ml_collections' three
-    chained tracebacks ending in `AttributeError: "'name'"`."""
+    one line, like absl's other flag errors (status 1), instead of ml_collections' chained
+    tracebacks ending in `AttributeError: "'name'"` or `KeyError: "Attribute <class ...>"`."""
     from absl import app
 
     try:
         return app.parse_flags_with_usage(argv)
-    except (AttributeError, KeyError) as e:
+    except (AttributeError, KeyError, TypeError, IndexError, ValueError) as e:
         exit_for_unknown_override(argv, e)
 
 

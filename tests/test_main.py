@@ -278,10 +278,19 @@ def test_launch_flags_that_cannot_work_are_refused(args, message):
         ("--config.train.base_rl=0.1", "config.train has no field 'base_rl' (did you mean base_lr?)"),
         ("--config.trian.base_lr=0.1", "config has no field 'trian' (did you mean train?)"),
         ("--config.train.bogus=1", "config.train has no field 'bogus' (its fields: base_lr,"),
+        # a path below a value: ml_collections raises KeyError("Attribute <class 'float'>.x ...")
+        ("--config.train.base_lr.x=1",
+         "config.train.base_lr is a float: it has no field 'x'"
+         " (set it with --config.train.base_lr=VALUE)"),
+        ("--config.train.init_checkpoint.path=a", "config.train.init_checkpoint is a str"),
+        ("--config.data.image_size[1]=96",
+         "config.data.image_size is a tuple, set as a whole: --config.data.image_size=A,B,..."),
+        ("--config.data.image_size.1=1", "config.data.image_size is a tuple: it has no field '1'"),
     ],
 )
 def test_an_override_of_a_key_that_does_not_exist_is_one_line(override, message, parse_flags):
-    with pytest.raises((AttributeError, KeyError)) as error:  # what ml_collections raises
+    raised = (AttributeError, KeyError, TypeError, IndexError, ValueError)  # ml_collections'
+    with pytest.raises(raised) as error:
         parse_flags(f"--config={ROOT}/configs/tiny.py", "--workdir=w", override)
     argv = ["mrcnn_jax.main", f"--config={ROOT}/configs/tiny.py", override]
     assert message in runtime.unknown_override_message(argv, error.value)
