@@ -324,8 +324,32 @@ def _load_results(coco_gt: COCO, results: list[dict]) -> COCO:
     )
 
 
+def _per_category_ap(evaluator: COCOeval) -> dict[str, float]:
+    """{"AP-NAME": AP of that category} for every category of the ground truth, in id order: the
+    mean precision over IoU 0.5:0.95 and the 101 recall points, all areas, 100 detections (what
+    the summary's AP averages over the categories; detectron2's per-category AP). NaN for a
+    category without ground truth; a name two categories share is followed by the id."""
+    # eval["precision"]: [IoU thresholds, recall points, params.catIds, areaRng, maxDets], -1 = none
+    area, most = evaluator.params.areaRngLbl.index("all"), len(evaluator.params.maxDets) - 1
+    precision = evaluator.eval["precision"][:, :, :, area, most]
+    cats = [evaluator.cocoGt.cats[c] for c in evaluator.params.catIds]
+    names = [str(cat.get("name", cat["id"])) for cat in cats]
+    counts = collections.Counter(names)
+    out = {}
+    for k, (cat, name) in enumerate(zip(cats, names, strict=True)):
+        if counts[name] > 1:
+            name = f"{name} (id {cat['id']})"
+        p = precision[:, :, k]
+        p = p[p > -1]
+        out[f"AP-{name}"] = float(p.mean()) if p.size else math.nan
+    return out
+
+
 def coco_evaluate(
-    gt: dict, results: Sequence[dict], iou_types: Sequence[str] = IOU_TYPES
+    gt: dict,
+    results: Sequence[dict],
+    iou_types: Sequence[str] = IOU_TYPES,
+    per_category: bool = False,
 ) -> dict[str, float]:
     """COCOeval metrics -> {"bbox/AP", "bbox/AP50", ..AP75, APs, APm, APl, "segm/AP", ...: float}.
 
@@ -333,7 +357,8 @@ def coco_evaluate(
     results: `detections_to_coco` output. Crowd regions are handled by COCOeval (detections
     matched to them are ignored). Values are fractions in [0, 1], NaN for a size bucket without
     ground truth; empty results give 0. "segm" is skipped (with a warning) when non-empty results
-    carry no segmentation. The caller's dicts are not modified.
+    carry no segmentation. The caller's dicts are not modified. per_category: also
+    "bbox/AP-NAME" (and "segm/AP-NAME") for every category of `gt` (`_per_category_ap`).
     """
     # COCOeval replaces gt segmentations by RLEs in place: evaluate a shallow copy.
     coco_gt = _coco({**gt, "annotations": [dict(a) for a in gt.get("annotations", [])]})
@@ -353,6 +378,9 @@ def coco_evaluate(
             evaluator.summarize()
         for name, value in zip(METRIC_NAMES, evaluator.stats[: len(METRIC_NAMES)], strict=True):
             metrics[f"{iou_type}/{name}"] = float(value) if value >= 0 else math.nan
+        if per_category:
+            for name, value in _per_category_ap(evaluator).items():
+                metrics[f"{iou_type}/{name}"] = value
     return metrics
 
 
@@ -400,8 +428,7 @@ def _converter_pool(workers: int) -> concurrent.futures.ProcessPoolExecutor | No
 _GATHER_BYTES = 1 << 27
 _MIN_GATHER_CHUNK = 1 << 16
 _GATHER_HEADER = struct.Struct("<qq?")  # payload bytes, real images, whether masks were predicted
-# The keys `coco_evaluate` can return, in its order: the layout `broadcast_metrics` sends.
-_METRIC_KEYS = tuple(f"{kind}/{name}" for kind in IOU_TYPES for name in METRIC_NAMES)
+_BROADCAST_HEADER = struct.Struct("<q?")  # metrics' JSON bytes, whether process 0 scored
 
 
 @dataclasses.dataclass(frozen=True)
@@ -495,38 +522,32 @@ def gather_results(
 
 
 def broadcast_metrics(metrics: Mapping[str, float] | None, hosts: Hosts) -> dict[str, float]:
-    """Process 0's metrics (the others pass None) -> the same dict on every host.
+    """Process 0's metrics (the others pass None) -> the same dict, in the same order, on every
+    host.
 
-    Sent as the float64 bytes of every `coco_evaluate` key in a fixed order plus one byte saying
-    whether the key is there: bytes, not floats, so jax without x64 cannot round them to float32,
-    and NaN (a size bucket without ground truth) comes through as NaN. Process 0 passes None when
-    its scoring failed (it gets {} back and raises its own error): the other hosts then raise
-    instead of waiting for a collective that never comes.
+    Two broadcasts: a fixed-size header (payload length, whether process 0 scored), then the
+    metrics as JSON bytes of that length (the key set varies with the categories when they are
+    scored one by one). Bytes, not floats, so jax without x64 cannot round them to float32;
+    Python's JSON writes each float's shortest round-trip repr and NaN (a size bucket or a
+    category without ground truth) as NaN. Process 0 passes None when its scoring failed (it gets
+    {} back and raises its own error): the other hosts then raise instead of waiting for a
+    collective that never comes.
     """
-    values = np.full(len(_METRIC_KEYS), np.nan, "<f8")
-    present = np.zeros(len(_METRIC_KEYS), np.uint8)
-    scored = np.zeros(1, np.uint8)
-    if hosts.index == 0 and metrics is not None:
-        scored[0] = 1
-        unknown = sorted(set(metrics) - set(_METRIC_KEYS))
-        if unknown:
-            raise ValueError(f"cannot broadcast metrics {unknown}: expected keys of {_METRIC_KEYS}")
-        for i, key in enumerate(_METRIC_KEYS):
-            if key in metrics:
-                values[i], present[i] = metrics[key], 1
-    packed = np.concatenate([values.view(np.uint8), present, scored])
-    received = np.asarray(hosts.broadcast(packed), np.uint8).reshape(-1)
-    if not received[-1]:
+    payload = b""
+    scored = hosts.index == 0 and metrics is not None
+    if scored:
+        payload = json.dumps({str(k): float(v) for k, v in metrics.items()}).encode("ascii")
+    header = np.frombuffer(_BROADCAST_HEADER.pack(len(payload), scored), np.uint8)
+    received = np.asarray(hosts.broadcast(header), np.uint8).reshape(-1)
+    length, scored = _BROADCAST_HEADER.unpack(received.tobytes())
+    if not scored:
         if hosts.index == 0:
             return {}
         raise RuntimeError("process 0 failed to score the evaluation: see its log")
-    values = np.frombuffer(received[: values.nbytes].tobytes(), "<f8")
-    present = received[values.nbytes : -1]
-    return {
-        key: float(value)
-        for key, value, there in zip(_METRIC_KEYS, values, present, strict=True)
-        if there
-    }
+    padded = np.zeros(length, np.uint8)
+    padded[: len(payload)] = np.frombuffer(payload, np.uint8)
+    data = np.asarray(hosts.broadcast(padded), np.uint8).reshape(-1).tobytes()
+    return {key: float(value) for key, value in json.loads(data).items()}
 
 
 def _write_results(path: str, results: Sequence[dict]) -> None:
@@ -548,6 +569,7 @@ def run_evaluation(
     on_batch: Callable[[object, dict], None] | None = None,
     paste_workers: int = 0,
     hosts: Hosts | None = None,
+    per_category: bool = False,
 ) -> tuple[dict[str, float], list[dict]]:
     """Streams `batches` through `predict_fn(batch) -> Detections` and scores them with COCOeval.
 
@@ -567,6 +589,7 @@ def run_evaluation(
     host converts its own, the results are gathered (`gather_results`) and process 0 alone scores
     the union against `gt` (the other hosts may pass gt=None) and writes `results_path`; the
     metrics are then broadcast (`broadcast_metrics`). One host alone takes none of these steps.
+    per_category: each category's AP too (`coco_evaluate`), logged as a table.
     -> (metrics as `coco_evaluate`, the same on every host; results: all hosts' on process 0,
     this host's own on the others).
     """
@@ -624,7 +647,7 @@ def run_evaluation(
             if results_path:
                 _write_results(results_path, results)
             iou_types = IOU_TYPES if has_masks else ("bbox",)
-            metrics = coco_evaluate(gt, results, iou_types)
+            metrics = coco_evaluate(gt, results, iou_types, per_category=per_category)
         except BaseException:
             if hosts.count > 1:  # the other hosts wait in the broadcast: let them stop
                 broadcast_metrics(None, hosts)
@@ -632,6 +655,10 @@ def run_evaluation(
     if hosts.count > 1:
         metrics = broadcast_metrics(metrics, hosts)
     log.info("COCO metrics over %d images:\n%s", num_images, format_metrics_table(metrics))
+    for iou_type in IOU_TYPES:
+        table = format_per_category_table(metrics, iou_type)
+        if table:
+            log.info("Per-category %s AP:\n%s", iou_type, table)
     return metrics, results
 
 
@@ -676,6 +703,34 @@ def format_metrics_table(metrics: Mapping[str, float]) -> str:
             value = metrics.get(f"{kind}/{name}", math.nan)
             cells.append(f"{100.0 * value:5.1f}" if not math.isnan(value) else f"{'nan':>5}")
         lines.append(f"{kind:<4} | " + " | ".join(cells))
+    return "\n".join(lines)
+
+
+def format_per_category_table(
+    metrics: Mapping[str, float], iou_type: str, pairs_per_row: int = 3
+) -> str | None:
+    """The "IOU_TYPE/AP-NAME" entries of `metrics` as a text table in percent, `pairs_per_row`
+    (category, AP) pairs per row, as detectron2 logs them; None when there are none.
+
+    category     |   AP  | category     |   AP  | ...
+    person       |  52.1 | bicycle      |  30.2 | ...
+    """
+    prefix = f"{iou_type}/AP-"
+    cells = [(k[len(prefix):], v) for k, v in metrics.items() if k.startswith(prefix)]
+    if not cells:
+        return None
+    width = max(len("category"), *(len(name) for name, _ in cells))
+
+    def cell(name: str, value: str) -> str:
+        return f"{name:<{width}} | {value:>5}"
+
+    header = " | ".join([cell("category", "AP")] * min(pairs_per_row, len(cells)))
+    lines = [header, "-" * len(header)]
+    for start in range(0, len(cells), pairs_per_row):
+        row = cells[start : start + pairs_per_row]
+        lines.append(" | ".join(
+            cell(name, "nan" if math.isnan(v) else f"{100.0 * v:.1f}") for name, v in row
+        ))
     return "\n".join(lines)
 
 
@@ -793,6 +848,7 @@ def evaluate_model(
         on_batch=pictures if main and remaining[0] > 0 else None,
         paste_workers=paste_workers,
         hosts=hosts,
+        per_category=config.eval.per_category_ap,
     )
     if main:
         write_metrics(workdir, step, metrics, summary_writer)

@@ -595,7 +595,11 @@ class MetricWriter:
 
     def eval(self, step: int, metrics: Mapping[str, Any]) -> None:
         scalars = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
-        logging.info("eval at step %d: %s", step, json.dumps(scalars, sort_keys=True))
+        # Per-category APs ("bbox/AP-NAME", 160 of them on COCO) are in the files and tables
+        # (evaluate.run_evaluation logs them), not in this line.
+        summary = {k: v for k, v in scalars.items() if "/AP-" not in k}
+        more = f" (and {len(scalars) - len(summary)} per-category APs)" if summary != scalars else ""
+        logging.info("eval at step %d: %s%s", step, json.dumps(summary, sort_keys=True), more)
         self._write(step, "eval", scalars)
 
     def _write(self, step: int, split: str, scalars: Mapping[str, float]) -> None:

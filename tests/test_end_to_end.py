@@ -41,6 +41,9 @@ def test_train_writes_checkpoint_metrics_results(trained):
     assert json.load(open(os.path.join(workdir, "config.json")))["data"]["dataset"] == "shapes"
     evals = [json.loads(x) for x in open(os.path.join(workdir, "eval_metrics.jsonl"))]
     assert evals[-1]["step"] == 4 and "segm/AP" in evals[-1]
+    # and each category's AP (config.eval.per_category_ap), named by the dataset's classes
+    names = json.load(open(os.path.join(workdir, "labels.json")))["class_names"][1:]  # after bg
+    assert [k for k in evals[-1] if k.startswith("segm/AP-")] == [f"segm/AP-{n}" for n in names]
     results = json.load(open(os.path.join(workdir, "results_step_4.json")))
     if results:  # pycocotools accepts the results file against the split's ground truth
         assert {"image_id", "category_id", "bbox", "score", "segmentation"} <= set(results[0])

@@ -159,28 +159,33 @@ def test_gather_results_joins_the_hosts_in_process_order(chunk_bytes):
 
 
 def test_broadcast_metrics_gives_every_host_process_0s_dict():
-    metrics = {"bbox/AP": 0.1 + 0.2, "bbox/APl": math.nan, "segm/AP50": 1 / 3}
+    metrics = {"bbox/AP": 0.1 + 0.2, "bbox/APl": math.nan, "segm/AP50": 1 / 3,
+               "segm/AP-traffic light": 0.25, "segm/AP-café": math.nan}  # per-category keys
     cluster = FakeCluster(3)
     out = cluster.run(
         lambda hosts: evaluate.broadcast_metrics(metrics if hosts.index == 0 else None, hosts)
     )
     for got in out:
-        assert list(got) == ["bbox/AP", "bbox/APl", "segm/AP50"]
+        assert list(got) == list(metrics)
         assert got["bbox/AP"] == 0.1 + 0.2 and got["segm/AP50"] == 1 / 3  # float64, not float32
-        assert math.isnan(got["bbox/APl"])
-    with pytest.raises(ValueError, match="keypoints/AP"):
-        evaluate.broadcast_metrics({"keypoints/AP": 1.0}, FakeCluster(1).hosts(0))
+        assert math.isnan(got["bbox/APl"]) and math.isnan(got["segm/AP-café"])
+    assert cluster.calls[0] == cluster.calls[1] == cluster.calls[2]  # same collectives, same order
 
 
 # ------------------------------------------------------------------ run_evaluation
 
 
-@pytest.mark.parametrize("count, num_images, batch_size", [(2, 9, 2), (3, 9, 2), (3, 2, 1)])
-def test_hosts_score_all_images_as_one_host(tmp_path, count, num_images, batch_size):
+@pytest.mark.parametrize(
+    "count, num_images, batch_size, per_category",
+    [(2, 9, 2, False), (3, 9, 2, True), (3, 2, 1, True)],
+)
+def test_hosts_score_all_images_as_one_host(tmp_path, count, num_images, batch_size, per_category):
     """(3, 2, 1): host 0 has no image at all and still scores the others' results."""
     gt, per_image = _noisy_images(num_images)
-    m_one, r_one = _single(gt, per_image, batch_size, results_path=str(tmp_path / "one.json"))
+    m_one, r_one = _single(gt, per_image, batch_size, results_path=str(tmp_path / "one.json"),
+                           per_category=per_category)
     assert 0.05 < m_one["bbox/AP"] < 0.95 and 0.05 < m_one["segm/AP"] < 0.95  # not trivial
+    assert ("segm/AP-disc" in m_one) == per_category
 
     cluster = FakeCluster(count)
 
@@ -189,7 +194,7 @@ def test_hosts_score_all_images_as_one_host(tmp_path, count, num_images, batch_s
         return evaluate.run_evaluation(
             _by_batch(pairs), [b for b, _ in pairs], gt if hosts.index == 0 else None,
             LABEL_TO_CAT, results_path=str(tmp_path / f"host{hosts.index}" / "results.json"),
-            hosts=hosts,
+            hosts=hosts, per_category=per_category,
         )
 
     out = cluster.run(host)
@@ -258,7 +263,8 @@ def test_evaluate_model_writes_on_process_0_only(monkeypatch, tmp_path):
                         lambda dets, batch, directory, *a, **k: overlays.append(
                             (directory, batch["image_ids"][batch["example_valid"]].tolist())))
 
-    m_one, r_one = _single(gt, per_image, batch_size)
+    m_one, r_one = _single(gt, per_image, batch_size, per_category=True)  # the config's default
+    assert {"bbox/AP-square", "segm/AP-bar"} <= set(m_one)
     workdirs = [tmp_path / f"host{i}" for i in range(count)]
     out = FakeCluster(count).run(
         lambda hosts: evaluate.evaluate_model(

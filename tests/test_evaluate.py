@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
 from mrcnn_jax import evaluate
 from mrcnn_jax.structures import Detections
@@ -171,6 +172,58 @@ def test_shifted_boxes_give_the_iou_band_ap():
     assert metrics["bbox/AP75"] == pytest.approx(0.0)
     for bucket in ("AP", "APs", "APm", "APl"):
         assert metrics[f"bbox/{bucket}"] == pytest.approx(0.3), bucket
+
+
+def _category_ap_alone(gt: dict, results: list[dict], iou_type: str, category_id: int) -> float:
+    """pycocotools' summary AP with the evaluation restricted to one category."""
+    coco_gt = COCO()
+    coco_gt.dataset = {**gt, "annotations": [dict(a) for a in gt["annotations"]]}
+    coco_gt.createIndex()
+    evaluator = COCOeval(coco_gt, coco_gt.loadRes([dict(r) for r in results]), iou_type)
+    evaluator.params.catIds = [category_id]
+    evaluator.evaluate()
+    evaluator.accumulate()
+    evaluator.summarize()
+    return float(evaluator.stats[0]) if evaluator.stats[0] >= 0 else math.nan
+
+
+def test_per_category_ap_is_cocoeval_on_that_category_alone():
+    gt = make_gt()
+    gt["categories"] = [*CATEGORIES, {"id": 50, "name": "traffic light"}]  # no gt, no detection
+    rng = np.random.default_rng(0)
+    results = []
+    for r in perfect_results(gt):  # each category its own AP: boxes moved by category-wise amounts
+        x, y, w, h = r["bbox"]
+        shift = {3: 0.0, 17: 0.23, 90: 0.12}[r["category_id"]] * w
+        results.append({**r, "bbox": [x + shift, y, w, h], "score": float(rng.uniform(0.1, 1))})
+        results.append({**r, "bbox": [x, y + 0.4 * h, w, h], "score": float(rng.uniform(0, 0.5))})
+    metrics = evaluate.coco_evaluate(gt, results, per_category=True)
+    per_category = {k: v for k, v in metrics.items() if "/AP-" in k}
+    assert list(per_category) == [f"{t}/AP-{c['name']}" for t in ("bbox", "segm")  # in id order
+                                  for c in sorted(gt["categories"], key=lambda c: c["id"])]
+    for iou_type in ("bbox", "segm"):
+        for cat in CATEGORIES:
+            expected = _category_ap_alone(gt, results, iou_type, cat["id"])
+            assert metrics[f"{iou_type}/AP-{cat['name']}"] == pytest.approx(expected, abs=1e-12)
+        assert math.isnan(metrics[f"{iou_type}/AP-traffic light"])
+        values = [metrics[f"{iou_type}/AP-{c['name']}"] for c in CATEGORIES]
+        if iou_type == "bbox":  # the masks are not moved
+            assert len(set(values)) == 3 and min(values) < 0.9  # the categories are told apart
+        # the summary AP averages the categories with ground truth
+        assert np.mean(values) == pytest.approx(metrics[f"{iou_type}/AP"], abs=1e-12)
+    assert evaluate.coco_evaluate(gt, results, ("bbox",)) == {
+        k: v for k, v in metrics.items() if k.startswith("bbox/") and "/AP-" not in k
+    }  # per_category=False: the six summary metrics only
+
+
+def test_per_category_names_shared_by_two_categories_get_the_id():
+    gt = make_gt()
+    gt["categories"] = [{**c, "name": "thing" if c["id"] != 90 else "bar"} for c in CATEGORIES]
+    metrics = evaluate.coco_evaluate(gt, perfect_results(gt), ("bbox",), per_category=True)
+    assert [k for k in metrics if "/AP-" in k] == [
+        "bbox/AP-thing (id 3)", "bbox/AP-thing (id 17)", "bbox/AP-bar"
+    ]
+    assert all(metrics[k] == pytest.approx(1.0) for k in metrics if "/AP-" in k)
 
 
 def test_eroded_masks_lower_segm_ap_only():
@@ -638,6 +691,21 @@ def test_format_metrics_table():
         "35.2",
     ]
     assert len({len(line) for line in lines}) == 1  # aligned
+
+
+def test_format_per_category_table():
+    metrics = {"bbox/AP": 0.4, "bbox/AP-person": 0.5214, "bbox/AP-traffic light": math.nan,
+               "bbox/AP-car": 0.3, "bbox/AP-dog": 0.25, "segm/AP-person": 0.5}
+    lines = evaluate.format_per_category_table(metrics, "bbox", pairs_per_row=3).splitlines()
+    cells = [[c.strip() for c in line.split("|")] for line in lines]
+    assert cells[0] == ["category", "AP"] * 3
+    assert cells[2] == ["person", "52.1", "traffic light", "nan", "car", "30.0"]
+    assert cells[3] == ["dog", "25.0"]
+    assert len({len(line) for line in lines[:3]}) == 1  # full rows aligned with the header
+    assert evaluate.format_per_category_table(metrics, "segm").splitlines()[2].split("|")[1] == (
+        "  50.0"
+    )
+    assert evaluate.format_per_category_table({"bbox/AP": 0.4}, "bbox") is None
 
 
 def test_run_evaluation_hands_each_batch_to_on_batch():
