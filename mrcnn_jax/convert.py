@@ -59,7 +59,7 @@ from absl import logging
 from flax import traverse_util
 
 from mrcnn_jax import checkpoint as ckpt_lib
-from mrcnn_jax import mask_rcnn
+from mrcnn_jax import mask_rcnn, runtime
 from mrcnn_jax.modeling.heads import deconv_kernel_from_torch, fc6_kernel_from_chw
 from mrcnn_jax.modeling.norm import NormKind
 from mrcnn_jax.modeling.resnet import STAGE_BLOCKS
@@ -965,6 +965,8 @@ def convert_file(
         raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
     config = config if config is not None else default_config(source)
     config_args = config_args or (f"--config={family_config_file(source)}",)
+    if not os.path.isfile(input_path):
+        raise runtime.MissingInputError(f"--input {input_path}: no such file")
     check_family_convention(source, config, config_args, input_path)
     if source == "torchvision":
         tensors, layout = read_torch_state_dict(input_path), "torchvision"
@@ -1057,6 +1059,7 @@ def main(argv: Sequence[str], flag_values=None, command_line: Sequence[str] | No
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     f = flags.FLAGS if flag_values is None else flag_values
+    runtime.quiet_library_logs(flags.FLAGS.verbosity if flags.FLAGS.is_parsed() else 0)
     config_file = family_config_file(f.source)
     if f.config is not None:
         from ml_collections import config_flags

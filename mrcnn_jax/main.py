@@ -14,6 +14,7 @@ compatible type. The console script `mrcnn-jax` calls `run()`.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -211,10 +212,13 @@ def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     runtime.set_default_xla_flags()  # before JAX creates its backends
-    config, workdir, mode = _CONFIG.value, _WORKDIR.value, _MODE.value
+    runtime.quiet_library_logs(flags.FLAGS.verbosity)
+    config, workdir, mode = runtime.config_flag_value(_CONFIG), _WORKDIR.value, _MODE.value
     validate_config(config)  # before any device work or compilation
     if mode == "predict" and not _INPUT.value:
         raise app.UsageError("--mode=predict needs --input")
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise runtime.InvalidInputError(f"--workdir={workdir} is a file, not a folder")
     launch = distributed_kwargs(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     if config.train.distributed or launch:
         jax.distributed.initialize(**launch)

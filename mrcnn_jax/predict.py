@@ -27,7 +27,7 @@ import numpy as np
 import PIL.Image
 from absl import logging
 
-from mrcnn_jax import evaluate, image_io, inference, mask_rcnn, visualize
+from mrcnn_jax import evaluate, image_io, inference, mask_rcnn, runtime, visualize
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 MANIFEST_FILE = "manifest.json"  # in WORKDIR/predictions: the overlays the last run wrote
@@ -267,7 +267,10 @@ def weights_source(workdir: str, config) -> str:
         return workdir
     if config.train.init_checkpoint:
         return config.train.init_checkpoint
-    raise FileNotFoundError(f"no checkpoint in {directory} and no config.train.init_checkpoint")
+    raise runtime.MissingInputError(
+        f"no checkpoint in {directory} and no config.train.init_checkpoint: train into this"
+        " workdir first, or set --config.train.init_checkpoint=DIR"
+    )
 
 
 def _label_dirs(path: str) -> list[str]:
@@ -319,10 +322,12 @@ def _image_files(path: str) -> list[str]:
             os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(IMAGE_SUFFIXES)
         )
         if not files:
-            raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder {path}")
+            raise runtime.MissingInputError(
+                f"--input {path}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder"
+            )
         return files
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--input {path}: no such file or folder")
+        raise runtime.MissingInputError(f"--input {path}: no such file or folder")
     return [path]
 
 
@@ -334,14 +339,25 @@ def read_rgb(path: str) -> np.ndarray:
 
 def _inputs(config, spec: str) -> Iterator[tuple[str, int, np.ndarray, str]]:
     """(name, image id, RGB image, where it comes from) for a file, a folder, or "split:NAME" of
-    the config's dataset."""
+    the config's dataset. What `spec` names is looked up here, when called (MissingInputError,
+    InvalidInputError), not when the images are read."""
     if spec.startswith("split:"):
         from mrcnn_jax.data import pipeline
 
-        for image_id, image in pipeline.split_images(config, spec[len("split:") :]):
-            yield str(image_id), int(image_id), image, f"{spec} image {image_id}"
-        return
-    files = _image_files(spec)
+        try:
+            images = pipeline.split_images(config, spec[len("split:") :])
+        except (FileNotFoundError, ValueError) as e:
+            missing = isinstance(e, OSError)
+            kind = runtime.MissingInputError if missing else runtime.InvalidInputError
+            raise kind(f"--input {spec}: {e}") from e
+        return (
+            (str(image_id), int(image_id), image, f"{spec} image {image_id}")
+            for image_id, image in images
+        )
+    return _files(_image_files(spec))
+
+
+def _files(files: list[str]) -> Iterator[tuple[str, int, np.ndarray, str]]:
     stems = [os.path.splitext(os.path.basename(p))[0] for p in files]
     for i, path in enumerate(files):
         # a.jpg and a.png both in the folder: their outputs are named a.jpg / a.png, not both a.
@@ -364,13 +380,18 @@ def predict_main(config, workdir: str, inputs: str, score_threshold: float = 0.5
 
     An image whose prediction or overlay fails is skipped with a warning naming it and the
     error. results.json holds what was predicted; it is written also when the run stops early
-    (an error outside one image, Ctrl-C), and the exception then goes on.
+    (an error outside one image, Ctrl-C), and the exception then goes on. A run that predicts
+    no image at all leaves the folder as it was: what `inputs` names is looked up before the
+    model is loaded (runtime.MissingInputError / InvalidInputError), and when none of its
+    images can be read or predicted, InvalidInputError says so.
 
-    On several hosts every process must call it (reading the checkpoint is collective); process
-    0 predicts and writes, the others return [].
+    On several hosts every process must call it (reading the checkpoint is collective, and every
+    host looks up `inputs`, so that all stop together when it is not there); process 0 predicts
+    and writes, the others return [].
     """
     source = weights_source(workdir, config)
     refuse_backbone_only(source)
+    images = _inputs(config, inputs)
     class_names, label_to_cat = _labels(workdir, config, source)
     predictor = Predictor.from_workdir(
         workdir, config=config,
@@ -386,7 +407,7 @@ def predict_main(config, workdir: str, inputs: str, score_threshold: float = 0.5
     results, paths, skipped = [], [], 0
     finished = False
     try:
-        for name, image_id, image, where in _inputs(config, inputs):
+        for name, image_id, image, where in images:
             path = os.path.join(out_dir, f"{name}.png")
             try:
                 image_results = _predict_one(
@@ -401,12 +422,20 @@ def predict_main(config, workdir: str, inputs: str, score_threshold: float = 0.5
             paths.append(path)
         finished = True
     finally:
-        with open(os.path.join(out_dir, "results.json"), "w") as f:
-            json.dump(results, f)
-        _replace_manifest(out_dir, previous, [os.path.basename(p) for p in paths])
-        if not finished:
-            logging.warning("stopped early: %s holds the %d images predicted until then",
-                            os.path.join(out_dir, "results.json"), len(paths))
+        if paths:
+            with open(os.path.join(out_dir, "results.json"), "w") as f:
+                json.dump(results, f)
+            _replace_manifest(out_dir, previous, [os.path.basename(p) for p in paths])
+            if not finished:
+                logging.warning("stopped early: %s holds the %d images predicted until then",
+                                os.path.join(out_dir, "results.json"), len(paths))
+        elif not finished:
+            logging.warning("stopped before any image was predicted: %s left as it was", out_dir)
+    if not paths:
+        raise runtime.InvalidInputError(
+            f"--input {inputs}: none of its images could be read and predicted (the warnings"
+            f" above say why); {out_dir} left as it was"
+        )
     logging.info("wrote %d detections on %d images to %s%s", len(results), len(paths), out_dir,
                  f" ({skipped} skipped)" if skipped else "")
     return paths

@@ -540,7 +540,9 @@ class MetricWriter:
 
     Train metrics are averaged over `log_every` steps. On a terminal a carriage-return progress line
     is refreshed every step; otherwise a plain log line is written every `log_every` steps.
-    Only process 0 writes files.
+    Only process 0 writes files. The first step a writer sees (which includes the compilation)
+    is not timed: images/s counts the steps after it, and a log line due at that step gives its
+    time instead (images_per_sec null in metrics.jsonl).
 
     resumed_at: the step a resumed run starts from; what the files hold of later steps (logged
     before the run stopped, after its last checkpoint) is dropped, so the logs read as those of
@@ -556,6 +558,7 @@ class MetricWriter:
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self._window: list[Mapping[str, float]] = []  # train metrics since the last log line
         self._tick, self._timed_steps = time.perf_counter(), 0  # the images/s clock
+        self._compiled = False  # until the first step is done: it includes the compilation
         self._jsonl = self._tb = None
         if workdir is not None and jax.process_index() == 0:
             from tensorboardX import SummaryWriter
@@ -574,11 +577,19 @@ class MetricWriter:
 
     def train(self, step: int, metrics: Mapping[str, float]) -> None:
         self._window.append(metrics)
-        self._timed_steps += 1
+        if self._compiled:
+            self._timed_steps += 1
         elapsed = max(time.perf_counter() - self._tick, 1e-9)
-        speed = self._timed_steps * self.images_per_step / elapsed
+        speed = self._timed_steps * self.images_per_step / elapsed if self._timed_steps else math.nan
+        if math.isnan(speed):  # only the first step is in: its time is mostly compilation
+            rate = f"first step {elapsed:.1f} s (compilation included)"
+        else:
+            rate = f"{speed:.1f} images/s"
+        if not self._compiled:  # the clock starts when the compiled step has run once
+            self._compiled = True
+            self.reset_timer()
         if self.tty:
-            line = f"step {step}/{self.num_steps}  loss {metrics['loss']:.4f}  {speed:.1f} images/s"
+            line = f"step {step}/{self.num_steps}  loss {metrics['loss']:.4f}  {rate}"
             self.stream.write("\r" + line.ljust(60))
             self.stream.flush()
         if step % self.log_every and step != self.num_steps:
@@ -589,7 +600,7 @@ class MetricWriter:
             self.stream.write("\n")
         else:
             shown = " ".join(f"{k}={v:.4g}" for k, v in sorted(mean.items()))
-            logging.info("step %d/%d %.1f images/s %s", step, self.num_steps, speed, shown)
+            logging.info("step %d/%d %s %s", step, self.num_steps, rate, shown)
         self._window = []
         self.reset_timer()
 
@@ -598,7 +609,8 @@ class MetricWriter:
         # Per-category APs ("bbox/AP-NAME", 160 of them on COCO) are in the files and tables
         # (evaluate.run_evaluation logs them), not in this line.
         summary = {k: v for k, v in scalars.items() if "/AP-" not in k}
-        more = f" (and {len(scalars) - len(summary)} per-category APs)" if summary != scalars else ""
+        left = len(scalars) - len(summary)
+        more = f" (and {left} per-category APs)" if left else ""
         logging.info("eval at step %d: %s%s", step, json.dumps(summary, sort_keys=True), more)
         self._write(step, "eval", scalars)
 
@@ -961,19 +973,22 @@ def evaluate_checkpoint(config, workdir: str) -> dict[str, Any]:
     from mrcnn_jax import evaluate as evaluate_lib
     from mrcnn_jax import mask_rcnn
 
-    model = mask_rcnn.build_model(config.model)
-    variables = mask_rcnn.init_variables(
-        model, jax.random.PRNGKey(config.seed), tuple(config.data.image_size)
-    )
     directory = os.path.join(workdir, ckpt_lib.CHECKPOINT_DIR)
-    step = ckpt_lib.latest_step(directory)
+    step = ckpt_lib.latest_step(directory)  # before the model is built: a wrong workdir fails fast
     if step is not None:
         source = directory
     elif config.train.init_checkpoint:
         source, step = config.train.init_checkpoint, 0
     else:
-        raise FileNotFoundError(f"no checkpoint in {directory} and no config.train.init_checkpoint")
+        raise runtime.MissingInputError(
+            f"no checkpoint in {directory} and no config.train.init_checkpoint: train into this"
+            " workdir first, or set --config.train.init_checkpoint=DIR"
+        )
     ckpt_lib.check_input_convention(config, source)
+    model = mask_rcnn.build_model(config.model)
+    variables = mask_rcnn.init_variables(
+        model, jax.random.PRNGKey(config.seed), tuple(config.data.image_size)
+    )
     variables = ckpt_lib.merge_weights(variables, ckpt_lib.load_weights(source), source=source)
     logging.info("evaluating the weights of %s (step %d)", source, step)
     metrics = evaluate_lib.evaluate_model(config, model, variables, workdir, step)

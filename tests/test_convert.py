@@ -909,3 +909,13 @@ def test_torchvision_detectors_under_another_norm_eps_convert_with_a_warning(tmp
     with caplog.at_level(logging.WARNING):
         convert.convert_file("torchvision", path, str(tmp_path / "b"), config)
     assert "norm_eps" not in caplog.text
+
+
+@pytest.mark.parametrize("source", convert.SOURCES)
+def test_a_missing_input_file_is_named(tmp_path, source):
+    from mrcnn_jax import runtime
+
+    missing = str(tmp_path / "model_final.pkl")
+    with pytest.raises(runtime.MissingInputError, match=f"--input {missing}: no such file"):
+        convert.convert_file(source, missing, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()

@@ -159,6 +159,34 @@ def test_eval_and_predict_modes_dispatch(tmp_path, monkeypatch, parse_flags):
         main.main(parse_flags(config, f"--workdir={tmp_path}", "--mode=predict"))
 
 
+def test_inputs_that_are_not_there_are_one_line_with_status_2(tmp_path, parse_flags, caplog):
+    """A workdir that is a file, a config file or checkpoint that is not there: one message
+    naming it, exit status 2, before any model is built."""
+    from mrcnn_jax import mask_rcnn
+
+    a_file = tmp_path / "afile"
+    a_file.write_text("")
+    config = f"--config={ROOT}/configs/tiny.py"
+    cases = [
+        ((config, f"--workdir={a_file}"), f"--workdir={a_file} is a file, not a folder"),
+        ((f"--config={ROOT}/configs/tny.py", f"--workdir={tmp_path / 'w'}"),
+         "configs/tny.py: no such file"),
+        ((config, f"--workdir={tmp_path / 'empty'}", "--mode=eval"),
+         "no checkpoint in {} and no config.train.init_checkpoint: train into this workdir"
+         " first".format(tmp_path / "empty" / "checkpoints")),
+    ]
+    built = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(mask_rcnn, "build_model", lambda *a, **k: built.append(1))
+        for args, message in cases:
+            caplog.clear()
+            with pytest.raises(SystemExit) as exit_info:
+                runtime.reporting_user_errors(main.main)(parse_flags(*args))
+            assert exit_info.value.code == runtime.USER_ERROR_EXIT_STATUS, args
+            assert message in caplog.text, caplog.text
+    assert not built
+
+
 def test_overrides_of_unknown_or_mistyped_keys_are_refused(parse_flags):
     config = f"--config={ROOT}/configs/tiny.py"
     with pytest.raises(AttributeError, match="bogus"):  # config_flags' own check
@@ -308,3 +336,27 @@ def test_cli_reports_an_unknown_override_without_a_traceback(tmp_path):
     assert "--config.model.rpn.nms_iuo: config.model.rpn has no field 'nms_iuo'" in proc.stderr
     assert "did you mean nms_iou" in proc.stderr
     assert not (tmp_path / "work").exists()
+
+
+def test_orbax_info_records_are_left_out_at_the_default_verbosity():
+    import logging
+
+    absl_logger = logging.getLogger("absl")
+    before = list(absl_logger.filters)
+    try:
+        runtime.quiet_library_logs(verbosity=1)  # -v 1: everything stays
+        assert absl_logger.filters == before
+        runtime.quiet_library_logs(verbosity=0)
+        runtime.quiet_library_logs(verbosity=0)  # once only
+        added = [f for f in absl_logger.filters if f not in before]
+        assert len(added) == 1
+
+        def record(level, path):
+            return logging.LogRecord("absl", level, path, 1, "m", None, None)
+
+        orbax = "/venv/lib/python3.11/site-packages/orbax/checkpoint/_src/atomicity.py"
+        assert not added[0].filter(record(logging.INFO, orbax))
+        assert added[0].filter(record(logging.WARNING, orbax))
+        assert added[0].filter(record(logging.INFO, "/work/main/mrcnn_jax/train.py"))
+    finally:
+        absl_logger.filters[:] = before

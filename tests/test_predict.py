@@ -9,7 +9,7 @@ import PIL.Image
 import pytest
 
 from configs import tiny
-from mrcnn_jax import checkpoint, mask_rcnn, predict
+from mrcnn_jax import checkpoint, mask_rcnn, predict, runtime
 
 CLASS_NAMES = ("background", "square", "circle", "triangle")
 
@@ -213,6 +213,38 @@ def test_interrupt_is_not_swallowed_and_what_was_predicted_is_kept(run, tmp_path
         predict.predict_main(config, workdir, folder)
     out = os.path.join(workdir, "predictions")
     assert [r["file_name"] for r in json.load(open(os.path.join(out, "results.json")))] == ["a"]
+
+
+@pytest.mark.parametrize("what", ["missing path", "empty folder", "bad split", "unreadable"])
+def test_a_run_that_predicts_nothing_leaves_the_last_run_as_it_was(
+    run, tmp_path, fake_predictor, monkeypatch, what
+):
+    config, workdir = run
+    out = os.path.join(workdir, "predictions")
+    predict.predict_main(config, workdir, _images(tmp_path / "one", ["a", "b"]))
+    before = {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out)}
+    loaded = []
+    monkeypatch.setattr(predict.Predictor, "from_workdir",
+                        classmethod(lambda cls, *a, **k: loaded.append(1) or _FakePredictor()))
+    if what == "unreadable":
+        folder = tmp_path / "junk"
+        folder.mkdir()
+        (folder / "x.jpg").write_bytes(b"not a jpeg")
+        with pytest.raises(runtime.InvalidInputError, match="none of its images could be read"):
+            predict.predict_main(config, workdir, str(folder))
+    else:
+        spec, error, match = {
+            "missing path": (str(tmp_path / "nope"), runtime.MissingInputError,
+                             "no such file or folder"),
+            "empty folder": (str(tmp_path), runtime.MissingInputError, "no images"),
+            "bad split": ("split:valdation", runtime.InvalidInputError,
+                          "--input split:valdation: dataset 'shapes' has no split 'valdation'"
+                          " \\(its splits: train, validation"),
+        }[what]
+        with pytest.raises(error, match=match):
+            predict.predict_main(config, workdir, spec)
+        assert not loaded  # looked up before the model is loaded
+    assert {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out)} == before
 
 
 def test_overlays_of_an_earlier_run_are_removed_and_user_files_kept(run, tmp_path,

@@ -460,6 +460,21 @@ def test_progress_line_on_a_terminal(tmp_path):
     assert "step 3/3" in text and "images/s" in text and "loss" in text
 
 
+def test_the_first_step_includes_compilation_and_is_not_timed(tmp_path, monkeypatch, caplog):
+    now = [0.0]
+    monkeypatch.setattr(train.time, "perf_counter", lambda: now[0])
+    writer = train.MetricWriter(str(tmp_path), log_every=1, num_steps=4, images_per_step=2)
+    for step, at in [(1, 60.0), (2, 61.0), (3, 61.5)]:  # compiled in 60 s, then 1 and 0.5 s
+        now[0] = at
+        with caplog.at_level("INFO", logger="absl"):
+            writer.train(step, {"loss": 1.0})
+    writer.close()
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["images_per_sec"] for x in lines] == [None, 2.0, 4.0]
+    assert "step 1/4 first step 60.0 s (compilation included)" in caplog.text
+    assert "step 2/4 2.0 images/s" in caplog.text
+
+
 def test_writer_averages_the_window_and_logs_eval(tmp_path):
     writer = train.MetricWriter(str(tmp_path), log_every=2, num_steps=4, images_per_step=2)
     writer.train(1, {"loss": 1.0})

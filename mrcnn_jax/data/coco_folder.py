@@ -22,7 +22,7 @@ import re
 import numpy as np
 import tensorflow_datasets as tfds
 
-from mrcnn_jax import image_io
+from mrcnn_jax import image_io, runtime
 from mrcnn_jax.data import coco_utils
 
 logger = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def coco_folder_config(root: str, split: str, variant: str = "") -> CocoFolderCo
     root = resolve_root(root)
     path = annotation_path(root, split)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"COCO annotation file not found: {path}")
+        raise runtime.MissingInputError(f"COCO annotation file not found: {path}")
     key = hashlib.sha1(
         f"{root}\0{split}\0{_file_digest(path)}{f'{chr(0)}{variant}' if variant else ''}".encode(),
         usedforsecurity=False,

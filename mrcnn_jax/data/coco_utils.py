@@ -32,6 +32,8 @@ import tensorflow_datasets as tfds
 from etils import epath
 from pycocotools import mask as mask_utils
 
+from mrcnn_jax import runtime
+
 logger = logging.getLogger(__name__)
 
 # What each kind of bad record is, and what was done about it.
@@ -154,16 +156,18 @@ def load_annotation_file(path: str) -> dict:
         with open(path, "rb") as f:
             data = json.load(f)
     except FileNotFoundError:
-        raise FileNotFoundError(f"COCO annotation file not found: {path}") from None
+        raise runtime.MissingInputError(f"COCO annotation file not found: {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"cannot parse COCO annotation file {path}: {e}") from e
+        raise runtime.InvalidInputError(f"cannot parse COCO annotation file {path}: {e}") from e
     if not isinstance(data, dict):
-        raise ValueError(f"COCO annotation file {path}: top level is not a JSON object")
+        raise runtime.InvalidInputError(
+            f"COCO annotation file {path}: top level is not a JSON object"
+        )
     for key in ("images", "categories"):
         if not isinstance(data.get(key), list):
-            raise ValueError(f"COCO annotation file {path}: no {key!r} list")
+            raise runtime.InvalidInputError(f"COCO annotation file {path}: no {key!r} list")
     if not isinstance(data.get("annotations", []), list):
-        raise ValueError(f"COCO annotation file {path}: 'annotations' is not a list")
+        raise runtime.InvalidInputError(f"COCO annotation file {path}: 'annotations' is not a list")
     return data
 
 

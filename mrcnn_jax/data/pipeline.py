@@ -36,6 +36,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from array_record.python import array_record_data_source
 
+from mrcnn_jax import runtime
 from mrcnn_jax.data import coco_folder, coco_utils, shapes, transforms
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -105,8 +106,8 @@ def _builder(src: _Source, variant: str = "") -> tuple[tfds.core.DatasetBuilder,
     if src.dataset == "shapes":
         if src.split not in shapes.SPLITS:
             raise ValueError(
-                f"dataset 'shapes' has splits {shapes.SPLITS}, got {src.split!r}"
-                " (config.data.train_split / config.data.eval_split)"
+                f"dataset 'shapes' has no split {src.split!r} (its splits:"
+                f" {', '.join(shapes.SPLITS)})"
             )
         cfg = shapes.shapes_config(src.shapes_image_size, src.shapes_num_train, src.shapes_num_val)
         return shapes.Shapes(config=cfg, **kwargs), src.split
@@ -183,6 +184,16 @@ def _load_split(src: _Source) -> _Split:
 
 def _split(data_config, split: str) -> _Split:
     return _load_split(_Source.of(data_config, split))
+
+
+def _config_split(data_config, key: str) -> _Split:
+    """`_split` of the split `config.data.<key>` names, its errors naming the key."""
+    try:
+        return _split(data_config, data_config[key])
+    except (FileNotFoundError, ValueError) as e:
+        missing = isinstance(e, OSError)
+        kind = runtime.MissingInputError if missing else runtime.InvalidInputError
+        raise kind(f"config.data.{key}={data_config[key]!r}: {e}") from e
 
 
 class _RecordReader:
@@ -475,7 +486,7 @@ def train_batches(
         )
     host_batch = config.train.global_batch_size // pc
     transforms.check_resize_fits(d, train=True)
-    split = _split(d, d.train_split)
+    split = _config_split(d, "train_split")
     _check_num_classes(d, split)
     indices = _train_indices(split, d.skip_empty_train, pi, pc)
     _warn_instances_cut(split, indices, d.max_instances)
@@ -520,7 +531,7 @@ def eval_batches(
     d = config.data
     pi, pc = _processes(process_index, process_count)
     transforms.check_resize_fits(d, train=False)
-    s = _split(d, split or d.eval_split)
+    s = _split(d, split) if split else _config_split(d, "eval_split")
     _check_num_classes(d, s)
     total, batch = _num_eval(s, config.eval.max_examples), config.eval.batch_size
     lo, hi = _host_range(total, pi, pc)
@@ -573,8 +584,8 @@ def dataset_info(config) -> DatasetInfo:
     A coco_folder without the train annotation file (evaluation only) gives num_train 0.
     """
     d = config.data
-    ev = _split(d, d.eval_split)
-    tr = _split(d, d.train_split) if _has_split(d, d.train_split) else None
+    ev = _config_split(d, "eval_split")
+    tr = _config_split(d, "train_split") if _has_split(d, d.train_split) else None
     if tr is not None and tr.categories != ev.categories:
         raise ValueError(
             f"splits {d.train_split!r} and {d.eval_split!r} declare different categories:"
@@ -606,7 +617,7 @@ def coco_ground_truth(config, split: str | None = None) -> dict:
     preparation made (clipped boxes, dropped degenerate polygons), segmentation as RLE.
     """
     d = config.data
-    s = _split(d, split or d.eval_split)
+    s = _split(d, split) if split else _config_split(d, "eval_split")
     source = s.builder.as_data_source(split=s.name)
     examples = (source[i] for i in range(_num_eval(s, config.eval.max_examples)))
     categories = [{"id": cid, "name": name} for cid, name in s.categories]
@@ -623,9 +634,15 @@ def coco_ground_truth(config, split: str | None = None) -> dict:
 
 def split_images(config, split: str | None = None) -> Iterator[tuple[int, np.ndarray]]:
     """(original image id, RGB image uint8 [h, w, 3]) of every example of a split (the eval split
-    by default), in stored order, decoded as the pipeline decodes them; for prediction."""
-    s = _split(config.data, split or config.data.eval_split)
+    by default), in stored order, decoded as the pipeline decodes them; for prediction. The split
+    is found (prepared on first use) when this is called: a split that is not there raises here,
+    not at the first image."""
+    s = _split(config.data, split) if split else _config_split(config.data, "eval_split")
     source = s.builder.as_data_source(split=s.name)
-    for i in range(len(source)):
-        ex = source[i]
-        yield int(ex["image_id"]), decode_rgb(ex["image"]).numpy()
+
+    def images():
+        for i in range(len(source)):
+            ex = source[i]
+            yield int(ex["image_id"]), decode_rgb(ex["image"]).numpy()
+
+    return images()
