@@ -1,4 +1,5 @@
-"""The smallest working model, for tests: a few seconds per compile on a 2-core CPU."""
+"""The smallest working model, for tests: its training step compiles and runs once in about 25 s
+on a 2-core CPU (the first step of `--config=configs/tiny.py`, 26 s on 2026-11-27)."""
 
 from configs import shapes
 
