@@ -32,6 +32,7 @@ import logging
 import math
 import multiprocessing
 import os
+import re
 import struct
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -667,6 +668,13 @@ def _json_value(value: float) -> float | None:
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
+def tensorboard_tag(name: str) -> str:
+    """`name` with each character TensorBoard does not take in a tag (spaces, parentheses: the
+    per-category keys "bbox/AP-traffic light", "AP-thing (id 3)") replaced by "_"; tensorboardX
+    would otherwise log a warning for each on every write."""
+    return re.sub(r"[^A-Za-z0-9_.\-/]", "_", name)
+
+
 def write_metrics(
     workdir: str, step: int, metrics: Mapping[str, float], summary_writer=None
 ) -> None:
@@ -683,7 +691,7 @@ def write_metrics(
         json.dump(record, f, indent=2)
     if summary_writer is not None:
         for key, value in metrics.items():
-            summary_writer.add_scalar(f"eval/{key}", float(value), int(step))
+            summary_writer.add_scalar(tensorboard_tag(f"eval/{key}"), float(value), int(step))
         summary_writer.flush()
 
 

@@ -382,16 +382,19 @@ def predict_main(config, workdir: str, inputs: str, score_threshold: float = 0.5
     error. results.json holds what was predicted; it is written also when the run stops early
     (an error outside one image, Ctrl-C), and the exception then goes on. A run that predicts
     no image at all leaves the folder as it was: what `inputs` names is looked up before the
-    model is loaded (runtime.MissingInputError / InvalidInputError), and when none of its
-    images can be read or predicted, InvalidInputError says so.
+    model is loaded (runtime.MissingInputError / InvalidInputError; on several hosts, by
+    process 0 after it), and when none of its images can be read or predicted,
+    InvalidInputError says so.
 
-    On several hosts every process must call it (reading the checkpoint is collective, and every
-    host looks up `inputs`, so that all stop together when it is not there); process 0 predicts
-    and writes, the others return [].
+    On several hosts every process must call it (reading the checkpoint is collective); process
+    0 looks up `inputs`, predicts and writes, the others return [].
     """
     source = weights_source(workdir, config)
     refuse_backbone_only(source)
-    images = _inputs(config, inputs)
+    # One host: the input is looked up before the model loads. Several: only process 0 reads it
+    # (it may be on process 0's disk alone), after the collective checkpoint read.
+    alone = jax.process_count() == 1
+    images = _inputs(config, inputs) if alone else None
     class_names, label_to_cat = _labels(workdir, config, source)
     predictor = Predictor.from_workdir(
         workdir, config=config,
@@ -401,6 +404,8 @@ def predict_main(config, workdir: str, inputs: str, score_threshold: float = 0.5
         # collectives); then process 0 alone predicts, the one writer of WORKDIR/predictions
         logging.info("prediction runs on process 0: process %d is done", jax.process_index())
         return []
+    if images is None:
+        images = _inputs(config, inputs)
     out_dir = os.path.join(workdir, "predictions")
     os.makedirs(out_dir, exist_ok=True)
     previous = _read_manifest(out_dir)

@@ -177,6 +177,13 @@ def parse_flags(argv: list[str]) -> list[str]:
 
     try:
         return app.parse_flags_with_usage(argv)
+    except OSError:  # an override applied to the stand-in of a --config file that failed to load
+        for arg in argv[1:]:
+            path = arg[len("--config="):].split(":", 1)[0] if arg.startswith("--config=") else ""
+            if path and not os.path.isfile(path):
+                sys.stderr.write(f"FATAL Flags parsing error: --config={path}: no such file\n")
+                sys.exit(1)
+        raise
     except (AttributeError, KeyError, TypeError, IndexError, ValueError) as e:
         exit_for_unknown_override(argv, e)
 

@@ -622,9 +622,11 @@ class MetricWriter:
             self._jsonl.write(json.dumps({"step": step, "split": split, **finite}) + "\n")
             self._jsonl.flush()
         if self._tb is not None:
+            from mrcnn_jax.evaluate import tensorboard_tag
+
             for k, v in finite.items():
                 if v is not None:
-                    self._tb.add_scalar(f"{split}/{k}", v, step)
+                    self._tb.add_scalar(tensorboard_tag(f"{split}/{k}"), v, step)
             self._tb.flush()
 
     def close(self) -> None:

@@ -693,6 +693,12 @@ def test_format_metrics_table():
     assert len({len(line) for line in lines}) == 1  # aligned
 
 
+def test_tensorboard_tags_of_per_category_keys():
+    assert evaluate.tensorboard_tag("eval/bbox/AP-traffic light") == "eval/bbox/AP-traffic_light"
+    assert evaluate.tensorboard_tag("eval/segm/AP-thing (id 3)") == "eval/segm/AP-thing__id_3_"
+    assert evaluate.tensorboard_tag("train/loss_box.x-1") == "train/loss_box.x-1"
+
+
 def test_format_per_category_table():
     metrics = {"bbox/AP": 0.4, "bbox/AP-person": 0.5214, "bbox/AP-traffic light": math.nan,
                "bbox/AP-car": 0.3, "bbox/AP-dog": 0.25, "segm/AP-person": 0.5}

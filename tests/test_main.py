@@ -325,6 +325,16 @@ def test_an_override_of_a_key_that_does_not_exist_is_one_line(override, message,
     assert runtime.unknown_override_message(argv[:2], error.value) is None  # not ours: re-raised
 
 
+def test_a_missing_config_file_with_an_override_is_one_line(parse_flags, capsys, monkeypatch):
+    argv = ["mrcnn_jax.main", f"--config={ROOT}/configs/tny.py", "--workdir=w",
+            "--config.train.base_lr=0.1"]
+    monkeypatch.setattr(sys, "argv", argv)  # config_flags reads its overrides from sys.argv
+    with pytest.raises(SystemExit) as exit_info:
+        runtime.parse_flags(argv)
+    assert exit_info.value.code == 1
+    assert f"--config={ROOT}/configs/tny.py: no such file" in capsys.readouterr().err
+
+
 def test_cli_reports_an_unknown_override_without_a_traceback(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "mrcnn_jax.main", f"--config={ROOT}/configs/tiny.py",
