@@ -347,9 +347,7 @@ def _inputs(config, spec: str) -> Iterator[tuple[str, int, np.ndarray, str]]:
         try:
             images = pipeline.split_images(config, spec[len("split:") :])
         except (FileNotFoundError, ValueError) as e:
-            missing = isinstance(e, OSError)
-            kind = runtime.MissingInputError if missing else runtime.InvalidInputError
-            raise kind(f"--input {spec}: {e}") from e
+            raise runtime.named_input_error(e, f"--input {spec}") from e
         return (
             (str(image_id), int(image_id), image, f"{spec} image {image_id}")
             for image_id, image in images

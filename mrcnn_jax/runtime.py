@@ -92,6 +92,14 @@ class InvalidInputError(InputError, ValueError):
     """A file, folder or name the user gave is there but cannot be used (also a ValueError)."""
 
 
+def named_input_error(error: FileNotFoundError | ValueError, where: str) -> InputError:
+    """`error` as the InputError of what the user named (`where`: a flag or config key and its
+    value), prefixed with it: MissingInputError for a FileNotFoundError, else InvalidInputError.
+    Raise it `from error`."""
+    kind = MissingInputError if isinstance(error, OSError) else InvalidInputError
+    return kind(f"{where}: {error}")
+
+
 def config_flag_value(holder):
     """`holder.value` of an ml_collections config flag, or MissingInputError naming its file when
     that is not there (ml_collections hands out a stand-in whose first use raises a chain of

@@ -191,9 +191,7 @@ def _config_split(data_config, key: str) -> _Split:
     try:
         return _split(data_config, data_config[key])
     except (FileNotFoundError, ValueError) as e:
-        missing = isinstance(e, OSError)
-        kind = runtime.MissingInputError if missing else runtime.InvalidInputError
-        raise kind(f"config.data.{key}={data_config[key]!r}: {e}") from e
+        raise runtime.named_input_error(e, f"config.data.{key}={data_config[key]!r}") from e
 
 
 class _RecordReader:
