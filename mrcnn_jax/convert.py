@@ -1122,7 +1122,7 @@ if __name__ == "__main__":
 
     try:  # a default --config is parsed, with its overrides, as the flags are defined
         _define_flags()
-    except (AttributeError, KeyError, TypeError, IndexError, ValueError) as e:
+    except runtime.OVERRIDE_ERRORS as e:
         runtime.exit_for_unknown_override(sys.argv, e)
     app.run(
         runtime.reporting_user_errors(main, errors=(ConversionError,)),

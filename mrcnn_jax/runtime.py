@@ -139,6 +139,11 @@ def reporting_user_errors(
     return run
 
 
+# What ml_collections raises while applying an override `--config.a.b=...` whose path does not
+# exist (a missing key, a field below a value, an item of a tuple, an unparsable path).
+OVERRIDE_ERRORS = (AttributeError, KeyError, TypeError, IndexError, ValueError)
+
+
 def unknown_override_message(argv: list[str], error: Exception) -> str | None:
     """For the error ml_collections raises while applying an override `--config.a.b=...` whose
     path does not exist: a message naming the flag and what it reaches into: the fields of the
@@ -192,7 +197,7 @@ def parse_flags(argv: list[str]) -> list[str]:
                 sys.stderr.write(f"FATAL Flags parsing error: --config={path}: no such file\n")
                 sys.exit(1)
         raise
-    except (AttributeError, KeyError, TypeError, IndexError, ValueError) as e:
+    except OVERRIDE_ERRORS as e:
         exit_for_unknown_override(argv, e)
 
 
