@@ -3,6 +3,8 @@
     --mode=train    train (resuming from DIR/checkpoints when it holds one), evaluate at the end
     --mode=eval     evaluate the latest checkpoint of DIR (or config.train.init_checkpoint)
     --mode=predict  run the model on --input: an image file, a folder of images or "split:NAME"
+    --mode=export   write the predict step as a serialized StableHLO program with its weights
+                    (mrcnn_jax.export) to --export_dir, default DIR/export
 
 Several hosts: `--config.train.distributed=True` (clusters jax.distributed detects), or
 `--coordinator_address=HOST:PORT --num_processes=N --process_id=I` on each host.
@@ -29,9 +31,17 @@ from mrcnn_jax.runtime import ConfigError  # noqa: F401 - main.ConfigError, wher
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and outputs go here.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "predict"], "What to do.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "export"], "What to do.")
 _INPUT = flags.DEFINE_string(
     "input", None, 'predict: an image file, a folder of images, or "split:NAME" of the dataset.'
+)
+_EXPORT_DIR = flags.DEFINE_string("export_dir", None, "export: the folder (default WORKDIR/export).")
+_EXPORT_PLATFORMS = flags.DEFINE_list(
+    "export_platforms", ["cpu", "cuda", "tpu"],
+    "export: the platforms the program is lowered for (cpu, cuda, rocm, tpu).",
+)
+_EXPORT_BATCH = flags.DEFINE_integer(
+    "export_batch", 0, "export: images per call; 0 (default) for a program that takes any number."
 )
 # Where the cluster is not one jax.distributed detects by itself (Cloud TPU, SLURM, Open MPI,
 # Kubernetes), each host is told its place, as detectron2's launcher is (--dist-url,
@@ -239,6 +249,17 @@ def main(argv) -> None:
             sys.exit(PREEMPTED_EXIT_STATUS)
     elif mode == "eval":
         train.evaluate_checkpoint(config, workdir)
+    elif mode == "export":
+        from mrcnn_jax import export
+
+        if _EXPORT_BATCH.value < 0:
+            raise runtime.InvalidInputError(
+                f"--export_batch={_EXPORT_BATCH.value}: expected 0 (any batch size) or >= 1"
+            )
+        export.export_main(
+            config, workdir, _EXPORT_DIR.value, tuple(_EXPORT_PLATFORMS.value),
+            _EXPORT_BATCH.value or None,
+        )
     else:
         from mrcnn_jax import predict
 

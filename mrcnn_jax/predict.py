@@ -102,11 +102,18 @@ def _missing_keys(reference: dict, saved: dict, prefix: str = "") -> list[str]:
 class Predictor:
     """A model and its weights behind one call on a numpy image (one compile per padded size)."""
 
-    def __init__(self, config: ml_collections.ConfigDict, variables: dict, class_names=None):
+    def __init__(
+        self, config: ml_collections.ConfigDict, variables: dict, class_names=None,
+        predict_fn=None,
+    ):
+        """predict_fn(variables, images, image_sizes) -> `structures.Detections`: the model's
+        jitted predict step unless given (`export.load` gives the exported program's)."""
         self.config = config
         self.variables = variables
-        self.model = mask_rcnn.build_model(config.model)
-        self._predict = inference.make_predict_fn(self.model, config.model, config.data.image_size)
+        if predict_fn is None:
+            model = mask_rcnn.build_model(config.model)
+            predict_fn = inference.make_predict_fn(model, config.model, config.data.image_size)
+        self._predict = predict_fn
         if class_names is None:
             class_names = generic_class_names(config.model.num_classes)
         self.class_names = tuple(class_names)

@@ -11,6 +11,9 @@ mixes with another and torch and JAX never share a process:
     jax.predict_batch    batch B (only when B > 1): median latency, images/s
     jax.train            batch B: trace and compile time of the real `train.train_step` (optimizer
                          and placement from the config), median step time, images/s
+    jax.export           (only when asked: --measure export) batch 1 through the serialized
+                         program of `mrcnn_jax.export` (CPU, CUDA and TPU, any batch size): export
+                         and deserialize time, program and weights sizes, compile time, latency
     torchvision.*        the same for torchvision's Mask R-CNN R50-FPN in eager mode (no compile)
     ratios               jax / torchvision for each of them and for the training peak memory
 
@@ -46,7 +49,8 @@ from collections.abc import Callable
 import numpy as np
 
 RESULT_MARKER = "BENCHMARK_RESULT "
-MEASURES = ("predict", "predict_batch", "train")
+MEASURES = ("predict", "predict_batch", "train", "export")
+DEFAULT_MEASURES = ("predict", "predict_batch", "train")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The issue's targets, defined for R50-FPN, one 800x1216 image / a batch of 2, float32, 2-core CPU.
 TARGETS = {
@@ -306,6 +310,38 @@ def jax_predict(config, args, batch: int) -> dict:
     return out
 
 
+def jax_export(config, args, batch: int) -> dict:
+    """`mrcnn_jax.export` of the predict step, deserialized and run at `batch` as a server would."""
+    import jax
+    from flax import serialization
+
+    from mrcnn_jax import export
+
+    batch_np = jax_batch(
+        examples_for(config, args, batch), config.data.max_instances, config.data.mask_crop_size
+    )
+    _, call_args = jax_predict_setup(config, batch_np, args.weights_npz)
+    start = time.perf_counter()
+    program, weights = export.export_predict(config, jax.device_get(call_args[0]))
+    data = program.serialize()
+    export_s = time.perf_counter() - start
+    weights_mb = len(serialization.msgpack_serialize(weights)) / 2**20
+    start = time.perf_counter()
+    program = jax.export.deserialize(data)
+    deserialize_s = time.perf_counter() - start
+    inputs = (weights, *call_args[1:3])
+    compiled, lower_s, compile_s = _compile(jax.jit(program.call), *inputs)
+    log(f"jax export: {export_s:.1f} s, {len(data) / 2**20:.1f} MiB; compile {compile_s:.1f} s")
+    out = summary(time_calls(lambda: jax.block_until_ready(compiled(*inputs)), args.warmup,
+                             args.runs), batch)
+    out.update(
+        export_s=export_s, deserialize_s=deserialize_s, program_mb=len(data) / 2**20,
+        weights_mb=weights_mb, platforms=list(program.platforms), lower_s=lower_s,
+        compile_s=compile_s,
+    )
+    return out
+
+
 def jax_train_setup(config, batch_np: dict, weights_npz: str | None = None, wrap_tx=None):
     """(jitted train step, placed state, placed batch, placement) as `train_and_evaluate` builds
     them: the config's parallelism, optimizer and schedule, `train.compile_train_step`.
@@ -544,6 +580,7 @@ WORKERS = {
     "jax.predict": (jax_predict, "one"),
     "jax.predict_batch": (jax_predict, "batch"),
     "jax.train": (jax_train, "batch"),
+    "jax.export": (jax_export, "one"),
     "torchvision.predict": (torch_predict, "one"),
     "torchvision.predict_batch": (torch_predict, "batch"),
     "torchvision.train": (torch_train, "batch"),
@@ -709,8 +746,14 @@ def run_all(args, argv: list[str], tmpdir: str) -> dict:
                 argv = argv[:-2]
     for name in names:
         result["jax"][name] = spawn(f"jax.{name}", argv)
+    if "export" in result["jax"] and "predict" in result["jax"]:  # the program against the model
+        result["jax"]["export"]["latency_vs_predict"] = (
+            result["jax"]["export"]["median_s"] / result["jax"]["predict"]["median_s"]
+        )
     if args.compare_torchvision:
-        result["torchvision"] = {n: spawn(f"torchvision.{n}", argv) for n in names}
+        result["torchvision"] = {
+            n: spawn(f"torchvision.{n}", argv) for n in names if f"torchvision.{n}" in WORKERS
+        }
         result["ratios"] = ratios(result["jax"], result["torchvision"])
     result["targets"] = {"thresholds": TARGETS, "met": targets_met(result)}
     result["machine"]["load_avg_end"] = list(os.getloadavg())
@@ -729,8 +772,9 @@ def parse_args(argv: list[str]):
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--instances", type=int, default=8, help="gt instances per image")
     p.add_argument("--score-threshold", type=float, help="both sides; default: the config's")
-    p.add_argument("--measure", nargs="+", choices=MEASURES, default=list(MEASURES),
-                   help="what to measure (predict_batch only when --batch > 1)")
+    p.add_argument("--measure", nargs="+", choices=MEASURES, default=list(DEFAULT_MEASURES),
+                   help="what to measure (predict_batch only when --batch > 1; export only when"
+                   " named)")
     p.add_argument("--compare-torchvision", action="store_true")
     p.add_argument("--torch-device", default="cpu", help="torchvision's device, e.g. cuda")
     p.add_argument("--torch-amp", action="store_true",

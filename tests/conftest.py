@@ -7,6 +7,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import shutil  # noqa: E402
+import sys  # noqa: E402
 import tempfile  # noqa: E402
 
 import pytest  # noqa: E402
@@ -44,6 +45,28 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def parse_flags(monkeypatch):
+    """Parses a command line into absl's FLAGS for an in-process `mrcnn_jax.main.main` call."""
+    from absl import flags
+
+    import mrcnn_jax.main  # noqa: F401 - defines the flags
+
+    def reset():
+        flags.FLAGS.unparse_flags()
+        for name in [n for n in flags.FLAGS if n.startswith("config.")]:
+            delattr(flags.FLAGS, name)  # the override flags config_flags defined while parsing
+
+    def parse(*args):
+        argv = ["mrcnn_jax.main", *args]
+        monkeypatch.setattr(sys, "argv", argv)  # config_flags reads its overrides from sys.argv
+        reset()
+        return flags.FLAGS(argv)
+
+    yield parse
+    reset()
 
 
 def pytest_unconfigure(config):

@@ -50,11 +50,12 @@ def _check_timing(entry: dict, batch: int) -> None:
 
 
 def test_smoke_run_tiny(tmp_path):
-    result = _run(tmp_path, "--batch", "1", "--image-size", "64", "96")
+    result = _run(tmp_path, "--batch", "1", "--image-size", "64", "96",
+                  "--measure", "predict", "predict_batch", "train", "export")
     assert set(result) == {"machine", "setup", "jax", "targets"}
     assert result["setup"]["image_size"] == [64, 96] and result["setup"]["batch"] == 1
     assert result["machine"]["threads"] >= 1 and len(result["machine"]["load_avg_end"]) == 3
-    assert set(result["jax"]) == {"predict", "train"}  # no predict_batch at batch 1
+    assert set(result["jax"]) == {"predict", "train", "export"}  # no predict_batch at batch 1
     predict, train = result["jax"]["predict"], result["jax"]["train"]
     _check_timing(predict, 1)
     _check_timing(train, 1)
@@ -65,6 +66,11 @@ def test_smoke_run_tiny(tmp_path):
     assert 0 <= predict["num_detections"] <= 10  # tiny: detections_per_image = 10
     assert math.isfinite(train["loss"])
     assert set(result["targets"]["met"]) == {"train_compile", "predict_compile"}
+    exported = result["jax"]["export"]  # the serialized program, run as a server would
+    _check_timing(exported, 1)
+    assert exported["platforms"] == ["cpu", "cuda", "tpu"]
+    assert exported["program_mb"] > 0 and exported["weights_mb"] > 0 and exported["export_s"] > 0
+    assert exported["latency_vs_predict"] == exported["median_s"] / predict["median_s"]
 
 
 @pytest.mark.slow

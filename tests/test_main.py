@@ -96,25 +96,6 @@ def test_user_errors_are_one_message_and_status_2_other_errors_propagate(caplog)
         runtime.reporting_user_errors(failing(KeyError("x")))([])
 
 
-@pytest.fixture
-def parse_flags(monkeypatch):
-    """Parses a command line into absl's FLAGS for an in-process `main.main` call."""
-
-    def reset():
-        flags.FLAGS.unparse_flags()
-        for name in [n for n in flags.FLAGS if n.startswith("config.")]:
-            delattr(flags.FLAGS, name)  # the override flags config_flags defined while parsing
-
-    def parse(*args):
-        argv = ["mrcnn_jax.main", *args]
-        monkeypatch.setattr(sys, "argv", argv)  # config_flags reads its overrides from sys.argv
-        reset()
-        return flags.FLAGS(argv)
-
-    yield parse
-    reset()
-
-
 def test_train_mode_saves_config_and_dispatches(tmp_path, monkeypatch, parse_flags):
     calls = []
 

@@ -1,0 +1,283 @@
+"""The predict step as a serialized StableHLO program (`jax.export`): serving without this library.
+
+    python -m mrcnn_jax.main --config=CONFIG --workdir=W --mode=export [--export_dir=DIR]
+
+writes DIR (default W/export), from the weights `--mode=predict` would use:
+
+    predict.jax_exported  `jax.export.Exported.serialize()` of
+                              serve(weights, images, image_sizes) -> {"boxes", "scores",
+                                                                      "classes", "valid", "masks"}
+                          lowered for CPU, CUDA and TPU (`--export_platforms`), for any batch size
+    weights.msgpack       `flax.serialization.msgpack_serialize` of the weights argument:
+                          {"variables": the model's variables, "anchors": [A, 4] float32}
+    export.json           the inputs' preprocessing, what the outputs mean, the class names and
+                          dataset category ids, the jax version, where the weights came from
+    config.json           the model's config (what `predict.load_config` reads)
+
+Serving takes jax and flax (or any StableHLO runtime), not this library:
+
+    exported = jax.export.deserialize(open("DIR/predict.jax_exported", "rb").read())
+    weights = flax.serialization.msgpack_restore(open("DIR/weights.msgpack", "rb").read())
+    out = jax.jit(exported.call)(weights, images, image_sizes)
+
+`images` [b, H, W, 3] float32 is the canvas `data.image_size` holding each image resized and
+normalised at its top-left, zeros elsewhere, and `image_sizes` [b, 2] int32 the resized (h, w), as
+`data.transforms.preprocess_for_eval` makes them and export.json's "preprocessing" describes. The
+outputs are the padded `structures.Detections`: boxes in the resized image's pixels, 28 x 28 mask
+probabilities in the box frame. `load(DIR)` wraps this in a `predict.Predictor` (a numpy image in,
+detections and full-size masks at the original size out), which is also how the tests check that
+the program gives exactly what the model gives.
+
+The weights are an argument, not constants in the program: the program stays small (the tiny
+config's is ~0.2 MB), compiles without constant-folding the weights, and serves other weights of
+the same shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Mapping, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import serialization
+
+from mrcnn_jax import inference, mask_rcnn, runtime
+from mrcnn_jax.structures import Detections
+
+PROGRAM_FILE = "predict.jax_exported"
+WEIGHTS_FILE = "weights.msgpack"
+INFO_FILE = "export.json"
+FORMAT = "mrcnn_jax.export/1"
+# The platforms jax.export lowers for; an artifact made on a CPU machine serves on all three.
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")
+
+OUTPUTS = {
+    "boxes": "[b, D, 4] float32 xyxy in the resized image's pixels (divide x by scale_x = rw / w"
+    " and y by scale_y = rh / h for the original image's)",
+    "scores": "[b, D] float32, descending among the valid detections",
+    "classes": "[b, D] int32 contiguous labels 1..K (class_names[label]; label_to_category_id for"
+    " the dataset's category ids)",
+    "valid": "[b, D] bool, True for real detections (first), False for padding",
+    "masks": "[b, D, M, M] float32 mask probabilities in the box frame, to be pasted into the box"
+    " at the original size and thresholded (postprocessing)",
+}
+
+
+def serve_fn(model_cfg: ml_collections.ConfigDict, level_counts: Sequence[int]):
+    """serve(weights, images, image_sizes) -> dict of the padded detections: the predict step of
+    `inference.predict`, with the anchors taken from `weights` (an argument, as in
+    `inference.make_predict_fn`, so that XLA does not fold work on a large literal)."""
+    predict = functools.partial(
+        inference.predict, model=mask_rcnn.build_model(model_cfg), model_cfg=model_cfg,
+        level_counts=list(level_counts),
+    )
+
+    def mrcnn_jax_predict(weights, images, image_sizes):
+        dets = predict(weights["variables"], images, image_sizes, weights["anchors"])
+        return {f.name: getattr(dets, f.name) for f in dataclasses.fields(dets)}
+
+    return mrcnn_jax_predict
+
+
+def _check_platforms(platforms: Sequence[str], what: str) -> None:
+    if not platforms or any(p not in PLATFORMS for p in platforms):
+        raise runtime.InvalidInputError(
+            f"{what}: expected one or more of {', '.join(PLATFORMS)}, comma-separated"
+        )
+
+
+def _plain(tree):
+    """Nested plain dicts of numpy arrays (what `msgpack_restore` gives back, so that the restored
+    weights have the exported program's argument structure)."""
+    if isinstance(tree, Mapping):
+        return {str(k): _plain(v) for k, v in tree.items()}
+    return np.asarray(tree)
+
+
+def export_predict(
+    config: ml_collections.ConfigDict,
+    variables: Mapping,
+    platforms: Sequence[str] = DEFAULT_PLATFORMS,
+    batch_size: int | None = None,
+) -> tuple[jax.export.Exported, dict]:
+    """-> (the exported predict step, its weights argument {"variables", "anchors"}).
+
+    batch_size: None exports one program for any batch size (a symbolic dimension), N for N
+    images per call only."""
+    _check_platforms(platforms, f"export platforms {list(platforms)}")
+    size = tuple(int(s) for s in config.data.image_size)
+    anchors, counts = inference.anchors_for(config.model, size)
+    weights = {"variables": _plain(variables), "anchors": np.asarray(anchors, np.float32)}
+    if batch_size is None:
+        (b,) = jax.export.symbolic_shape("b")
+    elif batch_size >= 1:
+        b = int(batch_size)
+    else:
+        raise ValueError(f"export batch size: expected None (any) or >= 1, got {batch_size}")
+    specs = (
+        jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), weights),
+        jax.ShapeDtypeStruct((b, *size, 3), jnp.float32),
+        jax.ShapeDtypeStruct((b, 2), jnp.int32),
+    )
+    serve = serve_fn(config.model, counts)
+    exported = jax.export.export(jax.jit(serve), platforms=tuple(platforms))(*specs)
+    return exported, weights
+
+
+def export_info(config, exported, class_names, label_to_category_id, source) -> dict:
+    """export.json: what a server must feed the program and what it gets back."""
+    d, test = config.data, config.model.test
+    size = [int(s) for s in d.image_size]
+    batch = exported.in_avals[-1].shape[0]
+    batch = batch if isinstance(batch, int) else "any"
+    return {
+        "format": FORMAT,
+        "program": PROGRAM_FILE,
+        "weights": WEIGHTS_FILE,
+        "platforms": list(exported.platforms),
+        "batch_size": batch,
+        "call": "jax.export.deserialize(program).call(weights, images, image_sizes)",
+        "inputs": {
+            "weights": f"flax.serialization.msgpack_restore of {WEIGHTS_FILE}",
+            "images": {
+                "shape": ["b", *size, 3], "dtype": "float32",
+                "about": "each image resized (preprocessing), normalised as (pixel -"
+                " pixel_mean) / pixel_std in channel_order, at the top-left of the canvas,"
+                " zeros elsewhere",
+            },
+            "image_sizes": {
+                "shape": ["b", 2], "dtype": "int32", "about": "the resized (rh, rw) of each image",
+            },
+        },
+        "preprocessing": {
+            "resize": "bilinear with half-pixel centres (antialias: widened when shrinking, as"
+            " PIL); scale = min(test_min_size / min(h, w), test_max_size / max(h, w)), rh, rw"
+            " = h * scale, w * scale rounded (resize_rounding)",
+            "test_min_size": int(d.test_min_size),
+            "test_max_size": int(d.test_max_size),
+            "canvas": size,
+            "pixel_mean": [float(v) for v in d.pixel_mean],
+            "pixel_std": [float(v) for v in d.pixel_std],
+            "channel_order": str(d.channel_order),
+            "resize_rounding": str(d.get("resize_rounding", "half_up")),
+            "resize_antialias": bool(d.get("resize_antialias", False)),
+        },
+        "outputs": OUTPUTS,
+        "postprocessing": {
+            "mask_threshold": float(test.mask_threshold),
+            "mask_paste": str(test.mask_paste),
+        },
+        "class_names": list(class_names),
+        "label_to_category_id": {str(k): int(v) for k, v in label_to_category_id.items()},
+        "source": str(source),
+        "versions": {"jax": jax.__version__, "flax": flax.__version__},
+    }
+
+
+def write_export(out_dir: str, config, exported, weights, info: dict) -> str:
+    """Writes the four files into `out_dir` at once: they are written into a new folder beside
+    it, which then takes its place, so a failed export leaves an earlier one as it was."""
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise runtime.InvalidInputError(f"--export_dir={out_dir} is a file, not a folder")
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.new-", dir=parent)
+    try:
+        with open(os.path.join(staging, PROGRAM_FILE), "wb") as f:
+            f.write(exported.serialize())
+        with open(os.path.join(staging, WEIGHTS_FILE), "wb") as f:
+            f.write(serialization.msgpack_serialize(weights))
+        with open(os.path.join(staging, INFO_FILE), "w") as f:
+            json.dump(info, f, indent=1)
+        from mrcnn_jax.checkpoint import CONFIG_FILE
+
+        with open(os.path.join(staging, CONFIG_FILE), "w") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+        old = None
+        if os.path.isdir(out_dir):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
+            os.rename(out_dir, os.path.join(old, "export"))
+        os.rename(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return out_dir
+
+
+def export_main(
+    config, workdir: str, out_dir: str | None = None,
+    platforms: Sequence[str] = DEFAULT_PLATFORMS, batch_size: int | None = None,
+) -> str | None:
+    """`--mode=export`: the weights `--mode=predict` uses (the workdir's latest checkpoint, else
+    config.train.init_checkpoint), exported into `out_dir` (default WORKDIR/export). On several
+    hosts every process reads the checkpoint (collectively) and process 0 writes; -> the folder
+    written (None on the other processes)."""
+    from mrcnn_jax import predict
+
+    _check_platforms(platforms, f"--export_platforms={','.join(platforms)}")
+    out_dir = out_dir or os.path.join(workdir, "export")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise runtime.InvalidInputError(f"--export_dir={out_dir} is a file, not a folder")
+    source = predict.weights_source(workdir, config)
+    predict.refuse_backbone_only(source)
+    class_names, label_to_cat = predict._labels(workdir, config, source)
+    predictor = predict.Predictor.from_workdir(
+        workdir, config=config,
+        class_names=class_names or predict.generic_class_names(config.model.num_classes),
+    )
+    if jax.process_index() != 0:
+        return None
+    exported, weights = export_predict(config, predictor.variables, platforms, batch_size)
+    info = export_info(config, exported, predictor.class_names, label_to_cat, source)
+    written = write_export(out_dir, config, exported, weights, info)
+    logging.info(
+        "exported the predict step of %s for %s (batch %s) to %s", source,
+        ", ".join(exported.platforms), info["batch_size"], written,
+    )
+    return written
+
+
+def load(directory: str):
+    """An exported folder as a `predict.Predictor`: numpy image in, `predict.Prediction` at the
+    original size out, run by the deserialized program (no Flax model is built)."""
+    from mrcnn_jax import checkpoint, predict
+
+    file = os.path.join(directory, INFO_FILE)  # the one being read, for the error
+    try:
+        with open(file) as f:
+            info = json.load(f)
+        if info.get("format") != FORMAT:
+            raise ValueError(f"format {info.get('format')!r}, expected {FORMAT!r}")
+        file = os.path.join(directory, info["program"])
+        with open(file, "rb") as f:
+            exported = jax.export.deserialize(bytearray(f.read()))
+        file = os.path.join(directory, info["weights"])
+        with open(file, "rb") as f:
+            weights = serialization.msgpack_restore(f.read())
+        file = os.path.join(directory, checkpoint.CONFIG_FILE)
+        config = predict.load_config(file)
+    except FileNotFoundError as e:
+        raise runtime.MissingInputError(
+            f"{directory} is not a complete export (--mode=export writes it): {e}"
+        ) from e
+    except (ValueError, KeyError, TypeError, AttributeError, struct.error) as e:
+        # (a damaged program fails in jax's flatbuffer reader with struct.error / AttributeError)
+        raise runtime.InvalidInputError(f"{file}: not a readable export ({e!r})") from e
+    call = jax.jit(exported.call)
+    predict_fn = lambda w, images, sizes: Detections(**call(w, images, sizes))
+    return predict.Predictor(config, weights, info["class_names"], predict_fn=predict_fn)

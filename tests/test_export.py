@@ -1,0 +1,167 @@
+"""export.py: the predict step as a serialized StableHLO program, on the tiny config."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import serialization
+
+from configs import tiny
+from mrcnn_jax import checkpoint, export, inference, main, mask_rcnn, predict, runtime
+from mrcnn_jax.data import transforms
+from tests.test_predict import CLASS_NAMES, _save_weights, _write_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A trained-looking workdir with random weights (zeros would give no detections to check)."""
+    path = str(tmp_path_factory.mktemp("export") / "work")
+    config = tiny.get_config()
+    _write_config(path, config)
+    checkpoint.write_labels(path, CLASS_NAMES, {1: 11, 2: 12, 3: 13})
+    model = mask_rcnn.build_model(config.model)
+    variables = mask_rcnn.init_variables(model, jax.random.key(3), tuple(config.data.image_size))
+    _save_weights(os.path.join(path, checkpoint.CHECKPOINT_DIR), jax.device_get(variables), 4)
+    return path
+
+
+@pytest.fixture(scope="module")
+def exported_dir(workdir):
+    return export.export_main(tiny.get_config(), workdir)
+
+
+def _images():
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 256, shape, dtype=np.uint8) for shape in [(48, 64, 3), (70, 40, 3)]]
+
+
+def test_the_exported_program_predicts_what_the_model_predicts(workdir, exported_dir):
+    assert exported_dir == os.path.join(workdir, "export")
+    served = export.load(exported_dir)
+    model = predict.Predictor.from_workdir(workdir)
+    assert served.class_names == model.class_names == CLASS_NAMES
+    for image in _images():
+        got, want = served(image), model(image)
+        assert len(want.boxes) > 0  # random weights: the classes' scores pass the threshold
+        np.testing.assert_array_equal(got.classes, want.classes)
+        np.testing.assert_allclose(got.boxes, want.boxes, rtol=1e-6, atol=1e-4)
+        np.testing.assert_allclose(got.scores, want.scores, rtol=1e-6)
+        assert got.names == want.names
+        np.testing.assert_array_equal(got.masks, want.masks)
+        assert got.masks.shape[1:] == image.shape[:2]
+
+
+def test_one_program_serves_any_batch_with_jax_and_flax_alone(workdir, exported_dir):
+    """Served as the module docstring says, without this library's model code: any batch size,
+    the model's padded detections for each image."""
+    with open(os.path.join(exported_dir, export.INFO_FILE)) as f:
+        info = json.load(f)
+    assert info["platforms"] == ["cpu", "cuda", "tpu"] and info["batch_size"] == "any"
+    assert info["class_names"] == list(CLASS_NAMES)
+    assert info["label_to_category_id"] == {"1": 11, "2": 12, "3": 13}
+    with open(os.path.join(exported_dir, info["program"]), "rb") as f:
+        program = jax.export.deserialize(bytearray(f.read()))
+    with open(os.path.join(exported_dir, info["weights"]), "rb") as f:
+        weights = serialization.msgpack_restore(f.read())
+    call = jax.jit(program.call)
+
+    config = tiny.get_config()
+    pre = info["preprocessing"]
+    assert pre["canvas"] == list(config.data.image_size)
+    assert pre["pixel_mean"] == list(config.data.pixel_mean)
+    batch = [transforms.preprocess_for_eval(image, config.data) for image in _images() * 2][:3]
+    images = np.stack([b[0] for b in batch])
+    sizes = np.array([b[1] for b in batch], np.int32)
+    model = mask_rcnn.build_model(config.model)
+    reference = inference.make_predict_fn(model, config.model, config.data.image_size)(
+        predict.Predictor.from_workdir(workdir).variables, images, sizes
+    )
+    for n in (3, 1):
+        out = call(weights, images[:n], sizes[:n])
+        for name in ("boxes", "scores", "classes", "valid", "masks"):
+            want = np.asarray(getattr(reference, name))[:n]
+            assert out[name].shape == want.shape, name
+            np.testing.assert_allclose(np.asarray(out[name]), want, rtol=1e-6, atol=1e-5,
+                                       err_msg=name)
+
+
+def test_command_line_export_with_a_fixed_batch_and_platform(workdir, parse_flags, tmp_path):
+    out = tmp_path / "served"
+    main.main(parse_flags(
+        f"--config={ROOT}/configs/tiny.py", f"--workdir={workdir}", "--mode=export",
+        f"--export_dir={out}", "--export_platforms=cpu", "--export_batch=2",
+    ))
+    info = json.loads((out / export.INFO_FILE).read_text())
+    assert info["platforms"] == ["cpu"] and info["batch_size"] == 2
+    program = jax.export.deserialize(bytearray((out / export.PROGRAM_FILE).read_bytes()))
+    assert [a.shape for a in program.in_avals[-2:]] == [(2, 64, 64, 3), (2, 2)]
+    assert sorted(os.listdir(tmp_path)) == ["served"]  # no staging folder left beside it
+
+
+def test_a_failed_export_leaves_the_last_one_as_it_was(workdir, exported_dir, monkeypatch):
+    before = {n: open(os.path.join(exported_dir, n), "rb").read() for n in os.listdir(exported_dir)}
+
+    def broken(_):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(serialization, "msgpack_serialize", broken)
+    with pytest.raises(OSError, match="disk full"):
+        export.export_main(tiny.get_config(), workdir, platforms=("cpu",))
+    after = {n: open(os.path.join(exported_dir, n), "rb").read() for n in os.listdir(exported_dir)}
+    assert after == before
+    assert sorted(os.listdir(workdir)) == sorted(
+        ["config.json", "labels.json", "checkpoints", "export"]
+    )
+
+
+def test_what_cannot_be_exported_or_loaded_is_one_line_naming_it(tmp_path, parse_flags):
+    config = tiny.get_config()
+    with pytest.raises(runtime.InvalidInputError, match="--export_platforms=cpu,gpu: expected"):
+        export.export_main(config, str(tmp_path), platforms=("cpu", "gpu"))
+    with pytest.raises(runtime.MissingInputError, match="no checkpoint in"):
+        export.export_main(config, str(tmp_path / "empty"))
+    with pytest.raises(runtime.InvalidInputError, match="--export_batch=-1"):
+        main.main(parse_flags(
+            f"--config={ROOT}/configs/tiny.py", f"--workdir={tmp_path}", "--mode=export",
+            "--export_batch=-1",
+        ))
+    (tmp_path / "half").mkdir()
+    with pytest.raises(runtime.MissingInputError, match="not a complete export"):
+        export.load(str(tmp_path / "half"))
+    (tmp_path / "half" / export.INFO_FILE).write_text('{"format": "other"}')
+    with pytest.raises(runtime.InvalidInputError, match="export.json: not a readable export"):
+        export.load(str(tmp_path / "half"))
+    info = {"format": export.FORMAT, "program": "p.bin", "weights": "w.msgpack"}
+    (tmp_path / "half" / export.INFO_FILE).write_text(json.dumps(info))
+    (tmp_path / "half" / "p.bin").write_bytes(b"truncated")
+    with pytest.raises(runtime.InvalidInputError, match="p.bin: not a readable export"):
+        export.load(str(tmp_path / "half"))
+
+
+@pytest.mark.parametrize("recipe", ["torchvision", "detectron2"])
+def test_the_imported_weights_inference_variants_export_for_any_batch(recipe):
+    """The published-weights configs' inference paths (torchvision's anchor grid, per-image
+    feature padding and level mapper; detectron2's adaptive RoIAlign sampling) trace and lower
+    with a symbolic batch size (on the tiny model's sizes; lowering only, nothing compiled)."""
+    config = tiny.get_config()
+    m = config.model
+    if recipe == "torchvision":
+        m.anchor_grid, m.rpn.size_divisibility, m.feature_padding = "torchvision", 32, "image"
+        m.rpn.sigmoid_scores, m.roi.level_mapper, m.roi.aligned = True, "torchvision", False
+        m.test.mask_paste = "torchvision"
+    else:
+        m.roi.sampling_ratio, m.roi.max_sampling_ratio = 0, 6
+    model = mask_rcnn.build_model(m)
+    shapes = jax.eval_shape(
+        lambda: mask_rcnn.init_variables(model, jax.random.key(0), tuple(config.data.image_size))
+    )
+    variables = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+    program, _ = export.export_predict(config, variables, platforms=("cpu", "tpu"))
+    d = m.test.detections_per_image
+    (b,) = program.in_avals[-1].shape[:1]
+    assert not isinstance(b, int)  # symbolic
+    assert [a.shape[1:] for a in program.out_avals] == [(d, 4), (d,), (d, 28, 28), (d,), (d,)]
