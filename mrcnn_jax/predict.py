@@ -353,7 +353,7 @@ def _inputs(config, spec: str) -> Iterator[tuple[str, int, np.ndarray, str]]:
 
         try:
             images = pipeline.split_images(config, spec[len("split:") :])
-        except (FileNotFoundError, ValueError) as e:
+        except runtime.InputError as e:
             raise runtime.named_input_error(e, f"--input {spec}") from e
         return (
             (str(image_id), int(image_id), image, f"{spec} image {image_id}")

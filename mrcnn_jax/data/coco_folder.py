@@ -204,7 +204,7 @@ class CocoFolder(coco_utils.InstancesBuilder):
                 key += 1
         log.log_summary(path)
         if not key:
-            raise ValueError(
+            raise runtime.InvalidInputError(
                 f"{path}: none of its {len(metas)} images could be used from {image_dir}"
                 f" (repairs: {log.as_dict()}); is config.data.root the folder that holds"
                 f" annotations/ and {cfg.split}/?"

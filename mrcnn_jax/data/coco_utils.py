@@ -181,9 +181,13 @@ def parse_categories(categories: list, path: str) -> list[dict]:
     for i, c in enumerate(categories):
         cid = c.get("id") if isinstance(c, dict) else None
         if not is_int(cid):
-            raise ValueError(f"COCO annotation file {path}: category #{i} has no integer id: {c!r}")
+            raise runtime.InvalidInputError(
+                f"COCO annotation file {path}: category #{i} has no integer id: {c!r}"
+            )
         if cid in seen:
-            raise ValueError(f"COCO annotation file {path}: category id {cid} declared twice")
+            raise runtime.InvalidInputError(
+                f"COCO annotation file {path}: category id {cid} declared twice"
+            )
         seen[cid] = str(c.get("name", cid))
     return [{"id": cid, "name": seen[cid], "label": k + 1} for k, cid in enumerate(sorted(seen))]
 

@@ -105,7 +105,7 @@ def _builder(src: _Source, variant: str = "") -> tuple[tfds.core.DatasetBuilder,
     kwargs = {"data_dir": src.data_dir or None, "file_format": "array_record"}
     if src.dataset == "shapes":
         if src.split not in shapes.SPLITS:
-            raise ValueError(
+            raise runtime.InvalidInputError(
                 f"dataset 'shapes' has no split {src.split!r} (its splits:"
                 f" {', '.join(shapes.SPLITS)})"
             )
@@ -113,10 +113,14 @@ def _builder(src: _Source, variant: str = "") -> tuple[tfds.core.DatasetBuilder,
         return shapes.Shapes(config=cfg, **kwargs), src.split
     if src.dataset == "coco_folder":
         if not src.root:
-            raise ValueError("config.data.root must name the COCO folder for dataset 'coco_folder'")
+            raise runtime.InvalidInputError(
+                "config.data.root must name the COCO folder for dataset 'coco_folder'"
+            )
         cfg = coco_folder.coco_folder_config(src.root, src.split, variant)
         return coco_folder.CocoFolder(config=cfg, **kwargs), coco_folder.tfds_split_name(src.split)
-    raise ValueError(f"config.data.dataset must be 'shapes' or 'coco_folder', got {src.dataset!r}")
+    raise runtime.InvalidInputError(
+        f"config.data.dataset must be 'shapes' or 'coco_folder', got {src.dataset!r}"
+    )
 
 
 def _prepare(src: _Source, variant: str = "") -> tuple[tfds.core.DatasetBuilder, str]:
@@ -175,7 +179,7 @@ def _load_split(src: _Source) -> _Split:
     meta = builder.info.metadata
     num_instances = np.asarray(meta["num_instances"][name], np.int64)
     if len(num_instances) != builder.info.splits[name].num_examples:
-        raise ValueError(
+        raise runtime.InvalidInputError(
             f"{builder.data_dir}: metadata does not match the stored examples; delete it"
         )
     categories = tuple((int(c["id"]), str(c["name"])) for c in meta["categories"])
@@ -187,10 +191,11 @@ def _split(data_config, split: str) -> _Split:
 
 
 def _config_split(data_config, key: str) -> _Split:
-    """`_split` of the split `config.data.<key>` names, its errors naming the key."""
+    """`_split` of the split `config.data.<key>` names, its errors about the user's input
+    (`runtime.InputError`) naming the key; any other error keeps its traceback."""
     try:
         return _split(data_config, data_config[key])
-    except (FileNotFoundError, ValueError) as e:
+    except runtime.InputError as e:
         raise runtime.named_input_error(e, f"config.data.{key}={data_config[key]!r}") from e
 
 

@@ -14,6 +14,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from configs import base
+from mrcnn_jax import runtime
 from mrcnn_jax.data import coco_folder, coco_utils, pipeline
 from tests.data import reference
 
@@ -467,7 +468,8 @@ def test_a_folder_without_usable_images_names_it(tmp_path):
     _small_folder(root, [])
     config = _config(root, tmp_path / "tfds")
     config.data.num_classes = 1
-    with pytest.raises(ValueError, match=r"none of its 3 images could be used from .*coco/s"):
+    with pytest.raises(runtime.InvalidInputError,
+                       match=r"none of its 3 images could be used from .*coco/s"):
         pipeline._load_split(pipeline._Source.of(config.data, "s"))
 
 

@@ -8,7 +8,7 @@ import PIL.Image
 import pytest
 from pycocotools import mask as mask_utils
 
-from mrcnn_jax import image_io
+from mrcnn_jax import image_io, runtime
 from mrcnn_jax.data import coco_utils
 
 H, W = 20, 30
@@ -133,9 +133,9 @@ def test_categories_are_mapped_to_contiguous_labels_in_id_order():
         {"id": 7, "name": "7", "label": 2},
         {"id": 12, "name": "c", "label": 3},
     ]
-    with pytest.raises(ValueError, match="f: category id 3 declared twice"):
+    with pytest.raises(runtime.InvalidInputError, match="f: category id 3 declared twice"):
         coco_utils.parse_categories([{"id": 3}, {"id": 3}], "f")
-    with pytest.raises(ValueError, match="category #0 has no integer id"):
+    with pytest.raises(runtime.InvalidInputError, match="category #0 has no integer id"):
         coco_utils.parse_categories([{"name": "x"}], "f")
 
 

@@ -8,7 +8,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from configs import base
-from mrcnn_jax import structures
+from mrcnn_jax import runtime, structures
 from mrcnn_jax.data import pipeline, transforms
 from tests.data import reference
 
@@ -285,6 +285,23 @@ def test_config_errors_name_the_keys(config):
         )
     with pytest.raises(ValueError, match="global_batch_size=4 not divisible by 3"):
         pipeline.train_batches(config, process_index=0, process_count=3)
+
+
+def test_a_split_error_names_its_key_and_a_bug_keeps_its_traceback(config, monkeypatch):
+    """What the user named (a split the dataset lacks) is an InputError naming the config key;
+    an error of the preparation itself propagates as it was raised, not as an input error."""
+    with pytest.raises(runtime.InvalidInputError,
+                       match="config.data.eval_split='test': dataset 'shapes' has no split"):
+        pipeline._config_split(_variant(config, **{"data.eval_split": "test"}).data, "eval_split")
+    bug = ValueError("operands could not be broadcast together")
+
+    def broken(*_):
+        raise bug
+
+    monkeypatch.setattr(pipeline, "_split", broken)
+    with pytest.raises(ValueError) as raised:
+        pipeline._config_split(config.data, "eval_split")
+    assert raised.value is bug and not isinstance(raised.value, runtime.InputError)
 
 
 def test_split_images_yields_the_stored_images(config, examples):
