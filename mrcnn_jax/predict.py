@@ -388,8 +388,8 @@ def predict_main(config, workdir: str, inputs: str, score_threshold: float = 0.5
     (an error outside one image, Ctrl-C), and the exception then goes on. A run that predicts
     no image at all leaves the folder as it was: what `inputs` names is looked up before the
     model is loaded (runtime.MissingInputError / InvalidInputError; on several hosts, by
-    process 0 after it), and when none of its images can be read or predicted,
-    InvalidInputError says so.
+    process 0 after it); when none of its images can be read, InvalidInputError says so, and
+    when each image read fails to predict, a RuntimeError from the last failure.
 
     On several hosts every process must call it (reading the checkpoint is collective); process
     0 looks up `inputs`, predicts and writes, the others return [].
@@ -415,6 +415,7 @@ def predict_main(config, workdir: str, inputs: str, score_threshold: float = 0.5
     os.makedirs(out_dir, exist_ok=True)
     previous = _read_manifest(out_dir)
     results, paths, skipped = [], [], 0
+    failure = None  # the last image's prediction error
     finished = False
     try:
         for name, image_id, image, where in images:
@@ -427,6 +428,7 @@ def predict_main(config, workdir: str, inputs: str, score_threshold: float = 0.5
                 logging.warning("skipped %s: prediction failed (%s: %s)", where,
                                 type(e).__name__, e)
                 skipped += 1
+                failure = e
                 continue
             results += image_results
             paths.append(path)
@@ -441,9 +443,14 @@ def predict_main(config, workdir: str, inputs: str, score_threshold: float = 0.5
                                 os.path.join(out_dir, "results.json"), len(paths))
         elif not finished:
             logging.warning("stopped before any image was predicted: %s left as it was", out_dir)
+    if not paths and failure is not None:  # the model failed, not the input: its traceback
+        raise RuntimeError(
+            f"--input {inputs}: the prediction of each of its {skipped} readable images failed"
+            f" (the warnings above say how); {out_dir} left as it was. The last error follows"
+        ) from failure
     if not paths:
         raise runtime.InvalidInputError(
-            f"--input {inputs}: none of its images could be read and predicted (the warnings"
+            f"--input {inputs}: none of its images could be read (the warnings"
             f" above say why); {out_dir} left as it was"
         )
     logging.info("wrote %d detections on %d images to %s%s", len(results), len(paths), out_dir,

@@ -215,7 +215,9 @@ def test_interrupt_is_not_swallowed_and_what_was_predicted_is_kept(run, tmp_path
     assert [r["file_name"] for r in json.load(open(os.path.join(out, "results.json")))] == ["a"]
 
 
-@pytest.mark.parametrize("what", ["missing path", "empty folder", "bad split", "unreadable"])
+@pytest.mark.parametrize(
+    "what", ["missing path", "empty folder", "bad split", "unreadable", "model fails"]
+)
 def test_a_run_that_predicts_nothing_leaves_the_last_run_as_it_was(
     run, tmp_path, fake_predictor, monkeypatch, what
 ):
@@ -232,6 +234,12 @@ def test_a_run_that_predicts_nothing_leaves_the_last_run_as_it_was(
         (folder / "x.jpg").write_bytes(b"not a jpeg")
         with pytest.raises(runtime.InvalidInputError, match="none of its images could be read"):
             predict.predict_main(config, workdir, str(folder))
+    elif what == "model fails":  # every image read, every prediction failed: not the input's
+        folder = _images(tmp_path / "bad", ["x", "y"], bad={"x", "y"})
+        with pytest.raises(RuntimeError, match="each of its 2 readable images failed") as e:
+            predict.predict_main(config, workdir, folder)
+        assert not isinstance(e.value, runtime.InputError)
+        assert "output dimensions must be positive" in str(e.value.__cause__)
     else:
         spec, error, match = {
             "missing path": (str(tmp_path / "nope"), runtime.MissingInputError,
