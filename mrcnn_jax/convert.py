@@ -965,6 +965,10 @@ def convert_file(
         raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
     config = config if config is not None else default_config(source)
     config_args = config_args or (f"--config={family_config_file(source)}",)
+    if os.path.isdir(input_path):
+        raise runtime.InvalidInputError(
+            f"--input {input_path} is a folder: name the weight file in it (.pth, .pkl)"
+        )
     if not os.path.isfile(input_path):
         raise runtime.MissingInputError(f"--input {input_path}: no such file")
     check_family_convention(source, config, config_args, input_path)

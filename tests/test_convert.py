@@ -918,4 +918,6 @@ def test_a_missing_input_file_is_named(tmp_path, source):
     missing = str(tmp_path / "model_final.pkl")
     with pytest.raises(runtime.MissingInputError, match=f"--input {missing}: no such file"):
         convert.convert_file(source, missing, str(tmp_path / "out"))
+    with pytest.raises(runtime.InvalidInputError, match=f"--input {tmp_path} is a folder"):
+        convert.convert_file(source, str(tmp_path), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
