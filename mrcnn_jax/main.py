@@ -223,6 +223,7 @@ def main(argv) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     runtime.set_default_xla_flags()  # before JAX creates its backends
     runtime.quiet_library_logs(flags.FLAGS.verbosity)
+    runtime.progress_bars_for(sys.stderr)
     config, workdir, mode = runtime.config_flag_value(_CONFIG), _WORKDIR.value, _MODE.value
     validate_config(config)  # before any device work or compilation
     if mode == "predict" and not _INPUT.value:

@@ -69,6 +69,17 @@ def quiet_library_logs(verbosity: int = 0) -> None:
         absl_logger.addFilter(_OrbaxInfo())
 
 
+def progress_bars_for(stream) -> bool:
+    """TFDS's progress bars (dataset preparation) on when `stream` (the command line's stderr) is
+    a terminal, off when it goes to a file or a cluster's log, where each update would be
+    another long line between the log records. -> whether they are on."""
+    import tensorflow_datasets as tfds
+
+    on = bool(getattr(stream, "isatty", lambda: False)())
+    (tfds.enable_progress_bar if on else tfds.disable_progress_bar)()
+    return on
+
+
 # Exit status of a command line refused by `reporting_user_errors` (absl's for a usage error, too).
 USER_ERROR_EXIT_STATUS = 2
 

@@ -353,3 +353,28 @@ def test_orbax_info_records_are_left_out_at_the_default_verbosity():
         assert added[0].filter(record(logging.INFO, "/work/main/mrcnn_jax/train.py"))
     finally:
         absl_logger.filters[:] = saved
+
+
+def test_progress_bars_only_on_a_terminal():
+    """TFDS's preparation bars go to a terminal, not into a log file or a cluster's log."""
+    import io
+
+    from tensorflow_datasets.core.utils import tqdm_utils
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    def drawn() -> str:
+        out = io.StringIO()
+        for _ in tqdm_utils.tqdm(range(3), file=out):
+            pass
+        return out.getvalue()
+
+    try:
+        assert runtime.progress_bars_for(io.StringIO()) is False
+        assert drawn() == ""
+        assert runtime.progress_bars_for(Terminal()) is True
+        assert "3/3" in drawn()
+    finally:
+        runtime.progress_bars_for(Terminal())  # TFDS's default for the tests that follow
