@@ -188,8 +188,12 @@ def unknown_override_message(argv: list[str], error: Exception) -> str | None:
             # the type, not the value: the config being loaded may set another one
             kind = "None" if holder is None else f"a {type(holder).__name__}"
             name = f"field {key!r}" if key else f"item [{index}]"
-            return (f"--config.{dotted}: {path} is {kind}: it has no {name}"
-                    f" (set it with --config.{path[len('config.'):]}=VALUE)")
+            if isinstance(holder, ml_collections.ConfigDict):  # a group has fields, not items
+                how = (f"set its fields: --config.{path[len('config.'):]}.FIELD=VALUE; its"
+                       f" fields: {', '.join(holder)}")
+            else:
+                how = f"set it with --config.{path[len('config.'):]}=VALUE"
+            return f"--config.{dotted}: {path} is {kind}: it has no {name} ({how})"
     return None
 
 

@@ -295,6 +295,8 @@ def test_launch_flags_that_cannot_work_are_refused(args, message):
         ("--config.data.image_size[1]=96",
          "config.data.image_size is a tuple, set as a whole: --config.data.image_size=A,B,..."),
         ("--config.data.image_size.1=1", "config.data.image_size is a tuple: it has no field '1'"),
+        ("--config.train[0]=1", "config.train is a ConfigDict: it has no item [0] (set its"
+         " fields: --config.train.FIELD=VALUE; its fields: base_lr,"),
     ],
 )
 def test_an_override_of_a_key_that_does_not_exist_is_one_line(override, message, parse_flags):
