@@ -221,17 +221,24 @@ def predict(
     return Detections(boxes=boxes, scores=scores, classes=classes, valid=valid, masks=masks)
 
 
+def predict_step(model: MaskRCNN, model_cfg: ml_collections.ConfigDict, image_size):
+    """(`step(variables, images, image_sizes, anchors) -> Detections`, not jitted, for images
+    padded to `image_size`; its anchors, numpy [A, 4]): what `make_predict_fn` compiles and
+    `export` serializes."""
+    anchors, counts = anchors_for(model_cfg, image_size)
+    step = functools.partial(predict, model=model, model_cfg=model_cfg, level_counts=counts)
+    return step, anchors
+
+
 def make_predict_fn(model: MaskRCNN, model_cfg: ml_collections.ConfigDict, image_size):
     """A jitted `predict_fn(variables, images, image_sizes) -> Detections` for one padded size.
 
     The anchors are passed to the compiled function as an argument rather than closed over, so
     XLA does not constant-fold work on a large literal at compile time.
     """
-    anchors_np, counts = anchors_for(model_cfg, image_size)
+    step, anchors_np = predict_step(model, model_cfg, image_size)
     anchors = jnp.asarray(anchors_np)
-    jitted = jax.jit(
-        functools.partial(predict, model=model, model_cfg=model_cfg, level_counts=counts)
-    )
+    jitted = jax.jit(step)
 
     def predict_fn(variables, images, image_sizes) -> Detections:
         return jitted(variables, images, image_sizes, anchors)

@@ -107,12 +107,16 @@ class Predictor:
         predict_fn=None,
     ):
         """predict_fn(variables, images, image_sizes) -> `structures.Detections`: the model's
-        jitted predict step unless given (`export.load` gives the exported program's)."""
+        jitted predict step unless given (`export.load` gives the exported program's, whose
+        `variables` are its weights argument, and no Flax `model`)."""
         self.config = config
         self.variables = variables
+        self.model = None
         if predict_fn is None:
-            model = mask_rcnn.build_model(config.model)
-            predict_fn = inference.make_predict_fn(model, config.model, config.data.image_size)
+            self.model = mask_rcnn.build_model(config.model)
+            predict_fn = inference.make_predict_fn(
+                self.model, config.model, config.data.image_size
+            )
         self._predict = predict_fn
         if class_names is None:
             class_names = generic_class_names(config.model.num_classes)
@@ -148,7 +152,7 @@ class Predictor:
         refuse_backbone_only(source)
         checkpoint.check_input_convention(config, source)
         if class_names is None:
-            class_names = _labels(workdir, config, source)[0]
+            class_names = labels(workdir, config, source)[0]
         model = mask_rcnn.build_model(config.model)
         fresh = jax.eval_shape(
             lambda: mask_rcnn.init_variables(
@@ -288,7 +292,7 @@ def _label_dirs(path: str) -> list[str]:
     return [workdir_of(path)]
 
 
-def _labels(
+def labels(
     workdir: str, config, source: str | None = None
 ) -> tuple[Sequence[str] | None, dict[int, int]]:
     """(class names or None, {label: dataset category id}) of the model's labels: the labels.json
@@ -400,7 +404,7 @@ def predict_main(config, workdir: str, inputs: str, score_threshold: float = 0.5
     # (it may be on process 0's disk alone), after the collective checkpoint read.
     alone = jax.process_count() == 1
     images = _inputs(config, inputs) if alone else None
-    class_names, label_to_cat = _labels(workdir, config, source)
+    class_names, label_to_cat = labels(workdir, config, source)
     predictor = Predictor.from_workdir(
         workdir, config=config,
         class_names=class_names or generic_class_names(config.model.num_classes),

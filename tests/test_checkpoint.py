@@ -255,17 +255,17 @@ def test_prediction_labels_come_from_the_weights_workdir_before_the_dataset(tmp_
 
     config = coco_folder.get_config()
     config.data.root = str(tmp_path / "not_here")
-    names, mapping = predict._labels(str(tmp_path), config)  # no labels.json, no dataset
+    names, mapping = predict.labels(str(tmp_path), config)  # no labels.json, no dataset
     assert names is None and mapping == {}
     assert "category_id are the model's contiguous labels" in caplog.text
     ckpt_lib.write_labels(str(tmp_path / "init"), ("background", "a"), {1: 9})
     config.train.init_checkpoint = str(tmp_path / "init")
-    assert predict._labels(str(tmp_path), config) == (("background", "a"), {1: 9})
+    assert predict.labels(str(tmp_path), config) == (("background", "a"), {1: 9})
     ckpt_lib.write_labels(str(tmp_path), ("background", "b"), {1: 4})
     # No checkpoint in the workdir: the weights, and so the labels, are init_checkpoint's ...
-    assert predict._labels(str(tmp_path), config) == (("background", "a"), {1: 9})
+    assert predict.labels(str(tmp_path), config) == (("background", "a"), {1: 9})
     # ... while weights of the workdir's own come with its labels.
-    assert predict._labels(str(tmp_path), config, str(tmp_path)) == (("background", "b"), {1: 4})
+    assert predict.labels(str(tmp_path), config, str(tmp_path)) == (("background", "b"), {1: 4})
 
 
 def test_prediction_labels_follow_the_weights(tmp_path):
@@ -281,7 +281,7 @@ def test_prediction_labels_follow_the_weights(tmp_path):
     ckpt_lib.write_labels(str(init), ("background", "person"), {1: 1})
     config.train.init_checkpoint = str(init / "checkpoints" / "0")  # a step directory
     source = config.train.init_checkpoint  # as weights_source gives it: no checkpoint in work/
-    assert predict._labels(str(tmp_path / "work"), config, source) == (("background", "person"), {1: 1})
+    assert predict.labels(str(tmp_path / "work"), config, source) == (("background", "person"), {1: 1})
 
 
 def test_weights_made_for_other_inputs_are_refused(tmp_path):

@@ -39,13 +39,18 @@ def _images():
     return [rng.integers(0, 256, shape, dtype=np.uint8) for shape in [(48, 64, 3), (70, 40, 3)]]
 
 
-def test_the_exported_program_predicts_what_the_model_predicts(workdir, exported_dir):
-    assert exported_dir == os.path.join(workdir, "export")
-    served = export.load(exported_dir)
+@pytest.fixture(scope="module")
+def model_predictions(workdir):
+    """What the model itself predicts on `_images()`."""
     model = predict.Predictor.from_workdir(workdir)
-    assert served.class_names == model.class_names == CLASS_NAMES
-    for image in _images():
-        got, want = served(image), model(image)
+    assert model.class_names == CLASS_NAMES
+    return [model(image) for image in _images()]
+
+
+def _assert_same(served, model_predictions):
+    assert served.class_names == CLASS_NAMES
+    for image, want in zip(_images(), model_predictions, strict=True):
+        got = served(image)
         assert len(want.boxes) > 0  # random weights: the classes' scores pass the threshold
         np.testing.assert_array_equal(got.classes, want.classes)
         np.testing.assert_allclose(got.boxes, want.boxes, rtol=1e-6, atol=1e-4)
@@ -53,6 +58,16 @@ def test_the_exported_program_predicts_what_the_model_predicts(workdir, exported
         assert got.names == want.names
         np.testing.assert_array_equal(got.masks, want.masks)
         assert got.masks.shape[1:] == image.shape[:2]
+
+
+def test_the_exported_program_predicts_what_the_model_predicts(
+    workdir, exported_dir, model_predictions
+):
+    assert exported_dir == os.path.join(workdir, "export")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(exported_dir).st_mode & 0o777 == 0o777 & ~umask  # readable by a server
+    _assert_same(export.load(exported_dir), model_predictions)
 
 
 def test_one_program_serves_any_batch_with_jax_and_flax_alone(workdir, exported_dir):
@@ -89,30 +104,72 @@ def test_one_program_serves_any_batch_with_jax_and_flax_alone(workdir, exported_
                                        err_msg=name)
 
 
-def test_command_line_export_with_a_fixed_batch_and_platform(workdir, parse_flags, tmp_path):
+def test_command_line_export_with_a_fixed_batch_and_platform(
+    workdir, parse_flags, tmp_path, model_predictions
+):
     out = tmp_path / "served"
     main.main(parse_flags(
         f"--config={ROOT}/configs/tiny.py", f"--workdir={workdir}", "--mode=export",
-        f"--export_dir={out}", "--export_platforms=cpu", "--export_batch=2",
+        f"--export_dir={out}", "--export_platforms=cpu,cpu", "--export_batch=2",
     ))
     info = json.loads((out / export.INFO_FILE).read_text())
     assert info["platforms"] == ["cpu"] and info["batch_size"] == 2
     program = jax.export.deserialize(bytearray((out / export.PROGRAM_FILE).read_bytes()))
     assert [a.shape for a in program.in_avals[-2:]] == [(2, 64, 64, 3), (2, 2)]
     assert sorted(os.listdir(tmp_path)) == ["served"]  # no staging folder left beside it
+    _assert_same(export.load(str(out)), model_predictions)  # one image in a program for two
+
+    main.main(parse_flags(
+        f"--config={ROOT}/configs/tiny.py", f"--workdir={workdir}", "--mode=export",
+        f"--export_dir={tmp_path / 'tpu'}", "--export_platforms=tpu",
+    ))
+    with pytest.raises(runtime.InvalidInputError, match="exported for tpu, not for this"
+                       " machine's cpu: export again with --export_platforms=cpu"):
+        export.load(str(tmp_path / "tpu"))
 
 
-def test_a_failed_export_leaves_the_last_one_as_it_was(workdir, exported_dir, monkeypatch):
+@pytest.mark.parametrize("failing", ["serialization", "the swap"])
+def test_a_failed_export_leaves_the_last_one_as_it_was(
+    workdir, exported_dir, monkeypatch, failing
+):
     before = {n: open(os.path.join(exported_dir, n), "rb").read() for n in os.listdir(exported_dir)}
+    if failing == "serialization":
+        def broken(_):
+            raise OSError("disk full")
 
-    def broken(_):
-        raise OSError("disk full")
+        monkeypatch.setattr(serialization, "msgpack_serialize", broken)
+    else:  # the earlier export is moved aside, then the new one cannot take its place
+        renames, rename = [], os.rename
 
-    monkeypatch.setattr(serialization, "msgpack_serialize", broken)
+        def broken(a, b):
+            renames.append(a)
+            if len(renames) == 2:
+                raise OSError("disk full")
+            rename(a, b)
+
+        monkeypatch.setattr(os, "rename", broken)
     with pytest.raises(OSError, match="disk full"):
         export.export_main(tiny.get_config(), workdir, platforms=("cpu",))
+    monkeypatch.undo()
     after = {n: open(os.path.join(exported_dir, n), "rb").read() for n in os.listdir(exported_dir)}
     assert after == before
+    assert sorted(os.listdir(workdir)) == sorted(
+        ["config.json", "labels.json", "checkpoints", "export"]
+    )
+
+
+def test_an_export_never_replaces_a_folder_of_other_files(workdir, tmp_path):
+    """The workdir, a folder above it, or one of other files: refused before any work."""
+    config = tiny.get_config()
+    for folder in (workdir, os.path.dirname(workdir)):
+        with pytest.raises(runtime.InvalidInputError, match="would replace the workdir"):
+            export.export_main(config, workdir, out_dir=folder)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(runtime.InvalidInputError, match="holds files that are not an export"
+                       r" \(notes.txt\)"):
+        export.export_main(config, workdir, out_dir=str(tmp_path / "mine"))
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
     assert sorted(os.listdir(workdir)) == sorted(
         ["config.json", "labels.json", "checkpoints", "export"]
     )
@@ -130,12 +187,19 @@ def test_what_cannot_be_exported_or_loaded_is_one_line_naming_it(tmp_path, parse
             "--export_batch=-1",
         ))
     (tmp_path / "half").mkdir()
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(runtime.InvalidInputError, match="export_dir=.*a_file is a file, not a"):
+        export.export_main(config, str(tmp_path / "empty"), out_dir=str(tmp_path / "a_file"))
     with pytest.raises(runtime.MissingInputError, match="not a complete export"):
         export.load(str(tmp_path / "half"))
     (tmp_path / "half" / export.INFO_FILE).write_text('{"format": "other"}')
     with pytest.raises(runtime.InvalidInputError, match="export.json: not a readable export"):
         export.load(str(tmp_path / "half"))
     info = {"format": export.FORMAT, "program": "p.bin", "weights": "w.msgpack"}
+    (tmp_path / "half" / export.INFO_FILE).write_text(json.dumps(info))
+    with pytest.raises(runtime.InvalidInputError, match="export.json: .*'class_names'"):
+        export.load(str(tmp_path / "half"))
+    info["class_names"] = list(CLASS_NAMES)
     (tmp_path / "half" / export.INFO_FILE).write_text(json.dumps(info))
     (tmp_path / "half" / "p.bin").write_bytes(b"truncated")
     with pytest.raises(runtime.InvalidInputError, match="p.bin: not a readable export"):
@@ -160,7 +224,7 @@ def test_the_imported_weights_inference_variants_export_for_any_batch(recipe):
         lambda: mask_rcnn.init_variables(model, jax.random.key(0), tuple(config.data.image_size))
     )
     variables = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
-    program, _ = export.export_predict(config, variables, platforms=("cpu", "tpu"))
+    program, _ = export.export_predict(config, variables)  # cpu, cuda and tpu
     d = m.test.detections_per_image
     (b,) = program.in_avals[-1].shape[:1]
     assert not isinstance(b, int)  # symbolic
