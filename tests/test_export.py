@@ -9,9 +9,9 @@ import pytest
 from flax import serialization
 
 from configs import tiny
-from mrcnn_jax import checkpoint, export, inference, main, mask_rcnn, predict, runtime
+from mrcnn_jax import export, inference, main, mask_rcnn, predict, runtime
 from mrcnn_jax.data import transforms
-from tests.test_predict import CLASS_NAMES, _save_weights, _write_config
+from tests.test_predict import CLASS_NAMES, make_workdir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -19,14 +19,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """A trained-looking workdir with random weights (zeros would give no detections to check)."""
-    path = str(tmp_path_factory.mktemp("export") / "work")
     config = tiny.get_config()
-    _write_config(path, config)
-    checkpoint.write_labels(path, CLASS_NAMES, {1: 11, 2: 12, 3: 13})
     model = mask_rcnn.build_model(config.model)
     variables = mask_rcnn.init_variables(model, jax.random.key(3), tuple(config.data.image_size))
-    _save_weights(os.path.join(path, checkpoint.CHECKPOINT_DIR), jax.device_get(variables), 4)
-    return path
+    path = str(tmp_path_factory.mktemp("export") / "work")
+    return make_workdir(path, config, jax.device_get(variables))
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +67,30 @@ def test_the_exported_program_predicts_what_the_model_predicts(
     _assert_same(export.load(exported_dir), model_predictions)
 
 
+def _prepared_as_export_json_says(image, pre):
+    """A server's preprocessing written from export.json's words alone, in numpy (the tiny
+    config's case: RGB, sides rounded half up, no antialiasing)."""
+    assert (pre["channel_order"], pre["resize_rounding"], pre["resize_antialias"]) == (
+        "RGB", "half_up", False)
+    assert "floor(h * scale + 0.5) in float64, at least 1" in pre["resize"]
+    h, w = image.shape[:2]
+    scale = min(pre["test_min_size"] / min(h, w), pre["test_max_size"] / max(h, w))
+    rh, rw = (max(int(np.floor(side * scale + 0.5)), 1) for side in (h, w))
+
+    def bilinear(n_in, n_out):  # [n_out, n_in], half-pixel centres, edges clamped
+        src = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+        lo = np.floor(src).astype(int)
+        weights = np.zeros((n_out, n_in))
+        np.add.at(weights, (np.arange(n_out), lo), 1 - (src - lo))
+        np.add.at(weights, (np.arange(n_out), np.minimum(lo + 1, n_in - 1)), src - lo)
+        return weights
+
+    resized = np.einsum("yh,hwc,xw->yxc", bilinear(h, rh), image.astype(np.float64), bilinear(w, rw))
+    canvas = np.zeros((*pre["canvas"], 3), np.float32)
+    canvas[:rh, :rw] = (resized - pre["pixel_mean"]) / pre["pixel_std"]
+    return canvas, (rh, rw)
+
+
 def test_one_program_serves_any_batch_with_jax_and_flax_alone(workdir, exported_dir):
     """Served as the module docstring says, without this library's model code: any batch size,
     the model's padded detections for each image."""
@@ -89,6 +110,10 @@ def test_one_program_serves_any_batch_with_jax_and_flax_alone(workdir, exported_
     assert pre["canvas"] == list(config.data.image_size)
     assert pre["pixel_mean"] == list(config.data.pixel_mean)
     batch = [transforms.preprocess_for_eval(image, config.data) for image in _images() * 2][:3]
+    for image, (canvas, size, _) in zip(_images(), batch, strict=False):  # as documented
+        mine, my_size = _prepared_as_export_json_says(image, pre)
+        assert my_size == size
+        np.testing.assert_allclose(mine, canvas, atol=1e-4)
     images = np.stack([b[0] for b in batch])
     sizes = np.array([b[1] for b in batch], np.int32)
     model = mask_rcnn.build_model(config.model)

@@ -41,15 +41,19 @@ def _write_config(workdir, config):
         f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """A workdir as training leaves it: config.json, labels.json, checkpoints/4."""
-    path = str(tmp_path_factory.mktemp("predict") / "work")
-    config = tiny.get_config()
+def make_workdir(path: str, config, variables) -> str:
+    """A workdir as training leaves it: config.json, labels.json, checkpoints/4 of `variables`."""
     _write_config(path, config)
     checkpoint.write_labels(path, CLASS_NAMES, {1: 11, 2: 12, 3: 13})
-    _save_weights(os.path.join(path, checkpoint.CHECKPOINT_DIR), _zero_variables(config), 4)
+    _save_weights(os.path.join(path, checkpoint.CHECKPOINT_DIR), variables, 4)
     return path
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    config = tiny.get_config()
+    path = str(tmp_path_factory.mktemp("predict") / "work")
+    return make_workdir(path, config, _zero_variables(config))
 
 
 # ----------------------------------------------------------------------------- inputs
