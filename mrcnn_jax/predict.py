@@ -239,9 +239,10 @@ def as_rgb8(image: np.ndarray | PIL.Image.Image) -> np.ndarray:
 
 
 def refuse_backbone_only(source: str) -> None:
-    """Raises ValueError when the weights at `source` are a `mrcnn_jax.convert` of ImageNet
-    backbone weights (its conversion.json says kind "backbone"): they have no FPN, RPN or heads to
-    predict with until fine-tuned. Reads that one small file only."""
+    """Raises InvalidInputError (a ValueError) when the weights at `source` are a
+    `mrcnn_jax.convert` of ImageNet backbone weights (its conversion.json says kind "backbone"):
+    they have no FPN, RPN or heads to predict with until fine-tuned. Reads that one small file
+    only."""
     from mrcnn_jax import checkpoint, convert
 
     file = os.path.join(checkpoint.workdir_of(source), convert.INFO_FILE)
@@ -251,7 +252,7 @@ def refuse_backbone_only(source: str) -> None:
     except (OSError, ValueError):  # no conversion (a trained workdir), or not one we can read
         return
     if isinstance(info, dict) and info.get("kind") == "backbone":
-        raise ValueError(
+        raise runtime.InvalidInputError(
             f"the weights at {source} are ImageNet backbone weights ({file}: kind 'backbone'):"
             " the detector's FPN, RPN, box and mask heads have no trained weights, so they cannot"
             " predict yet. Fine-tune them first: train with"
@@ -268,20 +269,28 @@ def generic_class_names(num_classes: int) -> tuple[str, ...]:
     return ("background",) + tuple(f"class_{i}" for i in range(1, num_classes + 1))
 
 
-def weights_source(workdir: str, config) -> str:
-    """The workdir when it holds a checkpoint, else config.train.init_checkpoint (as `--mode=eval`
-    takes them); FileNotFoundError naming both when neither does."""
+def weights_to_use(workdir: str, config) -> tuple[str, int]:
+    """(source, step) of the weights `--mode=eval`, `predict` and `export` use: the workdir and
+    the step of its latest checkpoint when it holds one, else config.train.init_checkpoint and 0;
+    MissingInputError naming both when neither. Looks at the checkpoint folder only (no
+    restore), so a wrong workdir fails before a model is built."""
     from mrcnn_jax import checkpoint
 
     directory = os.path.join(workdir, checkpoint.CHECKPOINT_DIR)
-    if checkpoint.latest_step(directory) is not None:
-        return workdir
+    step = checkpoint.latest_step(directory)
+    if step is not None:
+        return workdir, step
     if config.train.init_checkpoint:
-        return config.train.init_checkpoint
+        return config.train.init_checkpoint, 0
     raise runtime.MissingInputError(
         f"no checkpoint in {directory} and no config.train.init_checkpoint: train into this"
         " workdir first, or set --config.train.init_checkpoint=DIR"
     )
+
+
+def weights_source(workdir: str, config) -> str:
+    """`weights_to_use`'s source: a path `checkpoint.load_weights` takes."""
+    return weights_to_use(workdir, config)[0]
 
 
 def _label_dirs(path: str) -> list[str]:

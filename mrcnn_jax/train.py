@@ -973,19 +973,10 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
 def evaluate_checkpoint(config, workdir: str) -> dict[str, Any]:
     """Eval-only: the latest checkpoint of `workdir` (else config.train.init_checkpoint)."""
     from mrcnn_jax import evaluate as evaluate_lib
-    from mrcnn_jax import mask_rcnn
+    from mrcnn_jax import mask_rcnn, predict
 
-    directory = os.path.join(workdir, ckpt_lib.CHECKPOINT_DIR)
-    step = ckpt_lib.latest_step(directory)  # before the model is built: a wrong workdir fails fast
-    if step is not None:
-        source = directory
-    elif config.train.init_checkpoint:
-        source, step = config.train.init_checkpoint, 0
-    else:
-        raise runtime.MissingInputError(
-            f"no checkpoint in {directory} and no config.train.init_checkpoint: train into this"
-            " workdir first, or set --config.train.init_checkpoint=DIR"
-        )
+    source, step = predict.weights_to_use(workdir, config)  # before the model is built
+    predict.refuse_backbone_only(source)  # no detector heads: nothing to evaluate
     ckpt_lib.check_input_convention(config, source)
     model = mask_rcnn.build_model(config.model)
     variables = mask_rcnn.init_variables(

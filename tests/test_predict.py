@@ -141,6 +141,13 @@ def test_backbone_conversion_is_refused_with_the_fine_tuning_to_do(tmp_path):
         predict.Predictor.from_workdir(fresh)
     with pytest.raises(ValueError, match=match):
         predict.predict_main(config, fresh, str(tmp_path))
+    # --mode=eval too, before a model is built (it would score random heads at 0 AP).
+    from mrcnn_jax import mask_rcnn, train
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(mask_rcnn, "build_model", lambda *a, **k: pytest.fail("model built"))
+        with pytest.raises(runtime.InvalidInputError, match=match):
+            train.evaluate_checkpoint(config, fresh)
 
 
 # ----------------------------------------------------------------------------- predict_main
