@@ -97,6 +97,14 @@ def get_config() -> ml_collections.ConfigDict:
     r.loss_weight = 1.0
     r.box_weights = (1.0, 1.0, 1.0, 1.0)
 
+    # Each loss term's weight in the total (TF Model Garden's rpn_score_weight, rpn_box_weight,
+    # frcnn_class_weight, frcnn_box_weight, mask_weight; detectron2's BBOX_REG_LOSS_WEIGHTs), on
+    # top of rpn.loss_weight (detectron2's RPN.LOSS_WEIGHT, both RPN terms). The logged loss_*
+    # metrics are the weighted terms.
+    m.loss_weights = ml_collections.ConfigDict(
+        {"rpn_cls": 1.0, "rpn_box": 1.0, "cls": 1.0, "box": 1.0, "mask": 1.0}
+    )
+
     h = m.roi = ml_collections.ConfigDict()
     h.fg_iou = 0.5
     h.batch_size_per_image = 512

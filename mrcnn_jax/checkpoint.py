@@ -1,6 +1,7 @@
 """Checkpoints with orbax: save / resume a train state, and import weights for fine-tuning.
 
-Layout: `DIR/<step>/state` (the state pytree as a dict: params, model_state, opt_state, step, rng)
+Layout: `DIR/<step>/state` (the state pytree as a dict: params, model_state, opt_state, step, rng,
+and ema_params when the run keeps a moving average of its weights)
 and `DIR/<step>/meta` (JSON: step, data position, number of processes). Orbax writes each step
 into a temporary directory (`<step>.orbax-checkpoint-tmp-*`) and renames it when complete, so a
 crash in the middle of a save leaves only a temporary directory behind: it is never listed as a

@@ -5,7 +5,8 @@
     loss_fn(params, model_state, batch, example_keys) -> (total, (metrics, new_model_state))
 
 with the targets computed in the graph (fixed shapes, one compile). The normalisers follow
-detectron2: RPN losses / 256 sampled anchors and box losses / the sampled RoIs, per image (the
+detectron2: RPN losses / `rpn.batch_size_per_image` sampled anchors (256) and box losses / the
+sampled RoIs, per image (the
 same count for every image of a full batch), averaged over the batch; the mask loss is one mean
 over the positive RoIs of the whole batch and their 28 x 28 pixels, as torchvision's
 `maskrcnn_loss` and detectron2's `mask_rcnn_loss` take it, so an image with one positive RoI
@@ -46,7 +47,8 @@ def smooth_l1(x: jnp.ndarray, beta: float) -> jnp.ndarray:
 
 
 def rpn_losses(logits, deltas, targets: tgt.RPNTargets, *, batch_size_per_image, beta):
-    """One image: logits [A], deltas [A, 4] -> (objectness BCE, box loss), each / 256."""
+    """One image: logits [A], deltas [A, 4] -> (objectness BCE, box loss), each divided by
+    batch_size_per_image (the anchors sampled per image, 256 in detectron2)."""
     sampled = targets.labels != MatchLabel.IGNORE
     pos = targets.labels == MatchLabel.POSITIVE
     bce = optax.sigmoid_binary_cross_entropy(logits, pos.astype(logits.dtype))
@@ -88,6 +90,16 @@ def batch_mean(total, count, axis_name: str | None = None):
         return total / jnp.maximum(count, 1)
     devices = jax.lax.psum(1, axis_name)
     return total * devices / jnp.maximum(jax.lax.psum(count, axis_name), 1)
+
+
+LOSS_TERMS = ("rpn_cls", "rpn_box", "cls", "box", "mask")  # config.model.loss_weights
+
+
+def weighted(losses: dict, model_cfg) -> dict:
+    """{"loss_T": value} -> each times `model_cfg.loss_weights.T` (1 where the config has none:
+    a config.json from before the key)."""
+    weights = model_cfg.get("loss_weights") or {}
+    return {k: v * weights.get(k[len("loss_"):], 1.0) for k, v in losses.items()}
 
 
 def _per_image_targets(model_cfg, anchors, level_counts, batch, keys, proposals_and_valid):
@@ -212,13 +224,13 @@ def make_loss_fn(
         ).astype(jnp.float32)
         mask_sums, mask_counts = jax.vmap(mask_loss)(m_logits, m_targets, m_valid)
 
-        losses = {
+        losses = weighted({
             "loss_rpn_cls": jnp.mean(rpn_cls) * rpn.loss_weight,
             "loss_rpn_box": jnp.mean(rpn_box) * rpn.loss_weight,
             "loss_cls": jnp.mean(box_cls),
             "loss_box": jnp.mean(box_reg),
             "loss_mask": batch_mean(mask_sums, mask_counts, axis_name),
-        }
+        }, model_cfg)
         total = sum(losses.values())
         metrics = {
             **losses,

@@ -132,6 +132,7 @@ def _value_errors(config) -> list[str]:
     from mrcnn_jax.data.transforms import CHANNEL_ORDERS, RESIZE_ROUNDINGS
     from mrcnn_jax.evaluate import MASK_PASTES
     from mrcnn_jax.inference import FEATURE_PADDINGS, LEVEL_MAPPERS
+    from mrcnn_jax.losses import LOSS_TERMS
     from mrcnn_jax.mask_rcnn import FROZEN_STAGES_MODES
     from mrcnn_jax.modeling.norm import NormKind
     from mrcnn_jax.modeling.resnet import STAGE_BLOCKS
@@ -164,6 +165,12 @@ def _value_errors(config) -> list[str]:
         )
     if m.roi.max_sampling_ratio < 1:
         errors.append(f"model.roi.max_sampling_ratio: expected >= 1, got {m.roi.max_sampling_ratio}")
+    weights = m.get("loss_weights") or {}
+    for term in weights:
+        if term not in LOSS_TERMS:
+            errors.append(f"model.loss_weights.{term}: not a loss term ({', '.join(LOSS_TERMS)})")
+        elif not weights[term] >= 0:
+            errors.append(f"model.loss_weights.{term}: expected >= 0, got {weights[term]}")
     _length(errors, "model.anchor_strides", m.anchor_strides, len(m.anchor_sizes),
             "one stride per anchor size (model.anchor_sizes)")
     _length(errors, "model.rpn.box_weights", m.rpn.box_weights, 4, "(wx, wy, ww, wh)")

@@ -178,7 +178,9 @@ def init_variables(model: MaskRCNN, key: jax.Array, image_size: tuple[int, int])
 
 
 def trainable_mask(params, model_cfg: ml_collections.ConfigDict):
-    """Bool pytree like `params`: False for the backbone parts frozen by `freeze_at`."""
+    """Bool pytree like `params`: False for the backbone parts frozen by `freeze_at`. In a loop of
+    your own, `train.freeze(tx, mask)` keeps them unchanged and `train.stop_frozen(params, mask)`
+    spares their gradients, as `train.train_step` does."""
     mask = jax.tree.map(lambda _: True, params)
     mask = dict(mask)
     mask["backbone"] = backbone_trainable_mask(params["backbone"], model_cfg.freeze_at)

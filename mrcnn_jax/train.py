@@ -89,7 +89,9 @@ def create_train_state(
     ema_decay: float = 0.0,
 ) -> TrainState:
     """variables: {'params': ..., other collections...} (e.g. from `model.init`); rng: [2] key;
-    ema_decay > 0 keeps an exponential moving average of the parameters (`TrainState`)."""
+    ema_decay > 0 keeps an exponential moving average of the parameters (`TrainState`). The
+    state holds the arrays of `variables` themselves, not copies (`compile_train_step`'s step
+    donates its state: place it with `placement.put_state`, which copies)."""
     if not 0.0 <= ema_decay < 1.0:
         raise ValueError(f"ema_decay: expected in [0, 1), got {ema_decay}")
     rng = jnp.asarray(rng)
@@ -248,6 +250,22 @@ def param_labels(params, trainable=None):
     return jax.tree.map(lambda label, t: label if t else FROZEN, labels, mask)
 
 
+def freeze(tx: optax.GradientTransformation, trainable) -> optax.GradientTransformation:
+    """`tx` on the parameters `trainable` marks True (a bool pytree like the parameters, e.g.
+    `mask_rcnn.trainable_mask`); a zero update, and no optimizer state, for the others. (Not
+    optax.masked: it passes the masked-out leaves' gradients through as their updates.)"""
+    labels = jax.tree.map(lambda t: "trainable" if t else FROZEN, trainable)
+    return optax.multi_transform({"trainable": tx, FROZEN: optax.set_to_zero()}, labels)
+
+
+def stop_frozen(params, trainable):
+    """`params` with the frozen ones (`trainable` False; None: none) as constants of the
+    gradient: no gradient is computed for them, nor for the stages made of them only."""
+    if trainable is None:
+        return params
+    return jax.tree.map(lambda p, t: p if t else lax.stop_gradient(p), params, trainable)
+
+
 def make_optimizer(
     params,
     *,
@@ -329,8 +347,7 @@ def train_step(
     def loss_of_trainable(params, *args):
         # Frozen parameters enter as constants: no gradient is traced for them, nor for the
         # frozen stages they make up (detectron2 / torchvision: requires_grad=False).
-        params = jax.tree.map(lambda p, t: p if t else lax.stop_gradient(p), params, mask)
-        return loss_fn(params, *args)
+        return loss_fn(stop_frozen(params, mask), *args)
 
     grad_fn = jax.value_and_grad(loss_of_trainable, has_aux=True)
     (loss, (metrics, model_state)), grads = grad_fn(state.params, state.model_state, batch, keys)
@@ -477,9 +494,15 @@ def compile_train_step(
 ):
     """The jitted / pmapped `train_step` for `placement`: (placed state, placed batch) -> ...
 
+    The step donates its state argument: the arrays of the state passed in are deleted by the
+    call (use the state it returns). `placement.put_state(state)` places a copy, so the variables
+    a fresh `create_train_state` shares its arrays with stay usable.
+
     A loss from `losses.make_loss_fn` says which device axis it was made for: under pmap it must
     be PMAP_AXIS (else the mask loss is averaged per device and sync BN is per-device BN, silently
-    other numbers than on one device), under a mesh None (GSPMD sees the global batch)."""
+    other numbers than on one device), under a mesh None (GSPMD sees the global batch). A loss of
+    your own that wraps one keeps the check when it carries the attribute: decorate the wrapper
+    with `functools.wraps(loss_fn)`. Any other loss function is not checked."""
     made_for = getattr(loss_fn, "axis_name", _UNKNOWN)  # any other loss function: not checked
     wanted = PMAP_AXIS if placement.kind == "pmap" else None
     if made_for is not _UNKNOWN and made_for != wanted:
@@ -774,10 +797,11 @@ def _every(step: int, period: int) -> bool:
 # ----------------------------------------------------------------------------- Mask R-CNN glue
 
 
-def _optimizer_from_config(
+def optimizer_from_config(
     train_cfg, params, trainable
 ) -> tuple[optax.GradientTransformation, Any]:
-    """(tx, learning-rate schedule) from `config.train`."""
+    """(tx, learning-rate schedule) from `config.train`, as the command line trains: detectron2's
+    SGD (`make_optimizer`) with the frozen parameters of `trainable` kept as they are."""
     schedule = learning_rate_schedule(
         scaled_learning_rate(
             train_cfg.base_lr, train_cfg.global_batch_size, train_cfg.lr_reference_batch
@@ -908,7 +932,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     resuming = checkpoints.latest_step() is not None
     variables = _initial_variables(config, model, init_key, resuming)
     trainable = mask_rcnn.trainable_mask(variables["params"], config.model)
-    tx, schedule = _optimizer_from_config(tc, variables["params"], trainable)
+    tx, schedule = optimizer_from_config(tc, variables["params"], trainable)
     try:
         state = checkpoints.restore_latest(
             create_train_state(variables, tx, train_key, ema_decay=tc.get("ema_decay", 0.0))

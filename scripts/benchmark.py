@@ -361,7 +361,7 @@ def jax_train_setup(config, batch_np: dict, weights_npz: str | None = None, wrap
     init_key, train_key = jax.random.split(jax.random.PRNGKey(config.seed))
     variables = jax_variables(model, config, init_key, weights_npz)
     trainable = mask_rcnn.trainable_mask(variables["params"], config.model)
-    tx, schedule = train._optimizer_from_config(config.train, variables["params"], trainable)
+    tx, schedule = train.optimizer_from_config(config.train, variables["params"], trainable)
     tx = wrap_tx(tx) if wrap_tx else tx
     state = placement.put_state(train.create_train_state(variables, tx, train_key), copy=False)
     step_fn = train.compile_train_step(

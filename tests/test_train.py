@@ -203,12 +203,12 @@ def test_config_picks_the_schedule():
     tc = base.get_config().train
     tc.lr_schedule, tc.lr_end_factor, tc.num_steps, tc.warmup_steps = "cosine", 0.05, 100, 0
     tc.global_batch_size = 8  # lr 0.01
-    _, schedule = train._optimizer_from_config(tc, {"w": jnp.zeros(3)}, None)
+    _, schedule = train.optimizer_from_config(tc, {"w": jnp.zeros(3)}, None)
     np.testing.assert_allclose(
         [float(schedule(s)) for s in (0, 50, 100)], [0.01, 0.01 * 0.525, 0.0005], rtol=1e-5
     )
     tc.lr_schedule, tc.decay_steps = "multistep", (50,)
-    _, schedule = train._optimizer_from_config(tc, {"w": jnp.zeros(3)}, None)
+    _, schedule = train.optimizer_from_config(tc, {"w": jnp.zeros(3)}, None)
     np.testing.assert_allclose([float(schedule(s)) for s in (49, 50)], [0.01, 0.001], rtol=1e-5)
 
 
@@ -822,3 +822,24 @@ def test_a_mid_run_evaluation_is_saved_before_it_runs(tmp_path, stand_ins, monke
     train.train_and_evaluate(config, str(tmp_path / "run"))
     # (the loop's closing save of the last step is a no-op: it is saved already)
     assert events == [("save", 3), ("eval", 3), ("save", 4), ("save", 6), ("eval", 6), ("save", 6)]
+
+
+def test_freeze_keeps_frozen_parameters_where_optax_masked_would_move_them():
+    """For a loop of your own: `train.freeze` gives the frozen leaves a zero update and no
+    optimizer state; `train.stop_frozen` spares their gradients. (optax.masked, the obvious
+    alternative, passes a masked-out leaf's gradient through as its update.)"""
+    params = {"head": jnp.ones(3), "backbone": {"stem": jnp.full(2, 2.0)}}
+    trainable = {"head": True, "backbone": {"stem": False}}
+    loss = lambda p: jnp.sum(p["head"] ** 2) + jnp.sum(p["backbone"]["stem"] ** 2)
+    grads = jax.grad(loss)(params)
+    tx = train.freeze(optax.adamw(0.1), trainable)
+    updates, opt_state = tx.update(grads, tx.init(params), params)
+    new = optax.apply_updates(params, updates)
+    np.testing.assert_array_equal(new["backbone"]["stem"], params["backbone"]["stem"])
+    assert np.all(np.asarray(new["head"]) < 1.0)
+    masked = optax.masked(optax.adamw(0.1), trainable)
+    moved = optax.apply_updates(params, masked.update(grads, masked.init(params), params)[0])
+    assert not np.array_equal(moved["backbone"]["stem"], params["backbone"]["stem"])
+    spared = jax.grad(lambda p: loss(train.stop_frozen(p, trainable)))(params)
+    np.testing.assert_array_equal(spared["backbone"]["stem"], 0.0)
+    np.testing.assert_array_equal(spared["head"], grads["head"])

@@ -24,7 +24,7 @@ def _setup(config, axis_name=None):
     model = mask_rcnn.build_model(config.model, axis_name=axis_name)  # used by sync_bn only
     variables = mask_rcnn.init_variables(model, jax.random.key(0), config.data.image_size)
     trainable = mask_rcnn.trainable_mask(variables["params"], config.model)
-    tx, schedule = train._optimizer_from_config(config.train, variables["params"], trainable)
+    tx, schedule = train.optimizer_from_config(config.train, variables["params"], trainable)
     state = train.create_train_state(variables, tx, jax.random.key(1))
     loss_fn = losses.make_loss_fn(model, config.model, config.data.image_size, axis_name)
     return state, loss_fn, schedule, trainable

@@ -195,7 +195,8 @@ class ResNet(nn.Module):
     alone, whatever the canvas: the references' features at batch 1. 1x1 and elementwise
     layers never read across cells, so the values beyond it do not reach the inside.
 
-    The stem output (after the max-pool) is sown as intermediates["stem"].
+    The stem output (after the max-pool) is sown as intermediates["stem"], except in training
+    with per_image_stages, where the stem runs image by image inside a loop.
     """
 
     depth: int
@@ -324,8 +325,9 @@ def backbone_trainable_mask(params: Mapping[str, Any], freeze_at: int) -> dict[s
     """ResNet `params` pytree -> same-structure pytree of bools, True = trainable.
 
     detectron2 FREEZE_AT: 0 nothing frozen, 1 the stem, 2 stem + layer1 (res2), ..., 5 everything.
-    Use with optax.masked / multi_transform. Frozen-BN vectors are batch_stats, not params, so they
-    never appear here.
+    Use it (through `mask_rcnn.trainable_mask`) with `train.freeze`: optax.multi_transform with
+    set_to_zero for the False leaves. Not optax.masked, which passes their gradients through as
+    updates. Frozen-BN vectors are batch_stats, not params, so they never appear here.
     """
     if not 0 <= freeze_at <= 5:
         raise ValueError(f"freeze_at must be in [0, 5], got {freeze_at}")
