@@ -167,6 +167,30 @@ def mask_head_on_valid(head, pooled, valid, chunk: int, *, classes=None, remat: 
     return jnp.swapaxes(out, 0, 1).reshape(b, blocks * chunk, *out.shape[3:])[:, :k]
 
 
+def features_and_proposals(
+    variables: dict,
+    images: jnp.ndarray,
+    image_sizes: jnp.ndarray,
+    anchors: jnp.ndarray,
+    *,
+    model: MaskRCNN,
+    model_cfg: ml_collections.ConfigDict,
+    level_counts: list[int],
+):
+    """The first half of `predict`: (FPN features {"p2": [B, h, w, C], ..}, proposals [B, P, 4]
+    xyxy in resized-image pixels, their scores [B, P], valid [B, P]) with the test-time RPN
+    settings; `anchors, level_counts = anchors_for(model_cfg, images.shape[1:3])`."""
+    padded = padded_sizes(model_cfg, image_sizes)
+    feats = model.apply(
+        variables, images, train=False, padded_size=padded, method=MaskRCNN.features
+    )
+    logits, deltas = model.apply(variables, feats, padded, method=MaskRCNN.rpn)
+    props, scores, valid = batch_proposals(
+        model_cfg, logits, deltas, anchors, image_sizes, level_counts, train=False
+    )
+    return feats, props, scores, valid
+
+
 def predict(
     variables: dict,
     images: jnp.ndarray,
@@ -180,12 +204,9 @@ def predict(
     """images [B, H, W, 3], image_sizes [B, 2] -> padded `Detections` with mask probabilities."""
     roi, test = model_cfg.roi, model_cfg.test
     padded = padded_sizes(model_cfg, image_sizes)
-    feats = model.apply(
-        variables, images, train=False, padded_size=padded, method=MaskRCNN.features
-    )
-    logits, deltas = model.apply(variables, feats, padded, method=MaskRCNN.rpn)
-    props, _, props_valid = batch_proposals(
-        model_cfg, logits, deltas, anchors, image_sizes, level_counts, train=False
+    feats, props, _, props_valid = features_and_proposals(
+        variables, images, image_sizes, anchors,
+        model=model, model_cfg=model_cfg, level_counts=level_counts,
     )
     pooled = pool(feats, props, roi.box_pool_size, roi, padded)
     b, r = props.shape[:2]

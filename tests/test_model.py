@@ -149,3 +149,25 @@ def test_frozen_stages_per_image_from_the_config():
     config.model.frozen_stages_per_image = "yes"
     with pytest.raises(ValueError, match="model.frozen_stages_per_image"):
         mask_rcnn.build_model(config.model)
+
+
+def test_features_and_proposals_of_a_batch(setup):
+    """The first half of inference on its own: p2-p6 features and the RPN's proposals, inside
+    each image, valid ones first and best first."""
+    config, model, variables = setup
+    anchors, counts = inference.anchors_for(config.model, config.data.image_size)
+    fn = jax.jit(lambda v, i, s: inference.features_and_proposals(
+        v, i, s, jnp.asarray(anchors), model=model, model_cfg=config.model, level_counts=counts
+    ))
+    batch = make_batch(config, 2)
+    sizes = np.array([[64, 64], [40, 52]], np.int32)
+    feats, props, scores, valid = jax.device_get(fn(variables, batch["images"], sizes))
+    assert sorted(feats) == ["p2", "p3", "p4", "p5", "p6"] and feats["p2"].shape[:3] == (2, 16, 16)
+    p = config.model.rpn.post_nms_topk_test
+    assert props.shape == (2, p, 4) and scores.shape == valid.shape == (2, p)
+    for b, (h, w) in enumerate(sizes):
+        n = int(valid[b].sum())
+        assert n > 0 and valid[b, :n].all() and not valid[b, n:].any()
+        assert np.all(np.diff(scores[b, :n]) <= 0)
+        box = props[b, :n]
+        assert (box[:, 0] >= 0).all() and (box[:, 2] <= w).all() and (box[:, 3] <= h).all()
