@@ -51,15 +51,28 @@ def test_eval_shape_of_init_loss_and_predict(setup):
     assert dets.boxes.shape == (2, d, 4) and dets.masks.shape == (2, d, m, m)
 
 
-def test_losses_finite_and_positive(setup):
+def test_losses_finite_positive_and_weighted_by_the_config(setup):
+    """Every term is finite and positive; model.loss_weights scales each term of the total (and
+    its logged metric), on top of rpn.loss_weight for the RPN's. One compile of the default and
+    the weighted loss on the same batch and keys."""
     config, model, variables = setup
     params, state = _split(variables)
-    loss_fn = jax.jit(losses.make_loss_fn(model, config.model, config.data.image_size))
-    total, (metrics, _) = loss_fn(params, state, make_batch(config, 2), _keys(2))
-    for name in ("loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box", "loss_mask"):
-        assert np.isfinite(metrics[name]) and metrics[name] > 0, name
-    assert np.isclose(total, sum(metrics[k] for k in metrics if k.startswith("loss_")))
-    assert metrics["num_pos_anchors"] > 0 and metrics["num_fg_rois"] > 0
+    plain = losses.make_loss_fn(model, config.model, config.data.image_size)
+    weights = {"rpn_cls": 2.0, "rpn_box": 0.5, "cls": 0.0, "box": 3.0, "mask": 1.5}
+    other = config.model.copy_and_resolve_references()  # the loss reads its config when traced
+    other.loss_weights.update(weights)
+    other.rpn.loss_weight = 2.0  # detectron2's RPN.LOSS_WEIGHT: on both RPN terms
+    weighed = losses.make_loss_fn(model, other, config.data.image_size)
+    both = jax.jit(lambda *a: (plain(*a), weighed(*a)))
+    (total, (m, _)), (total_w, (m_w, _)) = both(params, state, make_batch(config, 2), _keys(2))
+    for term, w in weights.items():
+        name = f"loss_{term}"
+        assert np.isfinite(m[name]) and m[name] > 0, name
+        w = w * (2.0 if term.startswith("rpn") else 1.0)
+        np.testing.assert_allclose(m_w[name], w * m[name], rtol=1e-5, err_msg=name)
+    np.testing.assert_allclose(total, sum(float(m[f"loss_{t}"]) for t in weights), rtol=1e-5)
+    np.testing.assert_allclose(total_w, sum(float(m_w[f"loss_{t}"]) for t in weights), rtol=1e-5)
+    assert m["num_pos_anchors"] > 0 and m["num_fg_rois"] > 0
 
 
 def test_gradients_reach_trainable_not_frozen():
