@@ -88,8 +88,15 @@ class CheckpointManager:
     written in a background thread); `wait()` blocks until the last one is committed.
     """
 
-    def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+    def __init__(
+        self, directory: str, *, keep: int = 3, async_save: bool = True,
+        run: Mapping[str, Any] | None = None,
+    ):
+        """run: facts of the training run, recorded with each checkpoint and compared with the
+        checkpoint's at a resume (`train_and_evaluate`: global_batch_size, devices, parallelism):
+        a global batch size other than the checkpoint's is warned about, other changes logged."""
         self.directory = str(directory)
+        self._run = dict(run or {})
         self._manager = _manager(
             directory,
             max_to_keep=keep,
@@ -110,7 +117,10 @@ class CheckpointManager:
             return
         # Batches are a function of the step, and of the host count: each host shuffles its own
         # slice of the training set (pipeline.train_batches).
-        meta = {"step": int(step), "data_position": int(step), "process_count": jax.process_count()}
+        meta = {
+            "step": int(step), "data_position": int(step), "process_count": jax.process_count(),
+            **self._run,
+        }
         self._manager.save(
             step,
             args=ocp.args.Composite(
@@ -166,7 +176,7 @@ class CheckpointManager:
             if failed:
                 self._set_aside([s for s, _ in failed])
             logging.info("resuming from %s/%d", self.directory, step)
-            self._warn_if_other_host_count(step)
+            self._compare_run(step)
             return state
         if failed:
             step, error = failed[0]
@@ -176,16 +186,38 @@ class CheckpointManager:
             ) from error
         return target
 
-    def _warn_if_other_host_count(self, step: int) -> None:
-        """The state resumes as saved on any host count; the example stream does not."""
-        saved = self.metadata(step).get("process_count")  # absent in checkpoints before 2026-11-27
-        if saved is not None and saved != jax.process_count():
+    def _compare_run(self, step: int) -> None:
+        """What a resume changes against the run that wrote checkpoint `step`: the state resumes
+        as saved on any hosts and devices, but not the example stream of another host count or
+        batch size (both warned about); other devices or parallelism are logged."""
+        saved = self.metadata(step)
+        hosts = saved.get("process_count")  # absent in checkpoints before 2026-11-27
+        if hosts is not None and hosts != jax.process_count():
             logging.warning(
                 "checkpoint %s/%d was written by a run on %d processes, this one has %d: the"
                 " model, optimizer and step resume as saved, but each host reads its own slice"
                 " of the training set, so the examples from here on are not those the first run"
                 " would have seen (resume on %d processes for that)",
-                self.directory, step, saved, jax.process_count(), saved,
+                self.directory, step, hosts, jax.process_count(), hosts,
+            )
+        batch, now = saved.get("global_batch_size"), self._run.get("global_batch_size")
+        if batch is not None and now is not None and batch != now:
+            logging.warning(
+                "checkpoint %s/%d was written by a run with train.global_batch_size=%d, this one"
+                " has %d: the model, optimizer and step resume as saved, but the example stream"
+                " goes on from example %d x %d, not from the %d x %d the first run had reached"
+                " (examples are skipped or repeated), and the learning rate is this config's"
+                " (resume with --config.train.global_batch_size=%d for the same run)",
+                self.directory, step, batch, now, step, now, step, batch, batch,
+            )
+        changed = [
+            f"{key} {saved[key]} -> {self._run[key]}" for key in ("devices", "parallelism")
+            if key in saved and key in self._run and saved[key] != self._run[key]
+        ]
+        if changed:
+            logging.info(
+                "resuming a run written with other devices (%s): the same computation",
+                ", ".join(changed),
             )
 
     def _set_aside(self, steps: list[int]) -> None:

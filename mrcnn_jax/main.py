@@ -201,6 +201,10 @@ def _value_errors(config) -> list[str]:
         errors.append(f"train.ema_decay: expected in [0, 1) (0 = off), got {t.ema_decay}")
     if t.global_batch_size <= 0:
         errors.append(f"train.global_batch_size: expected > 0, got {t.global_batch_size}")
+    if config.eval.batch_size <= 0:
+        errors.append(f"eval.batch_size: expected > 0, got {config.eval.batch_size}")
+    if config.eval.max_examples < 0:
+        errors.append(f"eval.max_examples: expected >= 0 (0: all), got {config.eval.max_examples}")
     return errors
 
 

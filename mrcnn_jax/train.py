@@ -926,7 +926,9 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
         sharded_batch=placement.sharded_batch,
     )
     checkpoints = ckpt_lib.CheckpointManager(
-        os.path.join(workdir, ckpt_lib.CHECKPOINT_DIR), keep=tc.keep_checkpoints
+        os.path.join(workdir, ckpt_lib.CHECKPOINT_DIR), keep=tc.keep_checkpoints,
+        run={"global_batch_size": int(tc.global_batch_size), "devices": jax.device_count(),
+             "parallelism": placement.kind},
     )
     init_key, train_key = jax.random.split(jax.random.PRNGKey(config.seed))
     resuming = checkpoints.latest_step() is not None
@@ -943,7 +945,13 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     # Written once the workdir's checkpoints are known to be this config's (a fresh run, or one
     # resumed): a refused restart must not replace the config its checkpoints were made with.
     save_config(as_given, workdir)
-    logging.info("training from step %d to %d", int(state.step), tc.num_steps)
+    logging.info(
+        "training from step %d to %d: %s over %d devices (%d processes), global batch %d (%d per"
+        " device), learning rate %g", int(state.step), tc.num_steps, placement.kind,
+        jax.device_count(), jax.process_count(), tc.global_batch_size,
+        tc.global_batch_size // jax.device_count(),
+        scaled_learning_rate(tc.base_lr, tc.global_batch_size, tc.lr_reference_batch),
+    )
     step_fn = compile_train_step(
         placement,
         loss_fn=losses.make_loss_fn(

@@ -153,6 +153,32 @@ def test_a_resume_on_another_host_count_warns_that_the_data_stream_differs(
     assert "resume on 4 processes" in caplog.text
 
 
+def test_a_resume_with_another_batch_size_warns_and_other_devices_are_logged(tmp_path, caplog):
+    """The data stream is counted in steps of the global batch: another batch size skips or
+    repeats examples, which is said, naming both sizes; other devices compute the same."""
+    _, state, _ = tiny_state()
+    written = {"global_batch_size": 16, "devices": 8, "parallelism": "pmap"}
+    with ckpt_lib.CheckpointManager(str(tmp_path), run=written) as checkpoints:
+        checkpoints.save(5, state)
+        checkpoints.wait()
+        assert checkpoints.metadata(5) == {
+            "step": 5, "data_position": 5, "process_count": 1, **written
+        }
+    same = ckpt_lib.CheckpointManager(str(tmp_path), run=written)
+    with caplog.at_level(logging.INFO), same as checkpoints:
+        checkpoints.restore_latest(state)
+    assert "global_batch_size" not in caplog.text and "other devices" not in caplog.text
+    now = {"global_batch_size": 32, "devices": 4, "parallelism": "mesh"}
+    with caplog.at_level(logging.INFO), ckpt_lib.CheckpointManager(
+        str(tmp_path), run=now
+    ) as checkpoints:
+        assert_same_bits(checkpoints.restore_latest(state), state)
+    assert ("written by a run with train.global_batch_size=16, this one has 32" in caplog.text)
+    assert "from example 5 x 32, not from the 5 x 16" in caplog.text
+    assert "--config.train.global_batch_size=16 for the same run" in caplog.text
+    assert "other devices (devices 8 -> 4, parallelism pmap -> mesh)" in caplog.text
+
+
 def test_an_unreadable_latest_checkpoint_falls_back_and_is_set_aside(tmp_path, caplog):
     """Damaged files in the latest step, then a stray empty step directory: each restart resumes
     from the newest step that reads, moves the bad ones out of the way (kept, not deleted), and

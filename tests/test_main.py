@@ -213,6 +213,8 @@ def test_model_and_data_choices_are_checked_before_anything_runs():
     config.data.pixel_std = (1.0, 1.0)
     config.train.parallelism = "dp"
     config.model.loss_weights.mask = -1.0
+    config.eval.batch_size = 0
+    config.eval.max_examples = -1
     with pytest.raises(main.ConfigError) as err:
         main.validate_config(config)
     names = sorted(line.split(":")[0].strip() for line in str(err.value).splitlines()[1:])
@@ -224,6 +226,7 @@ def test_model_and_data_choices_are_checked_before_anything_runs():
         "model.frozen_stages_per_image", "model.roi.level_mapper", "model.test.mask_paste",
         "model.freeze_at", "model.anchor_strides", "model.roi.box_weights", "data.channel_order",
         "data.image_size", "data.pixel_std", "train.parallelism", "model.loss_weights.mask",
+        "eval.batch_size", "eval.max_examples",
     ])
     assert "expected (height, width) (2 values), got (64, 64, 60, 60)" in str(err.value)
     config = base.get_config()
