@@ -186,6 +186,9 @@ def get_config() -> ml_collections.ConfigDict:
     # ---------------------------------------------------------------- evaluation
     e = c.eval = ml_collections.ConfigDict()
     e.batch_size = 8  # per host (process): each host evaluates its own shard of the split
+    # Each host's batch split over its own devices (all GPUs / TPU cores of the host); False:
+    # its first device alone.
+    e.local_devices = True
     e.max_examples = 0  # 0 = the whole split
     # What COCOeval scores against: "file" = the annotation file's own annotations of the
     # evaluated images (as detectron2 / torchvision evaluate; comparable with published numbers),

@@ -790,6 +790,35 @@ def _with_mask_rles(predict: Callable, mask_rles: Callable) -> Callable:
     return predict_with_mask_rles
 
 
+def over_local_devices(predict_fn, variables, devices=None):
+    """predict(batch) -> the padded detections of `predict_fn(variables, images, image_sizes)`,
+    computed over this host's devices (`devices`, default `jax.local_devices()`): the batch split
+    over them (padded with copies of its first image to a multiple of their number, whose
+    outputs are dropped), the variables replicated once. On one device, the plain call.
+
+    Evaluation used one device per host; an 8-GPU host now predicts on all eight."""
+    devices = list(jax.local_devices() if devices is None else devices)
+    if len(devices) == 1:
+        return lambda batch: predict_fn(variables, batch["images"], batch["image_sizes"])
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    mesh = Mesh(np.array(devices), ("data",))
+    rows = NamedSharding(mesh, PartitionSpec("data"))
+    placed = jax.device_put(variables, NamedSharding(mesh, PartitionSpec()))
+
+    def predict(batch):
+        images, sizes = np.asarray(batch["images"]), np.asarray(batch["image_sizes"])
+        n = len(images)
+        pad = -n % len(devices)
+        if pad:
+            images = np.concatenate([images, np.repeat(images[:1], pad, axis=0)])
+            sizes = np.concatenate([sizes, np.repeat(sizes[:1], pad, axis=0)])
+        dets = predict_fn(placed, jax.device_put(images, rows), jax.device_put(sizes, rows))
+        return jax.tree.map(lambda a: a[:n], dets) if pad else dets
+
+    return predict
+
+
 def evaluate_model(
     config, model, variables, workdir: str, step: int, summary_writer=None,
     hosts: Hosts | None = None,
@@ -831,7 +860,8 @@ def evaluate_model(
             mask_paste=config.model.test.mask_paste,
         )
 
-    predict = lambda batch: predict_fn(variables, batch["images"], batch["image_sizes"])
+    one = not config.eval.get("local_devices", True)
+    predict = over_local_devices(predict_fn, variables, jax.local_devices()[:1] if one else None)
     paste_workers = config.eval.paste_workers
     if device_masks_enabled(config.eval):
         mask_rles = make_device_mask_rles(

@@ -133,7 +133,35 @@ def _main():
     step_fn = train.compile_train_step(mesh, loss_fn=make_loss_fn(model), learning_rate_fn=schedule)
     step_fn(mesh.put_state(state), mesh.put_batch(make_batch(0, GLOBAL_BATCH)))
     assert np.isfinite(np.asarray(state.params["head"]["kernel"])).all()
+    _check_evaluation_over_local_devices()
     print("parallel equivalence: ok")
+
+
+def _check_evaluation_over_local_devices():
+    """Evaluation's predict over the host's 8 devices (a batch of 3, padded to 8) gives the
+    one-device detections of the tiny Mask R-CNN."""
+    import jax
+
+    from configs import tiny
+    from mrcnn_jax import evaluate, inference, mask_rcnn
+    from mrcnn_jax.data.synthetic import make_batch as model_batch
+
+    config = tiny.get_config()
+    model = mask_rcnn.build_model(config.model)
+    variables = mask_rcnn.init_variables(model, jax.random.key(0), config.data.image_size)
+    predict_fn = inference.make_predict_fn(model, config.model, config.data.image_size)
+    batch = model_batch(config, 3)
+    batch["image_sizes"] = np.array([[64, 64], [40, 52], [64, 30]], np.int32)
+    want = jax.device_get(evaluate.over_local_devices(predict_fn, variables, jax.devices()[:1])(batch))
+    spread = evaluate.over_local_devices(predict_fn, variables)
+    got = spread(batch)
+    assert len(got.boxes.sharding.device_set) == DEVICES
+    got = jax.device_get(got)
+    assert int(np.sum(want.valid)) > 0
+    for name in ("boxes", "scores", "classes", "valid", "masks"):
+        a, b = getattr(got, name), getattr(want, name)
+        assert a.shape == b.shape, name
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=f"local devices {name}")
 
 
 if __name__ == "__main__":
