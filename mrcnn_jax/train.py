@@ -532,30 +532,35 @@ def check_finite(step: int, metrics: Mapping[str, float]) -> None:
     raise NonFiniteLossError(f"non-finite loss or gradient at step {step}: {parts}")
 
 
-def drop_logged_after(path: str, step: int) -> int:
-    """Rewrites the JSON-lines log `path` without its entries of steps after `step` (what a run
-    resumed from checkpoint `step` logs again); other lines are kept as they are. -> dropped."""
+def drop_logged(path: str, which: Callable[[dict], bool], why: str) -> int:
+    """Rewrites the JSON-lines log `path` without the entries `which` picks (dicts with an int
+    "step"); other lines are kept as they are. -> dropped."""
     try:
         with open(path) as f:
             lines = f.readlines()
     except FileNotFoundError:
         return 0
 
-    def later(line: str) -> bool:
+    def picked(line: str) -> bool:
         try:
             entry = json.loads(line)
         except ValueError:
             return False
-        return isinstance(entry, dict) and isinstance(entry.get("step"), int) and entry["step"] > step
+        return isinstance(entry, dict) and isinstance(entry.get("step"), int) and which(entry)
 
-    kept = [line for line in lines if not later(line)]
+    kept = [line for line in lines if not picked(line)]
     if len(kept) < len(lines):
         with open(path + ".tmp", "w") as f:
             f.writelines(kept)
         os.replace(path + ".tmp", path)
-        logging.info("%s: dropped %d entries after step %d (resumed there)", path,
-                     len(lines) - len(kept), step)
+        logging.info("%s: dropped %d entries (%s)", path, len(lines) - len(kept), why)
     return len(lines) - len(kept)
+
+
+def drop_logged_after(path: str, step: int) -> int:
+    """`drop_logged` of the entries of steps after `step` (what a run resumed from checkpoint
+    `step` logs again). -> dropped."""
+    return drop_logged(path, lambda e: e["step"] > step, f"after step {step}: resumed there")
 
 
 class MetricWriter:
@@ -1016,6 +1021,11 @@ def evaluate_checkpoint(config, workdir: str) -> dict[str, Any]:
     )
     variables = ckpt_lib.merge_weights(variables, ckpt_lib.load_weights(source), source=source)
     logging.info("evaluating the weights of %s (step %d)", source, step)
+    if jax.process_index() == 0:  # an evaluation of this step again replaces its records
+        again = f"step {step} evaluated again"
+        drop_logged(os.path.join(workdir, "eval_metrics.jsonl"), lambda e: e["step"] == step, again)
+        drop_logged(os.path.join(workdir, "metrics.jsonl"),
+                    lambda e: e["step"] == step and e.get("split") == "eval", again)
     metrics = evaluate_lib.evaluate_model(config, model, variables, workdir, step)
     writer = MetricWriter(workdir, log_every=1, num_steps=step, images_per_step=0)
     writer.eval(step, metrics)

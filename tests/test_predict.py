@@ -288,3 +288,35 @@ def test_overlays_of_an_earlier_run_are_removed_and_user_files_kept(run, tmp_pat
         "b.png", "e.png", predict.MANIFEST_FILE, "mine.png", "results.json"
     ]
     assert os.path.isfile(os.path.join(workdir, "above.png"))
+
+
+def test_evaluating_a_step_again_replaces_its_records(workdir, tmp_path, monkeypatch):
+    """`--mode=eval` run twice on one checkpoint: one record of that step in metrics.jsonl and
+    eval_metrics.jsonl (the last one), and the records of other steps kept."""
+    import shutil
+
+    from mrcnn_jax import evaluate, train
+
+    run = str(tmp_path / "run")
+    shutil.copytree(workdir, run)
+    with open(os.path.join(run, "eval_metrics.jsonl"), "w") as f:
+        f.write(json.dumps({"step": 2, "bbox/AP": 0.1}) + "\n")
+    scores = iter([0.3, 0.4])
+
+    def evaluate_model(config, model, variables, workdir, step, **_):
+        metrics = {"bbox/AP": next(scores)}
+        evaluate.write_metrics(workdir, step, metrics)
+        return metrics
+
+    monkeypatch.setattr(evaluate, "evaluate_model", evaluate_model)
+    for _ in range(2):
+        train.evaluate_checkpoint(tiny.get_config(), run)
+
+    def records(name):
+        with open(os.path.join(run, name)) as f:
+            return [json.loads(line) for line in f]
+
+    assert [(r["step"], r["bbox/AP"]) for r in records("eval_metrics.jsonl")] == [
+        (2, 0.1), (4, 0.4)
+    ]
+    assert [(r["step"], r["bbox/AP"]) for r in records("metrics.jsonl")] == [(4, 0.4)]
