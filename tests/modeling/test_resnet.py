@@ -441,7 +441,13 @@ def test_remat_keeps_parameters_outputs_and_gradients(depth, norm):
 
 @pytest.mark.parametrize(
     "depth, norm, stages",
-    [(18, NormKind.FROZEN_BN, 2), (50, NormKind.GROUP_NORM, 1), (18, NormKind.GROUP_NORM, 3)],
+    [
+        (18, NormKind.FROZEN_BN, 2),
+        # The bottleneck blocks: ~1 min on 2 cores (R50 compiled twice with gradients), and the
+        # loop is the same code as for the basic blocks above; run with --runslow.
+        pytest.param(50, NormKind.GROUP_NORM, 1, marks=pytest.mark.slow),
+        (18, NormKind.GROUP_NORM, 3),
+    ],
 )
 def test_per_image_stages_same_features_and_gradients(depth, norm, stages):
     """`per_image_stages` runs the first stages image by image in a loop in training: same
