@@ -50,9 +50,16 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def parse_flags(monkeypatch):
     """Parses a command line into absl's FLAGS for an in-process `mrcnn_jax.main.main` call."""
+    import logging
+
     from absl import flags
 
     import mrcnn_jax.main  # noqa: F401 - defines the flags
+
+    # Parsing sets absl's logger to the --verbosity flag's level (WARNING when not run by
+    # app.run), which would hide later tests' INFO records from caplog: put it back after.
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
 
     def reset():
         flags.FLAGS.unparse_flags()
@@ -67,6 +74,7 @@ def parse_flags(monkeypatch):
 
     yield parse
     reset()
+    absl_logger.setLevel(level)  # setLevel, which also clears the loggers' cached levels
 
 
 def pytest_unconfigure(config):
