@@ -171,6 +171,11 @@ def get_config() -> ml_collections.ConfigDict:
     tr.weight_decay = 1e-4
     tr.weight_decay_norm = 0.0  # detectron2 WEIGHT_DECAY_NORM
     tr.grad_clip_norm = 0.0  # 0 = off
+    # Gradient accumulation: each device's share of the batch is run as this many micro-batches,
+    # one after the other, and their gradients averaged into one update (the memory of one
+    # micro-batch; the step, learning rate and data order stay the global batch's). The mask loss
+    # is then normalised per micro-batch, as detectron2 normalises it per GPU.
+    tr.grad_accum_steps = 1
     # Exponential moving average of the weights (e.g. 0.9998, TF Model Garden's average_decay,
     # with its dynamic decay min(d, (1 + step) / (10 + step))); evaluation, prediction and
     # fine-tuning from the checkpoints then use the average. 0 = off.
@@ -180,6 +185,10 @@ def get_config() -> ml_collections.ConfigDict:
     tr.init_checkpoint = ""  # weights to start from (fine-tuning); resuming a workdir is separate
     tr.checkpoint_every = 5000
     tr.keep_checkpoints = 3
+    # Keep the checkpoint of the evaluation that scores highest on this metric in WORKDIR/best,
+    # apart from the rotating ones: "segm/AP", "bbox/AP50", ... (any "bbox/" or "segm/" key of
+    # the evaluation, per-category "segm/AP-NAME" included); "" = off. --checkpoint=best picks it.
+    tr.best_metric = ""
     tr.log_every = 20
     tr.eval_every = 10_000  # 0 = only at the end
 

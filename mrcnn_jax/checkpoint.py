@@ -27,6 +27,7 @@ from etils import epath
 from flax import serialization, traverse_util
 
 CHECKPOINT_DIR = "checkpoints"  # under the workdir
+BEST_DIR = "best"  # under the workdir: the best evaluation's checkpoint (`BestCheckpoint`)
 _STATE, _META = "state", "meta"
 
 
@@ -96,7 +97,7 @@ class CheckpointManager:
         checkpoint's at a resume (`train_and_evaluate`: global_batch_size, devices, parallelism):
         a global batch size other than the checkpoint's is warned about, other changes logged."""
         self.directory = str(directory)
-        self._run = dict(run or {})
+        self.run = dict(run or {})
         self._manager = _manager(
             directory,
             max_to_keep=keep,
@@ -111,15 +112,16 @@ class CheckpointManager:
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
-    def save(self, step: int, state: Any) -> None:
-        """Saves `state` (host pytree) as checkpoint `step`; a step already saved is kept as is."""
+    def save(self, step: int, state: Any, meta: Mapping[str, Any] | None = None) -> None:
+        """Saves `state` (host pytree) as checkpoint `step`; a step already saved is kept as is.
+        meta: more JSON facts for the step's metadata."""
         if step in self._manager.all_steps():
             return
         # Batches are a function of the step, and of the host count: each host shuffles its own
         # slice of the training set (pipeline.train_batches).
         meta = {
             "step": int(step), "data_position": int(step), "process_count": jax.process_count(),
-            **self._run,
+            **self.run, **(meta or {}),
         }
         self._manager.save(
             step,
@@ -200,7 +202,7 @@ class CheckpointManager:
                 " would have seen (resume on %d processes for that)",
                 self.directory, step, hosts, jax.process_count(), hosts,
             )
-        batch, now = saved.get("global_batch_size"), self._run.get("global_batch_size")
+        batch, now = saved.get("global_batch_size"), self.run.get("global_batch_size")
         if batch is not None and now is not None and batch != now:
             logging.warning(
                 "checkpoint %s/%d was written by a run with train.global_batch_size=%d, this one"
@@ -211,8 +213,8 @@ class CheckpointManager:
                 self.directory, step, batch, now, step, now, step, batch, batch,
             )
         changed = [
-            f"{key} {saved[key]} -> {self._run[key]}" for key in ("devices", "parallelism")
-            if key in saved and key in self._run and saved[key] != self._run[key]
+            f"{key} {saved[key]} -> {self.run[key]}" for key in ("devices", "parallelism")
+            if key in saved and key in self.run and saved[key] != self.run[key]
         ]
         if changed:
             logging.info(
@@ -246,6 +248,9 @@ class CheckpointManager:
         )
         return dict(restored[_META])
 
+    def delete(self, step: int) -> None:
+        self._manager.delete(step)
+
     def wait(self) -> None:
         self._manager.wait_until_finished()
 
@@ -257,6 +262,68 @@ class CheckpointManager:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class BestCheckpoint:
+    """WORKDIR/best: the checkpoint of the evaluation that scored highest on `metric` so far
+    (`config.train.best_metric`, e.g. "segm/AP": TF Model Garden's best_checkpoint_eval_metric,
+    detectron2's BestCheckpointer), kept apart from the rotating checkpoints that `keep` deletes.
+    Its metadata records the metric and its value, so a resumed run goes on comparing with it.
+    `--checkpoint=best` evaluates, predicts or exports it; `load_weights(WORKDIR/best)` reads it.
+    On several hosts every process calls `consider` with the same metrics (the save is
+    collective)."""
+
+    def __init__(self, workdir: str, metric: str, run: Mapping[str, Any] | None = None):
+        self.metric = metric
+        self.directory = os.path.join(workdir, BEST_DIR)
+        self._manager = CheckpointManager(self.directory, keep=1, async_save=False, run=run)
+        self.best: tuple[int, float] | None = None  # (step, value)
+        step = self._manager.latest_step()
+        if step is not None:
+            meta = self._manager.metadata(step)
+            if meta.get("best_metric") == metric:
+                self.best = (step, float(meta["best_value"]))
+            else:
+                logging.warning(
+                    "%s holds step %d, kept for %s=%s; this run keeps the best %s: the next"
+                    " evaluation replaces it", self.directory, step, meta.get("best_metric"),
+                    meta.get("best_value"), metric,
+                )
+
+    def consider(self, step: int, state: Any, metrics: Mapping[str, Any]) -> bool:
+        """Saves `state` as the best when metrics[metric] beats the best so far (a tie keeps the
+        earlier step); -> whether it did. A metric the evaluation does not have, or that is not a
+        finite number, is warned about and nothing is saved: never a reason to stop a run."""
+        value = metrics.get(self.metric)
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            value = None
+        if value is None or not np.isfinite(value):
+            logging.warning(
+                "train.best_metric=%r: the evaluation of step %d gave %r (its metrics: %s); no"
+                " best checkpoint saved", self.metric, step, metrics.get(self.metric),
+                ", ".join(sorted(k for k in metrics if "/AP-" not in k)),
+            )
+            return False
+        if self.best is not None and value <= self.best[1]:
+            logging.info(
+                "%s %.4f at step %d: the best is still %.4f at step %d", self.metric, value, step,
+                self.best[1], self.best[0],
+            )
+            return False
+        for old in self._manager.all_steps():
+            if old >= step:  # a resume from before it: keep=1 would keep the later step
+                self._manager.delete(old)
+        self._manager.save(step, state, meta={"best_metric": self.metric, "best_value": value})
+        self._manager.wait()
+        logging.info("%s %.4f at step %d, the best so far: saved in %s", self.metric, value,
+                     step, self.directory)
+        self.best = (step, value)
+        return True
+
+    def close(self) -> None:
+        self._manager.close()
 
 
 # ----------------------------------------------------------------------------- weights only
@@ -275,6 +342,22 @@ def _resolve(path: str) -> tuple[str, int]:
     if step is None:
         raise FileNotFoundError(f"no checkpoint found at {path}")
     return path, step
+
+
+def step_of(path: str) -> int:
+    """The step `load_weights(path)` reads; FileNotFoundError when `path` holds no checkpoint."""
+    return _resolve(path)[1]
+
+
+def all_steps(directory: str) -> list[int]:
+    """The complete steps of a checkpoints directory, ascending ([] when there is none)."""
+    if not os.path.isdir(directory):
+        return []
+    manager = _manager(directory, create=False)
+    try:
+        return sorted(manager.all_steps())
+    finally:
+        manager.close()
 
 
 def latest_step(directory: str) -> int | None:
@@ -412,13 +495,13 @@ INPUT_CONVENTION_KEYS = (
 
 def workdir_of(path: str) -> str:
     """The workdir of a checkpoint path: the path itself (a workdir), or the directory above a
-    `checkpoints` directory or one of its step directories."""
+    `checkpoints` or `best` directory or one of their step directories."""
     p = epath.Path(path)  # local or remote (gs://...), as the checkpoints themselves
     if "://" not in str(path):
         p = p.absolute()
     if p.name.isdigit():  # WORKDIR/checkpoints/STEP
         p = p.parent
-    if p.name == CHECKPOINT_DIR:
+    if p.name == CHECKPOINT_DIR or (p.name == BEST_DIR and not (p / CONFIG_FILE).exists()):
         p = p.parent
     return str(p)
 

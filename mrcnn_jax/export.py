@@ -285,20 +285,22 @@ def write_export(out_dir: str, config, exported, weights, info: dict) -> str:
 def export_main(
     config, workdir: str, out_dir: str | None = None,
     platforms: Sequence[str] = DEFAULT_PLATFORMS, batch_size: int | None = None,
+    checkpoint: str | None = None,
 ) -> str | None:
     """`--mode=export`: the weights `--mode=predict` uses (the workdir's latest checkpoint, else
-    config.train.init_checkpoint), exported into `out_dir` (default WORKDIR/export). On several
+    config.train.init_checkpoint, or those `checkpoint` names: `predict.weights_to_use`),
+    exported into `out_dir` (default WORKDIR/export). On several
     hosts every process reads the checkpoint (collectively) and process 0 writes; -> the folder
     written (None on the other processes)."""
     from mrcnn_jax import predict
 
     _check_platforms(platforms, f"--export_platforms={','.join(platforms)}")
     out_dir = check_export_dir(out_dir or os.path.join(workdir, "export"), workdir)
-    source = predict.weights_source(workdir, config)
+    source = predict.weights_source(workdir, config, checkpoint)
     predict.refuse_backbone_only(source)
     class_names, label_to_cat = predict.labels(workdir, config, source)
     predictor = predict.Predictor.from_workdir(
-        workdir, config=config,
+        source if checkpoint else workdir, config=config,
         class_names=class_names or predict.generic_class_names(config.model.num_classes),
     )
     if jax.process_index() != 0:

@@ -1,7 +1,8 @@
 """The command line: `python -m mrcnn_jax.main --config=configs/NAME.py --workdir=DIR [--mode=...]`.
 
     --mode=train    train (resuming from DIR/checkpoints when it holds one), evaluate at the end
-    --mode=eval     evaluate the latest checkpoint of DIR (or config.train.init_checkpoint)
+    --mode=eval     evaluate the latest checkpoint of DIR (or config.train.init_checkpoint;
+                    --checkpoint=STEP|best|PATH another)
     --mode=predict  run the model on --input: an image file, a folder of images or "split:NAME"
     --mode=export   write the predict step as a serialized StableHLO program with its weights
                     (mrcnn_jax.export) to --export_dir, default DIR/export
@@ -17,6 +18,7 @@ compatible type. The console script `mrcnn-jax` calls `run()`.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -34,6 +36,13 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and output
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "export"], "What to do.")
 _INPUT = flags.DEFINE_string(
     "input", None, 'predict: an image file, a folder of images, or "split:NAME" of the dataset.'
+)
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None,
+    "eval / predict / export: the weights, a step of WORKDIR's checkpoints (e.g. 60000), 'best'"
+    " (WORKDIR/best, kept by train.best_metric) or a path (a workdir, its checkpoints folder, one"
+    " step folder, a mrcnn_jax.convert output); default: WORKDIR's latest checkpoint, else"
+    " config.train.init_checkpoint.",
 )
 _EXPORT_DIR = flags.DEFINE_string("export_dir", None, "export: the folder (default WORKDIR/export).")
 _EXPORT_PLATFORMS = flags.DEFINE_list(
@@ -130,7 +139,7 @@ def _value_errors(config) -> list[str]:
     same tuple are concatenated by ml_collections: the lengths are checked for that reason too."""
     from mrcnn_jax.data.pipeline import DATASETS, GROUND_TRUTHS
     from mrcnn_jax.data.transforms import CHANNEL_ORDERS, RESIZE_ROUNDINGS
-    from mrcnn_jax.evaluate import MASK_PASTES
+    from mrcnn_jax.evaluate import MASK_PASTES, METRIC_NAMES
     from mrcnn_jax.inference import FEATURE_PADDINGS, LEVEL_MAPPERS
     from mrcnn_jax.losses import LOSS_TERMS
     from mrcnn_jax.mask_rcnn import FROZEN_STAGES_MODES
@@ -201,6 +210,21 @@ def _value_errors(config) -> list[str]:
         errors.append(f"train.ema_decay: expected in [0, 1) (0 = off), got {t.ema_decay}")
     if t.global_batch_size <= 0:
         errors.append(f"train.global_batch_size: expected > 0, got {t.global_batch_size}")
+    best = t.get("best_metric", "")
+    names = "|".join(METRIC_NAMES)
+    if best and not re.fullmatch(rf"(bbox|segm)/({names}|AP-.+)", best):
+        errors.append(
+            f"train.best_metric: expected \"\" (off) or an evaluation metric, 'bbox/' or 'segm/'"
+            f" and one of {', '.join(METRIC_NAMES)} or AP-CATEGORY (e.g. 'segm/AP'), got {best!r}"
+        )
+    accum = t.get("grad_accum_steps", 1)
+    if accum < 1:
+        errors.append(f"train.grad_accum_steps: expected >= 1 (1 = off), got {accum}")
+    elif t.global_batch_size > 0 and t.global_batch_size % accum:
+        errors.append(
+            f"train.grad_accum_steps: {accum} does not divide train.global_batch_size"
+            f" {t.global_batch_size}"
+        )
     if config.eval.batch_size <= 0:
         errors.append(f"eval.batch_size: expected > 0, got {config.eval.batch_size}")
     if config.eval.max_examples < 0:
@@ -239,6 +263,11 @@ def main(argv) -> None:
     validate_config(config)  # before any device work or compilation
     if mode == "predict" and not _INPUT.value:
         raise app.UsageError("--mode=predict needs --input")
+    if mode == "train" and _CHECKPOINT.value:
+        raise app.UsageError(
+            "--checkpoint is for --mode=eval, predict and export; training resumes from"
+            " WORKDIR/checkpoints, or starts from --config.train.init_checkpoint=PATH"
+        )
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise runtime.InvalidInputError(f"--workdir={workdir} is a file, not a folder")
     launch = distributed_kwargs(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
@@ -260,7 +289,7 @@ def main(argv) -> None:
             )
             sys.exit(PREEMPTED_EXIT_STATUS)
     elif mode == "eval":
-        train.evaluate_checkpoint(config, workdir)
+        train.evaluate_checkpoint(config, workdir, _CHECKPOINT.value)
     elif mode == "export":
         from mrcnn_jax import export
 
@@ -270,12 +299,12 @@ def main(argv) -> None:
             )
         export.export_main(
             config, workdir, _EXPORT_DIR.value, tuple(_EXPORT_PLATFORMS.value),
-            _EXPORT_BATCH.value or None,
+            _EXPORT_BATCH.value or None, _CHECKPOINT.value,
         )
     else:
         from mrcnn_jax import predict
 
-        predict.predict_main(config, workdir, _INPUT.value)
+        predict.predict_main(config, workdir, _INPUT.value, checkpoint=_CHECKPOINT.value)
 
 
 def run() -> None:

@@ -269,11 +269,17 @@ def generic_class_names(num_classes: int) -> tuple[str, ...]:
     return ("background",) + tuple(f"class_{i}" for i in range(1, num_classes + 1))
 
 
-def weights_to_use(workdir: str, config) -> tuple[str, int]:
+def weights_to_use(workdir: str, config, checkpoint: str | None = None) -> tuple[str, int]:
     """(source, step) of the weights `--mode=eval`, `predict` and `export` use: the workdir and
     the step of its latest checkpoint when it holds one, else config.train.init_checkpoint and 0;
     MissingInputError naming both when neither. Looks at the checkpoint folder only (no
-    restore), so a wrong workdir fails before a model is built."""
+    restore), so a wrong workdir fails before a model is built.
+
+    checkpoint (`--checkpoint`) picks other weights: a step of the workdir's checkpoints ("60000"),
+    "best" (WORKDIR/best, what `train.best_metric` keeps), or a path (a workdir, its checkpoints
+    folder, one step folder, a `mrcnn_jax.convert` output)."""
+    if checkpoint:
+        return _chosen_weights(workdir, str(checkpoint))
     from mrcnn_jax import checkpoint
 
     directory = os.path.join(workdir, checkpoint.CHECKPOINT_DIR)
@@ -288,9 +294,37 @@ def weights_to_use(workdir: str, config) -> tuple[str, int]:
     )
 
 
-def weights_source(workdir: str, config) -> str:
+def _chosen_weights(workdir: str, chosen: str) -> tuple[str, int]:
+    """`weights_to_use` for `--checkpoint=chosen`: (path, step), or MissingInputError naming the
+    flag and what there is."""
+    from mrcnn_jax import checkpoint as ckpt
+
+    flag = f"--checkpoint={chosen}"
+    if chosen.isdigit():
+        directory = os.path.join(workdir, ckpt.CHECKPOINT_DIR)
+        steps = ckpt.all_steps(directory)
+        if int(chosen) not in steps:
+            raise runtime.MissingInputError(
+                f"{flag}: no checkpoint of step {int(chosen)} in {directory}; its steps:"
+                f" {', '.join(map(str, steps)) or 'none'}"
+            )
+        return os.path.join(directory, str(int(chosen))), int(chosen)
+    path = os.path.join(workdir, ckpt.BEST_DIR) if chosen == ckpt.BEST_DIR else chosen
+    if "://" not in path and not os.path.isdir(path):
+        why = " (train.best_metric keeps it, at the run's evaluations)" if chosen == "best" else ""
+        raise runtime.MissingInputError(f"{flag}: {path} is not a folder{why}")
+    try:
+        return path, ckpt.step_of(path)
+    except FileNotFoundError as e:
+        raise runtime.MissingInputError(
+            f"{flag}: no checkpoint in {path} (a workdir, its checkpoints folder, one step folder"
+            " or a mrcnn_jax.convert output)"
+        ) from e
+
+
+def weights_source(workdir: str, config, checkpoint: str | None = None) -> str:
     """`weights_to_use`'s source: a path `checkpoint.load_weights` takes."""
-    return weights_to_use(workdir, config)[0]
+    return weights_to_use(workdir, config, checkpoint)[0]
 
 
 def _label_dirs(path: str) -> list[str]:
@@ -388,8 +422,12 @@ def _files(files: list[str]) -> Iterator[tuple[str, int, np.ndarray, str]]:
         yield name, i, image, path
 
 
-def predict_main(config, workdir: str, inputs: str, score_threshold: float = 0.5) -> list[str]:
-    """Runs the latest checkpoint of `workdir` on `inputs`; -> the overlay PNG paths written.
+def predict_main(
+    config, workdir: str, inputs: str, score_threshold: float = 0.5,
+    checkpoint: str | None = None,
+) -> list[str]:
+    """Runs the latest checkpoint of `workdir` (or the weights `checkpoint` names:
+    `weights_to_use`) on `inputs`; -> the overlay PNG paths written.
 
     Writes WORKDIR/predictions/results.json, NAME.png overlays, and manifest.json: the overlays
     this run wrote. The overlays that the previous run's manifest.json lists and this run does
@@ -407,7 +445,7 @@ def predict_main(config, workdir: str, inputs: str, score_threshold: float = 0.5
     On several hosts every process must call it (reading the checkpoint is collective); process
     0 looks up `inputs`, predicts and writes, the others return [].
     """
-    source = weights_source(workdir, config)
+    source = weights_source(workdir, config, checkpoint)
     refuse_backbone_only(source)
     # One host: the input is looked up before the model loads. Several: only process 0 reads it
     # (it may be on process 0's disk alone), after the collective checkpoint read.
@@ -415,7 +453,7 @@ def predict_main(config, workdir: str, inputs: str, score_threshold: float = 0.5
     images = _inputs(config, inputs) if alone else None
     class_names, label_to_cat = labels(workdir, config, source)
     predictor = Predictor.from_workdir(
-        workdir, config=config,
+        source if checkpoint else workdir, config=config,
         class_names=class_names or generic_class_names(config.model.num_classes),
     )
     if jax.process_index() != 0:  # every host takes part in reading the checkpoint (orbax's

@@ -325,6 +325,55 @@ def _pmean_floats(tree, axis_name: str):
     )
 
 
+def micro_batches(tree, accum_steps: int):
+    """[B, ...] leaves -> [accum_steps, B / accum_steps, ...]; micro-batch j holds the examples
+    j, j + k, j + 2k, ... (k = accum_steps). Strided rather than contiguous: with every device's
+    shard split so, micro-batch j over all devices is the global batch's examples j mod k, the
+    same set on 1 or N devices, so a run keeps its numbers when its device count changes."""
+
+    def split(x):
+        if x.shape[0] % accum_steps:
+            raise ValueError(
+                f"a batch of {x.shape[0]} examples per device does not split into"
+                f" {accum_steps} micro-batches (config.train.grad_accum_steps)"
+            )
+        x = x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:])
+        return jnp.swapaxes(x, 0, 1)
+
+    return jax.tree.map(split, tree)
+
+
+def accumulated_gradients(grad_fn, params, model_state, batch: Batch, keys, accum_steps: int):
+    """(mean gradient, mean metrics, model state) over `micro_batches(batch, accum_steps)`.
+
+    `grad_fn(params, model_state, batch, keys)` is the step's value_and_grad of the loss; it runs
+    in a `lax.scan`, one micro-batch at a time, each from the same parameters and model state.
+    The mean of the micro-batches' gradients is the whole batch's gradient for every loss that
+    is a mean over images (the RPN and box losses); the mask loss is then a mean over each
+    micro-batch's positive RoIs, averaged over the micro-batches (detectron2's normalisation:
+    each of its GPUs averages over its own positives and DDP averages the GPUs). Batch
+    statistics (BatchNorm, not frozen) are the micro-batch's, and the new running statistics the
+    mean of the micro-batches' updates. Integer leaves of the model state come from the last.
+    """
+    xs = micro_batches((batch, keys), accum_steps)
+
+    def one(grad_sum, micro):
+        (loss, (metrics, new_state)), grads = grad_fn(params, model_state, *micro)
+        grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
+        return grad_sum, ({**metrics, "loss": loss}, new_state)
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grad_sum, (metrics, states) = lax.scan(one, zeros, xs)
+    grads = jax.tree.map(lambda g: g / accum_steps, grad_sum)
+    metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
+    new_state = jax.tree.map(
+        lambda x: jnp.mean(x, axis=0).astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.inexact)
+        else x[-1],
+        states,
+    )
+    return grads, metrics, new_state
+
+
 def train_step(
     state: TrainState,
     batch: Batch,
@@ -333,13 +382,21 @@ def train_step(
     learning_rate_fn: optax.Schedule,
     trainable=None,
     axis_name: str | None = None,
+    accum_steps: int = 1,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One update on `batch` (arrays [B_local, ...]); pure. Bind the keywords with a partial.
 
     Returns the new state and metrics: the loss_fn metrics, 'loss' (total), 'grad_norm' (global
     norm of the averaged trainable gradients, before clipping) and 'learning_rate'.
     Frozen parameters (`trainable` False) are passed through untouched, so they stay bit-identical.
+
+    accum_steps = k > 1 (gradient accumulation, `config.train.grad_accum_steps`): the gradients
+    of k micro-batches of B_local / k examples, computed one after the other in a `lax.scan`
+    (the activations of one micro-batch at a time), are averaged into one update; see
+    `accumulated_gradients` for what that equals.
     """
+    if accum_steps < 1:
+        raise ValueError(f"accum_steps: expected >= 1, got {accum_steps}")
     local_batch = jax.tree.leaves(batch)[0].shape[0]
     keys = example_keys(state.rng, state.step, local_batch, axis_name)
     mask = full_mask(trainable, state.params)
@@ -350,8 +407,15 @@ def train_step(
         return loss_fn(stop_frozen(params, mask), *args)
 
     grad_fn = jax.value_and_grad(loss_of_trainable, has_aux=True)
-    (loss, (metrics, model_state)), grads = grad_fn(state.params, state.model_state, batch, keys)
-    metrics = {**metrics, "loss": loss}
+    if accum_steps == 1:
+        (loss, (metrics, model_state)), grads = grad_fn(
+            state.params, state.model_state, batch, keys
+        )
+        metrics = {**metrics, "loss": loss}
+    else:
+        grads, metrics, model_state = accumulated_gradients(
+            grad_fn, state.params, state.model_state, batch, keys, accum_steps
+        )
     if axis_name is not None:
         # Every device holds its share of the batch's loss (a mean over its own examples, equal
         # shards; the mask loss as `losses.batch_mean`): their mean is the global batch's, as one
@@ -490,9 +554,16 @@ _UNKNOWN = object()
 
 
 def compile_train_step(
-    placement: Placement, *, loss_fn: LossFn, learning_rate_fn: optax.Schedule, trainable=None
+    placement: Placement,
+    *,
+    loss_fn: LossFn,
+    learning_rate_fn: optax.Schedule,
+    trainable=None,
+    accum_steps: int = 1,
 ):
     """The jitted / pmapped `train_step` for `placement`: (placed state, placed batch) -> ...
+    accum_steps > 1 accumulates the gradients of that many micro-batches of each device's
+    batch into one update (`train_step`).
 
     The step donates its state argument: the arrays of the state passed in are deleted by the
     call (use the state it returns). `placement.put_state(state)` places a copy, so the variables
@@ -512,7 +583,8 @@ def compile_train_step(
             f" mask_rcnn.build_model(..., axis_name={wanted!r}) for sync_bn)"
         )
     step_fn = functools.partial(
-        train_step, loss_fn=loss_fn, learning_rate_fn=learning_rate_fn, trainable=trainable
+        train_step, loss_fn=loss_fn, learning_rate_fn=learning_rate_fn, trainable=trainable,
+        accum_steps=accum_steps,
     )
     return placement.compile(step_fn)
 
@@ -910,6 +982,13 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
             f"config.train.global_batch_size={tc.global_batch_size} does not split over the"
             f" {devices} devices ({jax.process_count()} processes): use a multiple of {devices}"
         )
+    accum = int(tc.get("grad_accum_steps", 1))
+    if (tc.global_batch_size // devices) % accum:
+        raise runtime.ConfigError(
+            f"config.train.grad_accum_steps={accum} does not divide the"
+            f" {tc.global_batch_size // devices} examples per device"
+            f" (train.global_batch_size={tc.global_batch_size} over {devices} devices)"
+        )
     if tc.get("scale_schedule", False):
         logging.info(
             "schedule for a batch of %d (recipe at %d): %s", tc.global_batch_size,
@@ -952,9 +1031,11 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     save_config(as_given, workdir)
     logging.info(
         "training from step %d to %d: %s over %d devices (%d processes), global batch %d (%d per"
-        " device), learning rate %g", int(state.step), tc.num_steps, placement.kind,
+        " device%s), learning rate %g", int(state.step), tc.num_steps, placement.kind,
         jax.device_count(), jax.process_count(), tc.global_batch_size,
         tc.global_batch_size // jax.device_count(),
+        f", in {accum} micro-batches of {tc.global_batch_size // devices // accum}"
+        if accum > 1 else "",
         scaled_learning_rate(tc.base_lr, tc.global_batch_size, tc.lr_reference_batch),
     )
     step_fn = compile_train_step(
@@ -964,6 +1045,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
         ),
         learning_rate_fn=schedule,
         trainable=trainable,
+        accum_steps=accum,
     )
 
     def batches(start_step):
@@ -976,7 +1058,14 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
         # host evaluates its own shard of the split with its own batches (evaluate_model).
         # With train.ema_decay, the moving average is what is evaluated (TF Model Garden).
         variables = jax.device_get(model_variables(host_state, ema=True))
-        return evaluate_lib.evaluate_model(config, model, variables, workdir, step)
+        metrics = evaluate_lib.evaluate_model(config, model, variables, workdir, step)
+        if best is not None:
+            best.consider(step, host_state, metrics)
+        return metrics
+
+    best = None
+    if tc.get("best_metric"):
+        best = ckpt_lib.BestCheckpoint(workdir, tc.best_metric, run=checkpoints.run)
 
     resumed_at = int(state.step) if resuming else None
     if resumed_at is not None and jax.process_index() == 0:
@@ -1005,14 +1094,18 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     finally:
         writer.close()
         checkpoints.close()
+        if best is not None:
+            best.close()
 
 
-def evaluate_checkpoint(config, workdir: str) -> dict[str, Any]:
-    """Eval-only: the latest checkpoint of `workdir` (else config.train.init_checkpoint)."""
+def evaluate_checkpoint(config, workdir: str, checkpoint: str | None = None) -> dict[str, Any]:
+    """Eval-only: the latest checkpoint of `workdir` (else config.train.init_checkpoint), or the
+    weights `checkpoint` names (`predict.weights_to_use`: a step, "best" or a path); the
+    metrics are recorded in `workdir` at that checkpoint's step."""
     from mrcnn_jax import evaluate as evaluate_lib
     from mrcnn_jax import mask_rcnn, predict
 
-    source, step = predict.weights_to_use(workdir, config)  # before the model is built
+    source, step = predict.weights_to_use(workdir, config, checkpoint)  # before the model
     predict.refuse_backbone_only(source)  # no detector heads: nothing to evaluate
     ckpt_lib.check_input_convention(config, source)
     model = mask_rcnn.build_model(config.model)

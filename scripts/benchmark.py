@@ -369,6 +369,7 @@ def jax_train_setup(config, batch_np: dict, weights_npz: str | None = None, wrap
         loss_fn=losses.make_loss_fn(model, config.model, image_size, axis),
         learning_rate_fn=schedule,
         trainable=trainable,
+        accum_steps=config.train.get("grad_accum_steps", 1),
     )
     return step_fn, state, placement.put_batch(batch_np), placement
 

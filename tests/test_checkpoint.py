@@ -366,3 +366,72 @@ def test_a_config_json_from_before_new_keys_says_which_it_lacks(tmp_path, caplog
     with caplog.at_level(logging.WARNING):
         predict.load_config(str(path))
     assert "predates" not in caplog.text
+
+
+def _params_of(state, bump: float):
+    return state.replace(params=jax.tree.map(lambda p: p + bump, state.params))
+
+
+def test_best_checkpoint_keeps_the_highest_evaluation_across_a_resume(tmp_path, caplog):
+    _, state, _ = tiny_state()
+    workdir = str(tmp_path)
+    best = ckpt_lib.BestCheckpoint(workdir, "segm/AP")
+    assert best.consider(10, _params_of(state, 1.0), {"segm/AP": 0.30, "bbox/AP": 0.1})
+    assert not best.consider(20, _params_of(state, 2.0), {"segm/AP": 0.25})
+    assert not best.consider(25, _params_of(state, 2.5), {"segm/AP": 0.30})  # a tie: the earlier
+    assert best.consider(30, _params_of(state, 3.0), {"segm/AP": 0.40})
+    with caplog.at_level(logging.WARNING):  # never a reason to stop a run
+        assert not best.consider(40, state, {"bbox/AP": 0.9})
+        assert not best.consider(50, state, {"segm/AP": float("nan")})
+    assert "train.best_metric='segm/AP': the evaluation of step 40 gave None" in caplog.text
+    best.close()
+    assert ckpt_lib.all_steps(os.path.join(workdir, "best")) == [30]
+    want = jax.device_get(_params_of(state, 3.0).params)
+    for a, b in zip(jax.tree.leaves(ckpt_lib.load_weights(os.path.join(workdir, "best"))["params"]),
+                    jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+    # A resumed run compares with the value recorded with the checkpoint; resumed from before
+    # the best step (its later checkpoints set aside), a better evaluation replaces it.
+    again = ckpt_lib.BestCheckpoint(workdir, "segm/AP")
+    assert again.best == (30, 0.40)
+    assert not again.consider(40, state, {"segm/AP": 0.35})
+    assert again.consider(20, _params_of(state, 4.0), {"segm/AP": 0.45})
+    again.close()
+    assert ckpt_lib.all_steps(os.path.join(workdir, "best")) == [20]
+    # Another metric: the folder's step is replaced at the next evaluation, whatever its value.
+    with caplog.at_level(logging.WARNING):
+        other = ckpt_lib.BestCheckpoint(workdir, "bbox/AP50")
+    assert other.best is None and "kept for segm/AP=0.45" in caplog.text
+    assert other.consider(60, state, {"bbox/AP50": 0.01})
+    other.close()
+
+
+def test_checkpoint_flag_picks_a_step_best_or_a_path(tmp_path):
+    from configs import tiny
+    from mrcnn_jax import predict, runtime
+
+    config = tiny.get_config()
+    _, state, _ = tiny_state()
+    workdir = tmp_path / "run"
+    with ckpt_lib.CheckpointManager(str(workdir / "checkpoints")) as checkpoints:
+        for step in (2, 4):
+            checkpoints.save(step, state)
+    assert predict.weights_to_use(str(workdir), config) == (str(workdir), 4)
+    assert predict.weights_to_use(str(workdir), config, "2") == (
+        str(workdir / "checkpoints" / "2"), 2
+    )
+    with pytest.raises(runtime.MissingInputError, match=r"no checkpoint of step 3 in .*steps: 2, 4"):
+        predict.weights_to_use(str(workdir), config, "3")
+    with pytest.raises(runtime.MissingInputError, match=r"--checkpoint=best: .*best is not a folder"):
+        predict.weights_to_use(str(workdir), config, "best")
+    ckpt_lib.BestCheckpoint(str(workdir), "segm/AP").consider(4, state, {"segm/AP": 0.5})
+    assert predict.weights_to_use(str(workdir), config, "best") == (str(workdir / "best"), 4)
+    other = tmp_path / "other"
+    assert predict.weights_to_use(str(other), config, str(workdir)) == (str(workdir), 4)
+    (other / "empty").mkdir(parents=True)
+    with pytest.raises(runtime.MissingInputError, match=r"--checkpoint=.*empty: no checkpoint in"):
+        predict.weights_to_use(str(other), config, str(other / "empty"))
+    # The best folder's workdir is the run's: its labels.json and config.json are found there.
+    assert ckpt_lib.workdir_of(str(workdir / "best")) == str(workdir)
+    assert ckpt_lib.workdir_of(str(workdir / "best" / "4")) == str(workdir)

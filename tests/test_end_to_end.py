@@ -11,6 +11,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
+from mrcnn_jax import checkpoint as ckpt_lib
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -28,7 +30,8 @@ def _run(*args, cwd):
 def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
     workdir, data_dir = str(tmp / "work"), str(tmp / "tfds")
-    _run(f"--workdir={workdir}", f"--config.data.data_dir={data_dir}", cwd=ROOT)
+    _run(f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
+         "--config.train.best_metric=segm/AP", cwd=ROOT)
     return workdir, data_dir
 
 
@@ -49,6 +52,8 @@ def test_train_writes_checkpoint_metrics_results(trained):
         assert {"image_id", "category_id", "bbox", "score", "segmentation"} <= set(results[0])
     overlays = os.listdir(os.path.join(workdir, "overlays_4"))
     assert overlays and all(f.endswith(".png") for f in overlays)
+    # train.best_metric: the one evaluation's checkpoint is the best so far
+    assert ckpt_lib.all_steps(os.path.join(workdir, "best")) == [4]
 
 
 def test_eval_mode_on_the_checkpoint(trained):
@@ -61,7 +66,7 @@ def test_eval_mode_on_the_checkpoint(trained):
     # Evaluating again, with the masks pasted and run-length coded by the device, gives the
     # same results, and replaces the record of step 4 rather than adding a second one.
     _run(f"--workdir={workdir}", f"--config.data.data_dir={data_dir}", "--mode=eval",
-         "--config.eval.device_masks=on", cwd=ROOT)
+         "--config.eval.device_masks=on", "--checkpoint=4", cwd=ROOT)
     evals = [json.loads(x) for x in open(metrics_file)]
     assert [e["step"] for e in evals] == [e["step"] for e in before]
     again = json.load(open(results_path))
@@ -87,7 +92,7 @@ def test_predict_mode_on_a_folder(trained, tmp_path):
     (folder / "broken.png").write_bytes(b"not an image")  # skipped, the rest still predicted
     proc = _run(
         f"--workdir={workdir}", f"--config.data.data_dir={data_dir}", "--mode=predict",
-        f"--input={folder}", cwd=ROOT,
+        f"--input={folder}", "--checkpoint=best", cwd=ROOT,
     )
     assert "skipped" in proc.stderr and "broken.png" in proc.stderr
     out = os.path.join(workdir, "predictions")

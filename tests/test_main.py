@@ -131,13 +131,18 @@ def test_a_run_stopped_by_sigterm_exits_as_not_finished(tmp_path, monkeypatch, p
 
 def test_eval_and_predict_modes_dispatch(tmp_path, monkeypatch, parse_flags):
     calls = []
-    monkeypatch.setattr(train, "evaluate_checkpoint", lambda c, w: calls.append(("eval", w)))
+    monkeypatch.setattr(
+        train, "evaluate_checkpoint", lambda c, w, checkpoint: calls.append(("eval", w, checkpoint))
+    )
     config = f"--config={ROOT}/configs/tiny.py"
     main.main(parse_flags(config, f"--workdir={tmp_path}", "--mode=eval"))
-    assert calls == [("eval", str(tmp_path))]
+    main.main(parse_flags(config, f"--workdir={tmp_path}", "--mode=eval", "--checkpoint=best"))
+    assert calls == [("eval", str(tmp_path), None), ("eval", str(tmp_path), "best")]
     assert not (tmp_path / "config.json").exists()  # only training writes it
     with pytest.raises(Exception, match="--input"):
         main.main(parse_flags(config, f"--workdir={tmp_path}", "--mode=predict"))
+    with pytest.raises(main.app.UsageError, match="--checkpoint is for --mode=eval, predict and"):
+        main.main(parse_flags(config, f"--workdir={tmp_path}", "--checkpoint=4"))
 
 
 def test_inputs_that_are_not_there_are_one_line_with_status_2(tmp_path, parse_flags, caplog):
@@ -215,6 +220,8 @@ def test_model_and_data_choices_are_checked_before_anything_runs():
     config.model.loss_weights.mask = -1.0
     config.eval.batch_size = 0
     config.eval.max_examples = -1
+    config.train.grad_accum_steps = 0
+    config.train.best_metric = "segm/mAP"
     with pytest.raises(main.ConfigError) as err:
         main.validate_config(config)
     names = sorted(line.split(":")[0].strip() for line in str(err.value).splitlines()[1:])
@@ -226,7 +233,7 @@ def test_model_and_data_choices_are_checked_before_anything_runs():
         "model.frozen_stages_per_image", "model.roi.level_mapper", "model.test.mask_paste",
         "model.freeze_at", "model.anchor_strides", "model.roi.box_weights", "data.channel_order",
         "data.image_size", "data.pixel_std", "train.parallelism", "model.loss_weights.mask",
-        "eval.batch_size", "eval.max_examples",
+        "eval.batch_size", "eval.max_examples", "train.grad_accum_steps", "train.best_metric",
     ])
     assert "expected (height, width) (2 values), got (64, 64, 60, 60)" in str(err.value)
     config = base.get_config()
@@ -238,6 +245,10 @@ def test_model_and_data_choices_are_checked_before_anything_runs():
     config.model.anchor_grid = "torchvision"
     config.model.rpn.size_divisibility = 0
     with pytest.raises(main.ConfigError, match="needs model.rpn.size_divisibility > 0"):
+        main.validate_config(config)
+    config = base.get_config()
+    config.train.grad_accum_steps = 3
+    with pytest.raises(main.ConfigError, match="3 does not divide train.global_batch_size 16"):
         main.validate_config(config)
 
 
@@ -257,7 +268,7 @@ def test_launch_flags_start_jax_distributed(tmp_path, monkeypatch, parse_flags):
     not started."""
     started = []
     monkeypatch.setattr(main.jax.distributed, "initialize", lambda **kw: started.append(kw))
-    monkeypatch.setattr(train, "evaluate_checkpoint", lambda c, w: None)
+    monkeypatch.setattr(train, "evaluate_checkpoint", lambda c, w, checkpoint: None)
     config = f"--config={ROOT}/configs/tiny.py"
     main.main(parse_flags(config, f"--workdir={tmp_path}", "--mode=eval"))
     main.main(parse_flags(config, f"--workdir={tmp_path}", "--mode=eval",

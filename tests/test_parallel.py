@@ -61,17 +61,18 @@ def _assert_close(a, b, what):
         )
 
 
-def _first_step_metrics(placement, model_axis):
+def _first_step(placement, model_axis, accum_steps=1):
     from mrcnn_jax import train
     from tests.test_train import make_batch, make_loss_fn, tiny_state
 
     model, state, schedule = tiny_state(axis_name=model_axis)
     step_fn = train.compile_train_step(
-        placement, loss_fn=make_loss_fn(model), learning_rate_fn=schedule
+        placement, loss_fn=make_loss_fn(model), learning_rate_fn=schedule,
+        accum_steps=accum_steps,
     )
     batch = placement.put_batch(make_batch(0, GLOBAL_BATCH))
-    _, metrics = step_fn(placement.put_state(state), batch)
-    return placement.get_metrics(metrics)
+    new, metrics = step_fn(placement.put_state(state), batch)
+    return placement.get_metrics(metrics), placement.get_state(new)
 
 
 def _main():
@@ -98,12 +99,19 @@ def _main():
         loaded = ckpt_lib.load_weights(tmp)
         _assert_close(loaded["params"], got.params, "mesh checkpoint")
 
-    want_metrics = _first_step_metrics(single, None)
-    for name, placement, axis in (("pmap", pmap, train.PMAP_AXIS), ("mesh", mesh, None)):
-        got_metrics = _first_step_metrics(placement, axis)
-        assert set(got_metrics) == set(want_metrics), name
-        for k, v in want_metrics.items():
-            np.testing.assert_allclose(got_metrics[k], v, rtol=2e-5, err_msg=f"{name} {k}")
+    # accum 2: micro-batch j is the global batch's examples j mod 2 on any number of devices,
+    # with sync BN over it, so the accumulated step does not depend on the device count either.
+    for accum in (1, 2):
+        want_metrics, want_state = _first_step(single, None, accum)
+        for name, placement, axis in (("pmap", pmap, train.PMAP_AXIS), ("mesh", mesh, None)):
+            got_metrics, got_state = _first_step(placement, axis, accum)
+            assert set(got_metrics) == set(want_metrics), name
+            for k, v in want_metrics.items():
+                np.testing.assert_allclose(
+                    got_metrics[k], v, rtol=2e-5, err_msg=f"{name} accum {accum} {k}"
+                )
+            _assert_close(got_state.params, want_state.params, f"{name} accum {accum}")
+            _assert_close(got_state.model_state, want_state.model_state, f"{name} accum {accum}")
 
     # Per-device BatchNorm under pmap: the statistics are averaged, so every device holds the
     # same copy, and the running mean is the global one (a mean of equal-sized shard means).

@@ -371,6 +371,70 @@ def test_example_keys_follow_the_global_index():
     np.testing.assert_array_equal(per_device.reshape(want.shape), want)
 
 
+def test_gradient_accumulation_averages_strided_micro_batches():
+    """accum_steps=2: the gradient of micro-batches [0, 2] and [1, 3] (with those examples' keys),
+    each from the same state, averaged into one update; metrics and BatchNorm statistics are the
+    micro-batches' means."""
+    model, state, schedule = tiny_state(warmup=0)
+    batch = make_batch(0)
+    loss_fn = make_loss_fn(model)
+    keys = train.example_keys(state.rng, state.step, 4)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    parts = [
+        grad_fn(state.params, state.model_state, {k: v[j::2] for k, v in batch.items()}, keys[j::2])
+        for j in (0, 1)
+    ]
+    grads = jax.tree.map(lambda a, b: (a + b) / 2, parts[0][1], parts[1][1])
+    updates, _ = state.tx.update(grads, state.opt_state, state.params)
+    want_params = optax.apply_updates(state.params, updates)
+    want_stats = jax.tree.map(lambda a, b: (a + b) / 2, parts[0][0][1][1], parts[1][0][1][1])
+
+    step = jax.jit(functools.partial(
+        train.train_step, loss_fn=loss_fn, learning_rate_fn=schedule, accum_steps=2
+    ))
+    new, metrics = step(state, batch)
+    np.testing.assert_allclose(
+        metrics["loss"], (parts[0][0][0] + parts[1][0][0]) / 2, rtol=1e-6
+    )
+    np.testing.assert_allclose(metrics["grad_norm"], optax.global_norm(grads), rtol=1e-5)
+    # (the conv bias before BatchNorm has a zero gradient up to round-off: atol)
+    for got, want in zip(jax.tree.leaves(new.params), jax.tree.leaves(want_params), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    for got, want in zip(jax.tree.leaves(new.model_state), jax.tree.leaves(want_stats), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    assert int(new.step) == 1
+
+    with pytest.raises(ValueError, match=r"4 examples per device does not split into 3 micro"):
+        jax.jit(functools.partial(
+            train.train_step, loss_fn=loss_fn, learning_rate_fn=schedule, accum_steps=3
+        ))(state, batch)
+
+
+def test_gradient_accumulation_of_a_per_example_loss_is_the_whole_batch_step():
+    """Without batch statistics (BatchNorm on its running averages) the loss is a mean over
+    examples, and two micro-batches give the one-batch update."""
+    model, state, schedule = tiny_state(warmup=0)
+
+    def loss_fn(params, model_state, batch, example_keys):
+        pred = model.apply({"params": params, **model_state}, batch["images"], train=False)
+        loss = jnp.mean((pred - batch["targets"]) ** 2)
+        return loss, ({"loss_mse": loss}, model_state)
+
+    def run(accum):
+        step = jax.jit(functools.partial(
+            train.train_step, loss_fn=loss_fn, learning_rate_fn=schedule, accum_steps=accum
+        ))
+        s = state
+        for i in range(3):
+            s, metrics = step(s, make_batch(i, 8))
+        return s, metrics
+
+    (one, m1), (four, m4) = run(1), run(4)
+    np.testing.assert_allclose(m4["loss"], m1["loss"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(four.params), jax.tree.leaves(one.params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_tiny_net_learns():
     model, state, schedule = tiny_state(lr=0.02)
     step = jit_step(model, schedule)
@@ -513,6 +577,10 @@ def test_a_batch_that_does_not_split_over_the_devices_is_refused_first(monkeypat
     config.train.global_batch_size = 6
     monkeypatch.setattr(jax, "device_count", lambda: 4)
     with pytest.raises(ValueError, match=r"global_batch_size=6 does not split over the 4 devices"):
+        train.train_and_evaluate(config, str(tmp_path))
+    config.train.global_batch_size = 8
+    config.train.grad_accum_steps = 4  # divides 8, not the 2 examples per device
+    with pytest.raises(ValueError, match=r"grad_accum_steps=4 does not divide the 2 examples per"):
         train.train_and_evaluate(config, str(tmp_path))
     assert not os.listdir(tmp_path)  # before the dataset, the labels or config.json
 

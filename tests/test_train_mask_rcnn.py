@@ -1,5 +1,6 @@
 """The real Mask R-CNN train step: it learns on the tiny shapes set, and one step on 2 devices
-(pmap, and jit over a mesh) equals one step on 1 device with the same global batch.
+(jit over a mesh, and pmap with gradient accumulation) equals one step on 1 device with the same
+global batch.
 
 The multi-device check needs emulated CPU devices, fixed when JAX initialises, so it runs in a
 subprocess (`python -m tests.test_train_mask_rcnn`). Two devices, two examples each: with 8
@@ -61,7 +62,7 @@ def test_pmap_and_mesh_match_one_device():
     assert "mask r-cnn parallel equivalence: ok" in out
 
 
-def _one_step(kind: str, batch):
+def _one_step(kind: str, batch, accum_steps: int = 1):
     config = tiny.get_config()
     # Frozen stem + res2: their parameters enter as constants and, on the CPU, they run image by
     # image (`model.frozen_stages_per_image`), on each device's examples or over the sharded batch.
@@ -72,7 +73,8 @@ def _one_step(kind: str, batch):
         config, axis_name=train.PMAP_AXIS if kind == "pmap" else None
     )
     step = train.compile_train_step(
-        placement, loss_fn=loss_fn, learning_rate_fn=schedule, trainable=trainable
+        placement, loss_fn=loss_fn, learning_rate_fn=schedule, trainable=trainable,
+        accum_steps=accum_steps,
     )
     state, metrics = step(placement.put_state(state), placement.put_batch(batch))
     return placement.get_state(state).params, placement.get_metrics(metrics)
@@ -86,17 +88,27 @@ def _main():
     # The first device's first image has no instances: the devices hold different numbers of
     # positive RoIs, which the batch-wide mask loss must normalise as one device would.
     batch["gt_valid"][0] = False
-    ref_params, ref_metrics = _one_step("single", batch)
-    for kind in ("pmap", "mesh"):
-        params, metrics = _one_step(kind, batch)
+    # Gradient accumulation under pmap: micro-batch j is examples j mod 2 of the global batch
+    # on 1 or 2 devices ({0, 2} and {1, 3}: 0 and 2 positive images), its mask loss normalised
+    # over that micro-batch's positives on all devices. (The mesh's accumulation is checked on
+    # a small net in tests/test_parallel.py.)
+    refs = {accum: _one_step("single", batch, accum) for accum in (1, 2)}
+    for kind, accum in (("mesh", 1), ("pmap", 2)):
+        params, metrics = _one_step(kind, batch, accum)
+        ref_params, ref_metrics = refs[accum]
         for name in ("loss", "loss_cls", "loss_mask", "loss_rpn_cls", "grad_norm"):
-            np.testing.assert_allclose(metrics[name], ref_metrics[name], rtol=2e-4, err_msg=name)
+            np.testing.assert_allclose(
+                metrics[name], ref_metrics[name], rtol=2e-4, err_msg=f"{kind}: {name}"
+            )
         flat = jax.tree_util.tree_leaves_with_path(params)
         for (path, a), b in zip(flat, jax.tree.leaves(ref_params), strict=True):
             np.testing.assert_allclose(
                 np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6,
                 err_msg=f"{kind}: {jax.tree_util.keystr(path)}",
             )
+    # The losses that are means over images are those of the whole batch when accumulated.
+    for name in ("loss_cls", "loss_rpn_cls", "loss_box", "loss_rpn_box"):
+        np.testing.assert_allclose(refs[2][1][name], refs[1][1][name], rtol=1e-4, err_msg=name)
     print("mask r-cnn parallel equivalence: ok")
 
 
