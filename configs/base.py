@@ -167,14 +167,19 @@ def get_config() -> ml_collections.ConfigDict:
     tr.decay_factor = 0.1
     tr.warmup_steps = 1000
     tr.warmup_factor = 0.001
+    # "sgd" (detectron2's SGD with momentum) or "adamw" (torch AdamW: detectron2's ViTDet
+    # recipes use it at base_lr 1e-4, weight_decay 0.1); momentum is SGD's, adam_* AdamW's.
+    tr.optimizer = "sgd"
     tr.momentum = 0.9
+    tr.adam_betas = (0.9, 0.999)
+    tr.adam_eps = 1e-8
     tr.weight_decay = 1e-4
     tr.weight_decay_norm = 0.0  # detectron2 WEIGHT_DECAY_NORM
     tr.grad_clip_norm = 0.0  # 0 = off
     # Gradient accumulation: each device's share of the batch is run as this many micro-batches,
     # one after the other, and their gradients averaged into one update (the memory of one
     # micro-batch; the step, learning rate and data order stay the global batch's). The mask loss
-    # is then normalised per micro-batch, as detectron2 normalises it per GPU.
+    # is then a mean over each micro-batch's positives, averaged over the micro-batches.
     tr.grad_accum_steps = 1
     # Exponential moving average of the weights (e.g. 0.9998, TF Model Garden's average_decay,
     # with its dynamic decay min(d, (1 + step) / (10 + step))); evaluation, prediction and
@@ -190,7 +195,9 @@ def get_config() -> ml_collections.ConfigDict:
     # the evaluation, per-category "segm/AP-NAME" included); "" = off. --checkpoint=best picks it.
     tr.best_metric = ""
     tr.log_every = 20
-    tr.eval_every = 10_000  # 0 = only at the end
+    # 0 = only at the end; -1 = never: a job of its own evaluates the checkpoints as they come
+    # (--mode=continuous_eval, with the same config and workdir)
+    tr.eval_every = 10_000
 
     # ---------------------------------------------------------------- evaluation
     e = c.eval = ml_collections.ConfigDict()
@@ -199,6 +206,10 @@ def get_config() -> ml_collections.ConfigDict:
     # its first device alone.
     e.local_devices = True
     e.max_examples = 0  # 0 = the whole split
+    # --mode=continuous_eval: look for a new checkpoint every poll_s seconds; stop when none has
+    # come for timeout_s (TF Model Garden's continuous_eval_timeout) or the last step is evaluated.
+    e.continuous_poll_s = 30.0
+    e.continuous_timeout_s = 3600.0
     # What COCOeval scores against: "file" = the annotation file's own annotations of the
     # evaluated images (as detectron2 / torchvision evaluate; comparable with published numbers),
     # "prepared" = the instances as stored after preparation's repairs. Datasets without an

@@ -273,22 +273,43 @@ class BestCheckpoint:
     On several hosts every process calls `consider` with the same metrics (the save is
     collective)."""
 
-    def __init__(self, workdir: str, metric: str, run: Mapping[str, Any] | None = None):
+    def __init__(
+        self, workdir: str, metric: str, run: Mapping[str, Any] | None = None,
+        resumed_at: int | None = None,
+    ):
+        """resumed_at: the step the run resumes from. A best step after it was evaluated on a
+        course the run no longer follows (its evaluation records are dropped too): it is
+        deleted, and the next evaluation is the best so far."""
         self.metric = metric
         self.directory = os.path.join(workdir, BEST_DIR)
         self._manager = CheckpointManager(self.directory, keep=1, async_save=False, run=run)
         self.best: tuple[int, float] | None = None  # (step, value)
         step = self._manager.latest_step()
-        if step is not None:
+        if step is None:
+            return
+        try:
             meta = self._manager.metadata(step)
-            if meta.get("best_metric") == metric:
-                self.best = (step, float(meta["best_value"]))
-            else:
-                logging.warning(
-                    "%s holds step %d, kept for %s=%s; this run keeps the best %s: the next"
-                    " evaluation replaces it", self.directory, step, meta.get("best_metric"),
-                    meta.get("best_value"), metric,
-                )
+            kept = (meta.get("best_metric"), float(meta["best_value"]))
+        except Exception as e:  # noqa: BLE001 - a damaged best checkpoint must not stop a run
+            logging.warning("%s/%d: unreadable metadata (%s): the next evaluation replaces it",
+                            self.directory, step, _first_line(e))
+            return
+        if resumed_at is not None and step > resumed_at:
+            logging.warning(
+                "%s holds step %d (%s=%s), after the step %d this run resumes from: deleted, an"
+                " evaluation of the run as it goes on will take its place", self.directory, step,
+                kept[0], kept[1], resumed_at,
+            )
+            self._manager.delete(step)
+        elif kept[0] == metric:
+            self.best = (step, kept[1])
+            logging.info("the best %s so far: %.4f at step %d (%s)", metric, kept[1], step,
+                         self.directory)
+        else:
+            logging.warning(
+                "%s holds step %d, kept for %s=%s; this run keeps the best %s: the next"
+                " evaluation replaces it", self.directory, step, kept[0], kept[1], metric,
+            )
 
     def consider(self, step: int, state: Any, metrics: Mapping[str, Any]) -> bool:
         """Saves `state` as the best when metrics[metric] beats the best so far (a tie keeps the
@@ -329,14 +350,19 @@ class BestCheckpoint:
 # ----------------------------------------------------------------------------- weights only
 
 
+def _isdir(path: str) -> bool:
+    """os.path.isdir, also for remote paths (gs://...)."""
+    return epath.Path(path).is_dir() if "://" in path else os.path.isdir(path)
+
+
 def _resolve(path: str) -> tuple[str, int]:
     """A workdir, a checkpoints directory or one step directory -> (checkpoints dir, step)."""
-    path = os.path.abspath(path)
-    if os.path.isdir(os.path.join(path, _STATE)):
+    path = str(path).rstrip("/") if "://" in str(path) else os.path.abspath(path)
+    if _isdir(os.path.join(path, _STATE)):
         parent, name = os.path.split(path)
         if name.isdigit():
             return parent, int(name)
-    if os.path.isdir(os.path.join(path, CHECKPOINT_DIR)):
+    if _isdir(os.path.join(path, CHECKPOINT_DIR)):
         path = os.path.join(path, CHECKPOINT_DIR)
     step = latest_step(path)
     if step is None:
@@ -351,7 +377,7 @@ def step_of(path: str) -> int:
 
 def all_steps(directory: str) -> list[int]:
     """The complete steps of a checkpoints directory, ascending ([] when there is none)."""
-    if not os.path.isdir(directory):
+    if not _isdir(directory):
         return []
     manager = _manager(directory, create=False)
     try:
@@ -362,7 +388,7 @@ def all_steps(directory: str) -> list[int]:
 
 def latest_step(directory: str) -> int | None:
     """The latest complete step in a checkpoints directory, None when there is none."""
-    if not os.path.isdir(directory):
+    if not _isdir(directory):
         return None
     manager = _manager(directory, create=False)
     try:

@@ -3,6 +3,8 @@
     --mode=train    train (resuming from DIR/checkpoints when it holds one), evaluate at the end
     --mode=eval     evaluate the latest checkpoint of DIR (or config.train.init_checkpoint;
                     --checkpoint=STEP|best|PATH another)
+    --mode=continuous_eval  evaluate DIR's checkpoints as training writes them (a job of its
+                    own; train with --config.train.eval_every=-1)
     --mode=predict  run the model on --input: an image file, a folder of images or "split:NAME"
     --mode=export   write the predict step as a serialized StableHLO program with its weights
                     (mrcnn_jax.export) to --export_dir, default DIR/export
@@ -33,7 +35,9 @@ from mrcnn_jax.runtime import ConfigError  # noqa: F401 - main.ConfigError, wher
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and outputs go here.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "export"], "What to do.")
+_MODE = flags.DEFINE_enum(
+    "mode", "train", ["train", "eval", "continuous_eval", "predict", "export"], "What to do."
+)
 _INPUT = flags.DEFINE_string(
     "input", None, 'predict: an image file, a folder of images, or "split:NAME" of the dataset.'
 )
@@ -146,7 +150,7 @@ def _value_errors(config) -> list[str]:
     from mrcnn_jax.modeling.norm import NormKind
     from mrcnn_jax.modeling.resnet import STAGE_BLOCKS
     from mrcnn_jax.ops.anchors import ANCHOR_GRIDS
-    from mrcnn_jax.train import LR_SCHEDULES, PARALLELISMS
+    from mrcnn_jax.train import LR_SCHEDULES, OPTIMIZERS, PARALLELISMS
 
     m, d, t = config.model, config.data, config.train
     errors = []
@@ -202,6 +206,12 @@ def _value_errors(config) -> list[str]:
     _choice(errors, "eval.ground_truth", config.eval.get("ground_truth", "file"), GROUND_TRUTHS)
     _choice(errors, "train.parallelism", t.parallelism, PARALLELISMS)
     _choice(errors, "train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
+    _choice(errors, "train.optimizer", t.get("optimizer", "sgd"), OPTIMIZERS)
+    betas = tuple(t.get("adam_betas", (0.9, 0.999)))
+    if not (len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas)):
+        errors.append(f"train.adam_betas: expected (b1, b2), each in [0, 1), got {betas}")
+    if t.get("adam_eps", 1e-8) <= 0:
+        errors.append(f"train.adam_eps: expected > 0, got {t.adam_eps}")
     if not 0.0 <= t.lr_end_factor <= 1.0:
         errors.append(f"train.lr_end_factor: expected in [0, 1], got {t.lr_end_factor}")
     if t.lr_schedule == "cosine" and t.num_steps <= 0:
@@ -227,6 +237,12 @@ def _value_errors(config) -> list[str]:
         )
     if config.eval.batch_size <= 0:
         errors.append(f"eval.batch_size: expected > 0, got {config.eval.batch_size}")
+    if config.eval.get("continuous_poll_s", 1.0) <= 0:
+        errors.append(f"eval.continuous_poll_s: expected > 0, got {config.eval.continuous_poll_s}")
+    if config.eval.get("continuous_timeout_s", 1.0) < 0:
+        errors.append(
+            f"eval.continuous_timeout_s: expected >= 0, got {config.eval.continuous_timeout_s}"
+        )
     if config.eval.max_examples < 0:
         errors.append(f"eval.max_examples: expected >= 0 (0: all), got {config.eval.max_examples}")
     return errors
@@ -263,10 +279,11 @@ def main(argv) -> None:
     validate_config(config)  # before any device work or compilation
     if mode == "predict" and not _INPUT.value:
         raise app.UsageError("--mode=predict needs --input")
-    if mode == "train" and _CHECKPOINT.value:
+    if mode in ("train", "continuous_eval") and _CHECKPOINT.value:
         raise app.UsageError(
             "--checkpoint is for --mode=eval, predict and export; training resumes from"
-            " WORKDIR/checkpoints, or starts from --config.train.init_checkpoint=PATH"
+            " WORKDIR/checkpoints, or starts from --config.train.init_checkpoint=PATH, and"
+            " continuous_eval takes the checkpoints of WORKDIR as they come"
         )
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise runtime.InvalidInputError(f"--workdir={workdir} is a file, not a folder")
@@ -290,6 +307,8 @@ def main(argv) -> None:
             sys.exit(PREEMPTED_EXIT_STATUS)
     elif mode == "eval":
         train.evaluate_checkpoint(config, workdir, _CHECKPOINT.value)
+    elif mode == "continuous_eval":
+        train.evaluate_continuously(config, workdir)
     elif mode == "export":
         from mrcnn_jax import export
 

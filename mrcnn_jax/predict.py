@@ -75,7 +75,9 @@ def load_config(path: str) -> ml_collections.ConfigDict:
     config.data.unlock()
     assign(config, saved)
     resolved = config.to_dict()
-    missing = _missing_keys(resolved, saved)
+    # Training's own keys (optimizer, schedule, checkpointing) do not change what the weights
+    # compute: a config.json from before one of them is read without a word.
+    missing = [k for k in _missing_keys(resolved, saved) if not k.startswith("train.")]
     if missing:
         from mrcnn_jax.checkpoint import lookup
 
@@ -269,17 +271,17 @@ def generic_class_names(num_classes: int) -> tuple[str, ...]:
     return ("background",) + tuple(f"class_{i}" for i in range(1, num_classes + 1))
 
 
-def weights_to_use(workdir: str, config, checkpoint: str | None = None) -> tuple[str, int]:
+def weights_to_use(workdir: str, config, chosen: str | None = None) -> tuple[str, int]:
     """(source, step) of the weights `--mode=eval`, `predict` and `export` use: the workdir and
     the step of its latest checkpoint when it holds one, else config.train.init_checkpoint and 0;
     MissingInputError naming both when neither. Looks at the checkpoint folder only (no
     restore), so a wrong workdir fails before a model is built.
 
-    checkpoint (`--checkpoint`) picks other weights: a step of the workdir's checkpoints ("60000"),
+    chosen (`--checkpoint`) picks other weights: a step of the workdir's checkpoints ("60000"),
     "best" (WORKDIR/best, what `train.best_metric` keeps), or a path (a workdir, its checkpoints
     folder, one step folder, a `mrcnn_jax.convert` output)."""
-    if checkpoint:
-        return _chosen_weights(workdir, str(checkpoint))
+    if chosen:
+        return _chosen_weights(workdir, str(chosen))
     from mrcnn_jax import checkpoint
 
     directory = os.path.join(workdir, checkpoint.CHECKPOINT_DIR)
@@ -309,17 +311,18 @@ def _chosen_weights(workdir: str, chosen: str) -> tuple[str, int]:
                 f" {', '.join(map(str, steps)) or 'none'}"
             )
         return os.path.join(directory, str(int(chosen))), int(chosen)
-    path = os.path.join(workdir, ckpt.BEST_DIR) if chosen == ckpt.BEST_DIR else chosen
+    best = chosen == ckpt.BEST_DIR
+    path = os.path.join(workdir, ckpt.BEST_DIR) if best else chosen
+    why = (
+        " (training keeps it with train.best_metric set, from its first evaluation)" if best
+        else " (a workdir, its checkpoints folder, one step folder or a mrcnn_jax.convert output)"
+    )
     if "://" not in path and not os.path.isdir(path):
-        why = " (train.best_metric keeps it, at the run's evaluations)" if chosen == "best" else ""
         raise runtime.MissingInputError(f"{flag}: {path} is not a folder{why}")
     try:
         return path, ckpt.step_of(path)
     except FileNotFoundError as e:
-        raise runtime.MissingInputError(
-            f"{flag}: no checkpoint in {path} (a workdir, its checkpoints folder, one step folder"
-            " or a mrcnn_jax.convert output)"
-        ) from e
+        raise runtime.MissingInputError(f"{flag}: no checkpoint in {path}{why}") from e
 
 
 def weights_source(workdir: str, config, checkpoint: str | None = None) -> str:
@@ -447,6 +450,7 @@ def predict_main(
     """
     source = weights_source(workdir, config, checkpoint)
     refuse_backbone_only(source)
+    logging.info("predicting with the weights of %s", source)
     # One host: the input is looked up before the model loads. Several: only process 0 reads it
     # (it may be on process 0's disk alone), after the collective checkpoint read.
     alone = jax.process_count() == 1

@@ -266,6 +266,9 @@ def stop_frozen(params, trainable):
     return jax.tree.map(lambda p, t: p if t else lax.stop_gradient(p), params, trainable)
 
 
+OPTIMIZERS = ("sgd", "adamw")  # config.train.optimizer
+
+
 def make_optimizer(
     params,
     *,
@@ -275,16 +278,34 @@ def make_optimizer(
     weight_decay_norm: float,
     grad_clip_norm: float = 0.0,
     trainable=None,
+    optimizer: str = "sgd",
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
 ) -> optax.GradientTransformation:
     """torch SGD as detectron2 uses it, per trainable parameter p with gradient g:
 
     g <- 0 for frozen p;  g <- g * min(1, clip / ||g||_global) when clip > 0
     buf <- momentum * buf + (g + wd * p)     (wd = weight_decay_norm for norm layers)
     p <- p - lr(s) * buf                     frozen p: no buffer, zero update
+
+    optimizer="adamw": torch AdamW (detectron2's ViTDet recipes, TF Model Garden's adamw), the
+    weight decay decoupled from the gradient's moments, with the same clipping, norm-layer decay
+    and frozen parameters (momentum is not used):
+
+    m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2    (betas = (b1, b2))
+    p <- p - lr(s) * (m / (1 - b1^t) / (sqrt(v / (1 - b2^t)) + eps) + wd * p)
     """
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer: expected one of {OPTIMIZERS}, got {optimizer!r}")
     labels = param_labels(params, trainable)
 
     def group(decay):
+        if optimizer == "adamw":
+            return optax.chain(
+                optax.scale_by_adam(b1=betas[0], b2=betas[1], eps=eps),
+                optax.add_decayed_weights(decay) if decay else optax.identity(),
+                optax.scale_by_learning_rate(learning_rate_fn),
+            )
         return optax.chain(
             optax.add_decayed_weights(decay) if decay else optax.identity(),
             optax.trace(decay=momentum, nesterov=False),
@@ -334,8 +355,9 @@ def micro_batches(tree, accum_steps: int):
     def split(x):
         if x.shape[0] % accum_steps:
             raise ValueError(
-                f"a batch of {x.shape[0]} examples per device does not split into"
-                f" {accum_steps} micro-batches (config.train.grad_accum_steps)"
+                f"a batch of {x.shape[0]} examples (each device's under pmap, the global one"
+                f" under a mesh) does not split into {accum_steps} micro-batches"
+                " (config.train.grad_accum_steps)"
             )
         x = x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:])
         return jnp.swapaxes(x, 0, 1)
@@ -350,10 +372,11 @@ def accumulated_gradients(grad_fn, params, model_state, batch: Batch, keys, accu
     in a `lax.scan`, one micro-batch at a time, each from the same parameters and model state.
     The mean of the micro-batches' gradients is the whole batch's gradient for every loss that
     is a mean over images (the RPN and box losses); the mask loss is then a mean over each
-    micro-batch's positive RoIs, averaged over the micro-batches (detectron2's normalisation:
-    each of its GPUs averages over its own positives and DDP averages the GPUs). Batch
-    statistics (BatchNorm, not frozen) are the micro-batch's, and the new running statistics the
-    mean of the micro-batches' updates. Integer leaves of the model state come from the last.
+    micro-batch's positive RoIs (under pmap, over those of the micro-batch on every device:
+    `losses.batch_mean`), averaged over the micro-batches, as detectron2 averages the per-GPU
+    means of its GPUs. Batch statistics (BatchNorm, not frozen) are the micro-batch's, and the
+    new running statistics the mean of the micro-batches' updates. Integer leaves of the model
+    state come from the last.
     """
     xs = micro_batches((batch, keys), accum_steps)
 
@@ -878,7 +901,8 @@ def optimizer_from_config(
     train_cfg, params, trainable
 ) -> tuple[optax.GradientTransformation, Any]:
     """(tx, learning-rate schedule) from `config.train`, as the command line trains: detectron2's
-    SGD (`make_optimizer`) with the frozen parameters of `trainable` kept as they are."""
+    SGD, or AdamW (`train.optimizer`; `make_optimizer`), with the frozen parameters of
+    `trainable` kept as they are."""
     schedule = learning_rate_schedule(
         scaled_learning_rate(
             train_cfg.base_lr, train_cfg.global_batch_size, train_cfg.lr_reference_batch
@@ -899,6 +923,9 @@ def optimizer_from_config(
         weight_decay_norm=train_cfg.weight_decay_norm,
         grad_clip_norm=train_cfg.grad_clip_norm,
         trainable=trainable,
+        optimizer=train_cfg.get("optimizer", "sgd"),
+        betas=tuple(train_cfg.get("adam_betas", (0.9, 0.999))),
+        eps=train_cfg.get("adam_eps", 1e-8),
     )
     return tx, schedule
 
@@ -1063,10 +1090,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
             best.consider(step, host_state, metrics)
         return metrics
 
-    best = None
-    if tc.get("best_metric"):
-        best = ckpt_lib.BestCheckpoint(workdir, tc.best_metric, run=checkpoints.run)
-
+    best = None  # train.best_metric's BestCheckpoint, made in the try below
     resumed_at = int(state.step) if resuming else None
     if resumed_at is not None and jax.process_index() == 0:
         drop_logged_after(os.path.join(workdir, "eval_metrics.jsonl"), resumed_at)
@@ -1078,6 +1102,10 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
         resumed_at=resumed_at,
     )
     try:
+        if tc.get("best_metric"):
+            best = ckpt_lib.BestCheckpoint(
+                workdir, tc.best_metric, run=checkpoints.run, resumed_at=resumed_at
+            )
         return train_loop(
             state,
             step_fn,
@@ -1087,8 +1115,9 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
             writer=writer,
             checkpoints=checkpoints,
             checkpoint_every=tc.checkpoint_every,
-            evaluate=evaluate,
-            eval_every=tc.eval_every,
+            # eval_every < 0: a --mode=continuous_eval job evaluates the checkpoints instead
+            evaluate=evaluate if tc.eval_every >= 0 else None,
+            eval_every=max(tc.eval_every, 0),
             keep_state=False,  # the state made here has no other use: no second copy
         )
     finally:
@@ -1098,14 +1127,132 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
             best.close()
 
 
+def _evaluated_steps(workdir: str) -> set[int]:
+    """The steps WORKDIR/eval_metrics.jsonl holds a record of."""
+    path = os.path.join(workdir, "eval_metrics.jsonl")
+    if not os.path.isfile(path):
+        return set()
+    steps = set()
+    with open(path) as f:
+        for line in f:
+            try:
+                steps.add(int(json.loads(line)["step"]))
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by a crash: that step is evaluated again
+    return steps
+
+
+def _agreed(value: int) -> int:
+    """Process 0's `value` on every process (every host must evaluate the same step)."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return int(multihost_utils.broadcast_one_to_all(np.int64(value)))
+
+
+_WAIT, _STOP = -1, -2  # evaluate_continuously's choices besides a step
+
+
+def evaluate_continuously(
+    config, workdir: str, *, sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> list[int]:
+    """`--mode=continuous_eval`: evaluates the checkpoints of a training run as they appear
+    (TF Model Garden's continuous_eval), in a job of its own beside training (run with
+    `train.eval_every=-1`, so that the training job does not evaluate). -> the steps evaluated.
+
+    Each round takes the newest checkpoint not yet in WORKDIR/eval_metrics.jsonl (an evaluator
+    slower than the checkpoints skips the older ones, and says so), scores it as `--mode=eval`
+    does, and, with `train.best_metric`, keeps the best in WORKDIR/best (its weights). It stops
+    once the run's last step (`train.num_steps`) is evaluated, or when no new checkpoint has come
+    for `eval.continuous_timeout_s`; between rounds it looks every `eval.continuous_poll_s`. A
+    restarted evaluator goes on where the records end. A checkpoint deleted by the training
+    run's rotation before it is read is skipped with a warning. On several hosts every process
+    runs it and process 0's choice of step is everyone's."""
+    from mrcnn_jax import evaluate as evaluate_lib
+    from mrcnn_jax import mask_rcnn
+
+    directory = os.path.join(workdir, ckpt_lib.CHECKPOINT_DIR)
+    num_steps = scale_schedule(config.train).num_steps
+    poll, timeout = config.eval.continuous_poll_s, config.eval.continuous_timeout_s
+    model = mask_rcnn.build_model(config.model)
+    shapes = jax.eval_shape(lambda: mask_rcnn.init_variables(
+        model, jax.random.PRNGKey(config.seed), tuple(config.data.image_size)
+    ))
+    fresh = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), shapes)
+    done = _evaluated_steps(workdir)
+    best = None
+    writer = MetricWriter(workdir, log_every=1, num_steps=num_steps, images_per_step=0)
+    evaluated, last_new = [], clock()
+    logging.info("evaluating the checkpoints of %s as they come, up to step %d", directory,
+                 num_steps)
+    try:
+        if config.train.get("best_metric"):
+            best = ckpt_lib.BestCheckpoint(workdir, config.train.best_metric)
+        while True:
+            choice = _WAIT
+            if jax.process_index() == 0:
+                pending = [s for s in ckpt_lib.all_steps(directory) if s not in done]
+                if pending:
+                    choice = pending[-1]
+                    if len(pending) > 1:
+                        logging.warning("evaluating step %d, the newest: steps %s are skipped",
+                                        choice, pending[:-1])
+                elif max(done, default=-1) >= num_steps or clock() - last_new > timeout:
+                    choice = _STOP
+            choice = _agreed(choice)
+            if choice == _STOP:
+                why = ("the run's last step is evaluated" if max(done, default=-1) >= num_steps
+                       else f"no new checkpoint for {timeout:g} s (eval.continuous_timeout_s)")
+                logging.info("continuous evaluation done: %s", why)
+                return evaluated
+            if choice == _WAIT:
+                sleep(poll)
+                continue
+            step, source = choice, os.path.join(directory, str(choice))
+            last_new = clock()
+            try:
+                weights = ckpt_lib.load_weights(source)
+            except Exception:
+                if step in ckpt_lib.all_steps(directory):
+                    raise
+                logging.warning("checkpoint %s was deleted (the run keeps train.keep_checkpoints)"
+                                " before it could be read: skipped", source)
+                done.add(step)
+                continue
+            variables = ckpt_lib.merge_weights(fresh, weights, source=source)
+            logging.info("evaluating the weights of %s (step %d)", source, step)
+            metrics = evaluate_lib.evaluate_model(config, model, variables, workdir, step)
+            writer.eval(step, metrics)
+            if best is not None:
+                weights_only = {"params": variables["params"],
+                                "model_state": {k: v for k, v in variables.items() if k != "params"}}
+                best.consider(step, weights_only, metrics)
+            done.add(step)
+            evaluated.append(step)
+    finally:
+        writer.close()
+        if best is not None:
+            best.close()
+
+
 def evaluate_checkpoint(config, workdir: str, checkpoint: str | None = None) -> dict[str, Any]:
     """Eval-only: the latest checkpoint of `workdir` (else config.train.init_checkpoint), or the
-    weights `checkpoint` names (`predict.weights_to_use`: a step, "best" or a path); the
-    metrics are recorded in `workdir` at that checkpoint's step."""
+    one of `workdir` that `checkpoint` names (`predict.weights_to_use`: a step, "best" or a
+    path); the metrics are recorded in `workdir` at that checkpoint's step. A `checkpoint` of
+    another workdir is refused: its step's records here would be another run's numbers."""
     from mrcnn_jax import evaluate as evaluate_lib
     from mrcnn_jax import mask_rcnn, predict
 
     source, step = predict.weights_to_use(workdir, config, checkpoint)  # before the model
+    if checkpoint and ckpt_lib.workdir_of(source) != ckpt_lib.workdir_of(workdir):
+        raise runtime.InvalidInputError(
+            f"--checkpoint={checkpoint} is not a checkpoint of --workdir={workdir}, whose"
+            f" evaluation records it would take the place of at step {step}: evaluate it with"
+            f" --workdir={ckpt_lib.workdir_of(source)}, or from a fresh workdir with"
+            f" --config.train.init_checkpoint={checkpoint}"
+        )
     predict.refuse_backbone_only(source)  # no detector heads: nothing to evaluate
     ckpt_lib.check_input_convention(config, source)
     model = mask_rcnn.build_model(config.model)

@@ -735,7 +735,14 @@ def run_all(args, argv: list[str], tmpdir: str) -> dict:
         "jax": {},
     }
     names = [n for n in args.measure if n != "predict_batch" or args.batch > 1]
+    accum = config.train.get("grad_accum_steps", 1)
+    result["setup"]["grad_accum_steps"] = accum
     if args.compare_torchvision:
+        if accum > 1 and "train" in names:  # torchvision's step would be the whole batch at once
+            raise SystemExit(
+                "--compare-torchvision compares whole-batch training steps: leave"
+                " train.grad_accum_steps at 1, or train out of --measure"
+            )
         if importlib.util.find_spec("torch") is None or importlib.util.find_spec("torchvision") is None:
             raise SystemExit("--compare-torchvision needs torch and torchvision installed")
         if args.shared_weights:

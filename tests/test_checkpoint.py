@@ -405,6 +405,13 @@ def test_best_checkpoint_keeps_the_highest_evaluation_across_a_resume(tmp_path, 
     assert other.best is None and "kept for segm/AP=0.45" in caplog.text
     assert other.consider(60, state, {"bbox/AP50": 0.01})
     other.close()
+    # A run resumed from before the best step: that step is another course's, deleted.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        resumed = ckpt_lib.BestCheckpoint(workdir, "bbox/AP50", resumed_at=50)
+    assert resumed.best is None and "after the step 50 this run resumes from" in caplog.text
+    assert ckpt_lib.all_steps(os.path.join(workdir, "best")) == []
+    resumed.close()
 
 
 def test_checkpoint_flag_picks_a_step_best_or_a_path(tmp_path):
@@ -432,6 +439,13 @@ def test_checkpoint_flag_picks_a_step_best_or_a_path(tmp_path):
     (other / "empty").mkdir(parents=True)
     with pytest.raises(runtime.MissingInputError, match=r"--checkpoint=.*empty: no checkpoint in"):
         predict.weights_to_use(str(other), config, str(other / "empty"))
+    # --mode=eval of another workdir's checkpoint would replace this workdir's records of its
+    # step with another run's numbers: refused, before a model is built.
+    from mrcnn_jax import train
+
+    with pytest.raises(runtime.InvalidInputError, match=r"is not a checkpoint of --workdir=.*other"
+                       r".*evaluate it with --workdir=.*run, or from a fresh workdir"):
+        train.evaluate_checkpoint(config, str(other), str(workdir / "checkpoints" / "2"))
     # The best folder's workdir is the run's: its labels.json and config.json are found there.
     assert ckpt_lib.workdir_of(str(workdir / "best")) == str(workdir)
     assert ckpt_lib.workdir_of(str(workdir / "best" / "4")) == str(workdir)

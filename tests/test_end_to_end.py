@@ -65,8 +65,9 @@ def test_eval_mode_on_the_checkpoint(trained):
     assert before[-1]["step"] == 4
     # Evaluating again, with the masks pasted and run-length coded by the device, gives the
     # same results, and replaces the record of step 4 rather than adding a second one.
-    _run(f"--workdir={workdir}", f"--config.data.data_dir={data_dir}", "--mode=eval",
-         "--config.eval.device_masks=on", "--checkpoint=4", cwd=ROOT)
+    proc = _run(f"--workdir={workdir}", f"--config.data.data_dir={data_dir}", "--mode=eval",
+                "--config.eval.device_masks=on", "--checkpoint=best", cwd=ROOT)
+    assert f"evaluating the weights of {workdir}/best (step 4)" in proc.stderr
     evals = [json.loads(x) for x in open(metrics_file)]
     assert [e["step"] for e in evals] == [e["step"] for e in before]
     again = json.load(open(results_path))
@@ -92,8 +93,9 @@ def test_predict_mode_on_a_folder(trained, tmp_path):
     (folder / "broken.png").write_bytes(b"not an image")  # skipped, the rest still predicted
     proc = _run(
         f"--workdir={workdir}", f"--config.data.data_dir={data_dir}", "--mode=predict",
-        f"--input={folder}", "--checkpoint=best", cwd=ROOT,
+        f"--input={folder}", "--checkpoint=2", cwd=ROOT,  # not the latest (4)
     )
+    assert f"predicting with the weights of {workdir}/checkpoints/2" in proc.stderr
     assert "skipped" in proc.stderr and "broken.png" in proc.stderr
     out = os.path.join(workdir, "predictions")
     # im0.jpg and im0.png keep apart: named with their extensions.

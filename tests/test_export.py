@@ -11,7 +11,7 @@ from flax import serialization
 from configs import tiny
 from mrcnn_jax import export, inference, main, mask_rcnn, predict, runtime
 from mrcnn_jax.data import transforms
-from tests.test_predict import CLASS_NAMES, make_workdir
+from tests.test_predict import CLASS_NAMES, _save_weights, _zero_variables, make_workdir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -181,6 +181,29 @@ def test_a_failed_export_leaves_the_last_one_as_it_was(
     assert sorted(os.listdir(workdir)) == sorted(
         ["config.json", "labels.json", "checkpoints", "export"]
     )
+
+
+def test_the_checkpoint_flag_picks_the_weights_exported(tmp_path, monkeypatch):
+    """--checkpoint=2 exports step 2's weights, not the latest step's (4)."""
+    config = tiny.get_config()
+    zeros = _zero_variables(config)
+    ones = jax.tree.map(np.ones_like, zeros)
+    path = str(tmp_path / "work")
+    _save_weights(os.path.join(path, "checkpoints"), ones, 2)  # then step 4 of zeros:
+    make_workdir(path, config, zeros)
+
+    class Exported(Exception):
+        pass
+
+    def capture(config, variables, platforms, batch_size):
+        raise Exported(variables)
+
+    monkeypatch.setattr(export, "export_predict", capture)
+    for chosen, want in ((None, zeros), ("2", ones)):
+        with pytest.raises(Exported) as got:
+            export.export_main(config, path, checkpoint=chosen)
+        for a, b in zip(jax.tree.leaves(got.value.args[0]), jax.tree.leaves(want), strict=True):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_an_export_never_replaces_a_folder_of_other_files(workdir, tmp_path):

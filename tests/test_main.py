@@ -143,6 +143,9 @@ def test_eval_and_predict_modes_dispatch(tmp_path, monkeypatch, parse_flags):
         main.main(parse_flags(config, f"--workdir={tmp_path}", "--mode=predict"))
     with pytest.raises(main.app.UsageError, match="--checkpoint is for --mode=eval, predict and"):
         main.main(parse_flags(config, f"--workdir={tmp_path}", "--checkpoint=4"))
+    monkeypatch.setattr(train, "evaluate_continuously", lambda c, w: calls.append(("follow", w)))
+    main.main(parse_flags(config, f"--workdir={tmp_path}", "--mode=continuous_eval"))
+    assert calls[-1] == ("follow", str(tmp_path))
 
 
 def test_inputs_that_are_not_there_are_one_line_with_status_2(tmp_path, parse_flags, caplog):
@@ -222,6 +225,9 @@ def test_model_and_data_choices_are_checked_before_anything_runs():
     config.eval.max_examples = -1
     config.train.grad_accum_steps = 0
     config.train.best_metric = "segm/mAP"
+    config.train.optimizer = "adam"
+    config.train.adam_betas = (0.9, 1.0)
+    config.eval.continuous_poll_s = 0.0
     with pytest.raises(main.ConfigError) as err:
         main.validate_config(config)
     names = sorted(line.split(":")[0].strip() for line in str(err.value).splitlines()[1:])
@@ -234,6 +240,7 @@ def test_model_and_data_choices_are_checked_before_anything_runs():
         "model.freeze_at", "model.anchor_strides", "model.roi.box_weights", "data.channel_order",
         "data.image_size", "data.pixel_std", "train.parallelism", "model.loss_weights.mask",
         "eval.batch_size", "eval.max_examples", "train.grad_accum_steps", "train.best_metric",
+        "train.optimizer", "train.adam_betas", "eval.continuous_poll_s",
     ])
     assert "expected (height, width) (2 values), got (64, 64, 60, 60)" in str(err.value)
     config = base.get_config()
@@ -301,7 +308,7 @@ def test_launch_flags_that_cannot_work_are_refused(args, message):
     [
         ("--config.train.base_rl=0.1", "config.train has no field 'base_rl' (did you mean base_lr?)"),
         ("--config.trian.base_lr=0.1", "config has no field 'trian' (did you mean train?)"),
-        ("--config.train.bogus=1", "config.train has no field 'bogus' (its fields: base_lr,"),
+        ("--config.train.bogus=1", "config.train has no field 'bogus' (its fields: adam_betas,"),
         # a path below a value: ml_collections raises KeyError("Attribute <class 'float'>.x ...")
         ("--config.train.base_lr.x=1",
          "config.train.base_lr is a float: it has no field 'x'"
@@ -311,7 +318,7 @@ def test_launch_flags_that_cannot_work_are_refused(args, message):
          "config.data.image_size is a tuple, set as a whole: --config.data.image_size=A,B,..."),
         ("--config.data.image_size.1=1", "config.data.image_size is a tuple: it has no field '1'"),
         ("--config.train[0]=1", "config.train is a ConfigDict: it has no item [0] (set its"
-         " fields: --config.train.FIELD=VALUE; its fields: base_lr,"),
+         " fields: --config.train.FIELD=VALUE; its fields: adam_betas,"),
     ],
 )
 def test_an_override_of_a_key_that_does_not_exist_is_one_line(override, message, parse_flags):

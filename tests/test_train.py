@@ -265,14 +265,36 @@ def reference_sgd(params, grads_seq, labels, lrs, momentum, wd, wd_norm, clip):
         scale = min(1.0, clip / total) if clip > 0 and total > 0 else 1.0
         for k in live:
             decay = wd_norm if labels[k] == train.NORM else wd
-            d = grads[k] * scale + decay * p[k]
+            d = grads[k].astype(np.float64) * scale + decay * p[k]
             buf[k] = momentum * buf[k] + d
             p[k] = p[k] - lr * buf[k]
     return p
 
 
+def reference_adamw(params, grads_seq, labels, lrs, betas, eps, wd, wd_norm, clip):
+    """torch.optim.AdamW (amsgrad off) with clip_grad_norm_ over the trainable ones."""
+    p = {k: v.astype(np.float64) for k, v in params.items()}
+    m = {k: np.zeros_like(v) for k, v in p.items()}
+    v = {k: np.zeros_like(x) for k, x in p.items()}
+    b1, b2 = betas
+    for t, (grads, lr) in enumerate(zip(grads_seq, lrs, strict=True), start=1):
+        live = [k for k in p if labels[k] != train.FROZEN]
+        total = math.sqrt(sum(float(np.sum(grads[k].astype(np.float64) ** 2)) for k in live))
+        scale = min(1.0, clip / total) if clip > 0 and total > 0 else 1.0
+        for k in live:
+            g = grads[k].astype(np.float64) * scale
+            decay = wd_norm if labels[k] == train.NORM else wd
+            p[k] = p[k] * (1 - lr * decay)  # torch: decoupled decay first, on the old value
+            m[k] = b1 * m[k] + (1 - b1) * g
+            v[k] = b2 * v[k] + (1 - b2) * g * g
+            denom = np.sqrt(v[k]) / math.sqrt(1 - b2**t) + eps
+            p[k] = p[k] - lr / (1 - b1**t) * m[k] / denom
+    return p
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 @pytest.mark.parametrize("clip", [0.0, 0.5])
-def test_optimizer_matches_torch_sgd(clip):
+def test_optimizer_matches_torch(clip, optimizer):
     rng = np.random.default_rng(0)
     params = {
         "conv": {"kernel": rng.normal(size=(3, 3)).astype(np.float32)},
@@ -291,6 +313,9 @@ def test_optimizer_matches_torch_sgd(clip):
         weight_decay_norm=0.001,
         grad_clip_norm=clip,
         trainable=trainable,
+        optimizer=optimizer,
+        betas=(0.8, 0.99),
+        eps=1e-6,
     )
     opt_state = tx.init(params)
     cur = jax.tree.map(jnp.asarray, params)
@@ -306,14 +331,40 @@ def test_optimizer_matches_torch_sgd(clip):
         train.path_name(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(t)[0]
     }
     labels = flat(train.param_labels(params, trainable))
-    want = reference_sgd(
-        flat(params), grads_seq, labels, [schedule(s) for s in range(5)], 0.9, 0.01, 0.001, clip
-    )
+    lrs = [float(schedule(s)) for s in range(5)]
+    if optimizer == "sgd":
+        want = reference_sgd(flat(params), grads_seq, labels, lrs, 0.9, 0.01, 0.001, clip)
+    else:
+        want = reference_adamw(
+            flat(params), grads_seq, labels, lrs, (0.8, 0.99), 1e-6, 0.01, 0.001, clip
+        )
     got = flat(cur)
     for name in ("conv/kernel", "bn/scale"):
         np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)
     # set_to_zero: no momentum and no decay for frozen parameters.
     np.testing.assert_array_equal(got["frozen/kernel"], params["frozen"]["kernel"])
+    torch = pytest.importorskip("torch")  # and the numpy reference is torch's optimizer
+    live = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True)
+            for k, v in flat(params).items() if labels[k] != train.FROZEN}
+    groups = [
+        {"params": [live["conv/kernel"]], "weight_decay": 0.01},
+        {"params": [live["bn/scale"]], "weight_decay": 0.001},
+    ]
+    opt = (
+        torch.optim.SGD(groups, lr=1.0, momentum=0.9) if optimizer == "sgd"
+        else torch.optim.AdamW(groups, lr=1.0, betas=(0.8, 0.99), eps=1e-6)
+    )
+    for grads, lr in zip(grads_seq, lrs, strict=True):
+        for k, t in live.items():
+            t.grad = torch.tensor(grads[k], dtype=torch.float64)
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(list(live.values()), clip)
+        for group in opt.param_groups:
+            group["lr"] = float(lr)
+        opt.step()
+    for name, t in live.items():  # (torch's clip_grad_norm_ divides by the norm + 1e-6)
+        rtol = 1e-5 if clip > 0 else 1e-9
+        np.testing.assert_allclose(want[name], t.detach().numpy(), rtol=rtol, err_msg=name)
 
 
 # ----------------------------------------------------------------------------- train step
@@ -404,7 +455,7 @@ def test_gradient_accumulation_averages_strided_micro_batches():
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
     assert int(new.step) == 1
 
-    with pytest.raises(ValueError, match=r"4 examples per device does not split into 3 micro"):
+    with pytest.raises(ValueError, match=r"a batch of 4 examples .* does not split into 3 micro"):
         jax.jit(functools.partial(
             train.train_step, loss_fn=loss_fn, learning_rate_fn=schedule, accum_steps=3
         ))(state, batch)
@@ -911,3 +962,73 @@ def test_freeze_keeps_frozen_parameters_where_optax_masked_would_move_them():
     spared = jax.grad(lambda p: loss(train.stop_frozen(p, trainable)))(params)
     np.testing.assert_array_equal(spared["backbone"]["stem"], 0.0)
     np.testing.assert_array_equal(spared["head"], grads["head"])
+
+
+def test_continuous_evaluation_follows_the_checkpoints_as_they_come(tmp_path, monkeypatch):
+    """A job of its own: each round the newest checkpoint not yet evaluated; the best kept; one
+    deleted by the run's rotation before it is read skipped; the end at the run's last step, or
+    after the timeout; a restart goes on after the steps already recorded."""
+    from configs import tiny
+    from mrcnn_jax import evaluate
+    from tests.test_predict import _save_weights, _zero_variables
+
+    config = tiny.get_config()  # num_steps 4
+    config.train.num_steps = 8
+    config.train.best_metric = "segm/AP"
+    config.eval.continuous_poll_s = 30.0
+    config.eval.continuous_timeout_s = 100.0
+    directory = str(tmp_path / "checkpoints")
+    zeros = _zero_variables(config)
+    scores = {2: 0.2, 4: 0.5, 6: 0.4, 8: 0.3}
+
+    def save(step):
+        _save_weights(directory, jax.tree.map(lambda x: x + step, zeros), step)
+
+    scored = []
+
+    def fake_evaluate(config, model, variables, workdir, step):
+        # the weights of that step (each checkpoint's values are its step)
+        assert all(np.all(x == step) for x in jax.tree.leaves(variables["params"]))
+        scored.append(step)
+        metrics = {"segm/AP": scores[step], "bbox/AP": 0.0}
+        evaluate.write_metrics(workdir, step, metrics)  # as evaluate_model writes them
+        return metrics
+
+    monkeypatch.setattr(evaluate, "evaluate_model", fake_evaluate)
+    now = [0.0]
+    arrivals = {1: [4, 6], 2: [8]}  # what the training run writes while the evaluator sleeps
+    naps = []
+
+    def sleep(seconds):
+        naps.append(seconds)
+        now[0] += seconds
+        for step in arrivals.get(len(naps), []):
+            save(step)
+
+    real_load = ckpt_lib.load_weights
+
+    def rotated_away(path, *args, **kwargs):  # step 6 deleted by rotation as it is read
+        if path.endswith("/6"):
+            import shutil
+
+            shutil.rmtree(path)
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt_lib, "load_weights", rotated_away)
+    save(2)
+    got = train.evaluate_continuously(config, str(tmp_path), sleep=sleep, clock=lambda: now[0])
+    # 2; then 4 and 6 came together: 6, the newest, went away, so 4; then 8, the last step.
+    assert got == [2, 4, 8] == scored and naps == [30.0, 30.0]
+    records = [json.loads(x) for x in open(tmp_path / "eval_metrics.jsonl")]
+    assert [r["step"] for r in records] == [2, 4, 8]
+    assert ckpt_lib.all_steps(str(tmp_path / "best")) == [4]  # segm/AP 0.5
+    best = ckpt_lib.load_weights(str(tmp_path / "best"))
+    assert all(np.all(x == 4) for x in jax.tree.leaves(best["params"]))
+
+    # Restarted: nothing new to evaluate; it waits, and stops after the timeout.
+    config.train.num_steps = 10
+    naps.clear()
+    assert train.evaluate_continuously(
+        config, str(tmp_path), sleep=sleep, clock=lambda: now[0]
+    ) == []
+    assert naps == [30.0] * 4 and scored == [2, 4, 8]
