@@ -147,6 +147,9 @@ def get_config() -> ml_collections.ConfigDict:
     # How 28x28 masks are pasted into the image: "detectron2" (bilinear on the float box,
     # ops.masks.paste_masks) or "torchvision" (integer box, 1-px zero border, paste_masks_torchvision).
     t.mask_paste = "detectron2"
+    # Test-time augmentation by a horizontal flip (detectron2's TEST.AUG.FLIP at one scale): the
+    # image's and its mirror's detections merged by NMS, their masks averaged. ~2x predict's work.
+    t.flip_tta = False
 
     # ---------------------------------------------------------------- training
     tr = c.train = ml_collections.ConfigDict()

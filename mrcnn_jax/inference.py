@@ -17,6 +17,7 @@ import numpy as np
 from mrcnn_jax import postprocess
 from mrcnn_jax.mask_rcnn import POOL_LEVELS, MaskRCNN
 from mrcnn_jax.ops.anchors import generate_anchors, num_anchors_per_level, padded_image_size
+from mrcnn_jax.ops.nms import batched_nms
 from mrcnn_jax.ops.roi_align import multilevel_roi_align_many
 from mrcnn_jax.structures import Detections
 
@@ -191,24 +192,11 @@ def features_and_proposals(
     return feats, props, scores, valid
 
 
-def predict(
-    variables: dict,
-    images: jnp.ndarray,
-    image_sizes: jnp.ndarray,
-    anchors: jnp.ndarray,
-    *,
-    model: MaskRCNN,
-    model_cfg: ml_collections.ConfigDict,
-    level_counts: list[int],
-) -> Detections:
-    """images [B, H, W, 3], image_sizes [B, 2] -> padded `Detections` with mask probabilities."""
+def box_detections(variables, feats, props, props_valid, image_sizes, *, model, model_cfg):
+    """The box head on the proposals and its postprocessing (`postprocess.detections`): padded
+    (boxes [B, D, 4] in resized-image pixels, scores [B, D], classes [B, D], valid [B, D])."""
     roi, test = model_cfg.roi, model_cfg.test
-    padded = padded_sizes(model_cfg, image_sizes)
-    feats, props, _, props_valid = features_and_proposals(
-        variables, images, image_sizes, anchors,
-        model=model, model_cfg=model_cfg, level_counts=level_counts,
-    )
-    pooled = pool(feats, props, roi.box_pool_size, roi, padded)
+    pooled = pool(feats, props, roi.box_pool_size, roi, padded_sizes(model_cfg, image_sizes))
     b, r = props.shape[:2]
     cls_logits, cls_deltas = model.apply(
         variables, pooled.reshape(b * r, *pooled.shape[2:]), method=MaskRCNN.box_predictions
@@ -222,14 +210,19 @@ def predict(
         box_weights=tuple(roi.box_weights),
         min_size=test.min_size,
     )
-    boxes, scores, classes, valid = jax.vmap(det_fn)(
+    return jax.vmap(det_fn)(
         cls_logits.reshape(b, r, -1),
         cls_deltas.reshape(b, r, *cls_deltas.shape[1:]),
         props,
         props_valid,
         image_sizes,
     )
-    mask_in = pool(feats, boxes, roi.mask_pool_size, roi, padded)
+
+
+def mask_probabilities(variables, feats, boxes, classes, valid, image_sizes, *, model, model_cfg):
+    """The mask head on detections: [B, D, S, S] probabilities of each one's class."""
+    roi, test = model_cfg.roi, model_cfg.test
+    mask_in = pool(feats, boxes, roi.mask_pool_size, roi, padded_sizes(model_cfg, image_sizes))
     # The mask of each detection is its predicted class's channel, the only one computed.
     chosen = mask_head_on_valid(
         functools.partial(model.apply, variables, method=MaskRCNN.mask_logits),
@@ -238,7 +231,104 @@ def predict(
         test.mask_head_chunk,
         classes=classes,
     )
-    masks = jax.nn.sigmoid(chosen.astype(jnp.float32))
+    return jax.nn.sigmoid(chosen.astype(jnp.float32))
+
+
+def predict(
+    variables: dict,
+    images: jnp.ndarray,
+    image_sizes: jnp.ndarray,
+    anchors: jnp.ndarray,
+    *,
+    model: MaskRCNN,
+    model_cfg: ml_collections.ConfigDict,
+    level_counts: list[int],
+) -> Detections:
+    """images [B, H, W, 3], image_sizes [B, 2] -> padded `Detections` with mask probabilities.
+    With `model_cfg.test.flip_tta`, `predict_flip_tta`."""
+    if model_cfg.test.get("flip_tta", False):
+        return predict_flip_tta(
+            variables, images, image_sizes, anchors,
+            model=model, model_cfg=model_cfg, level_counts=level_counts,
+        )
+    heads = dict(model=model, model_cfg=model_cfg)
+    feats, props, _, props_valid = features_and_proposals(
+        variables, images, image_sizes, anchors, level_counts=level_counts, **heads
+    )
+    boxes, scores, classes, valid = box_detections(
+        variables, feats, props, props_valid, image_sizes, **heads
+    )
+    masks = mask_probabilities(variables, feats, boxes, classes, valid, image_sizes, **heads)
+    return Detections(boxes=boxes, scores=scores, classes=classes, valid=valid, masks=masks)
+
+
+def flip_images(images: jnp.ndarray, image_sizes: jnp.ndarray) -> jnp.ndarray:
+    """Each image mirrored left-right within its own width (`image_sizes[:, 1]`); the padding on
+    the right stays where it is. [B, H, W, C]."""
+    x = jnp.arange(images.shape[2])
+    w = image_sizes[:, 1:2]
+    source = jnp.where(x[None] < w, w - 1 - x[None], x[None])  # [B, W]
+    return jnp.take_along_axis(images, source[:, None, :, None], axis=2)
+
+
+def flip_boxes(boxes: jnp.ndarray, image_sizes: jnp.ndarray) -> jnp.ndarray:
+    """xyxy boxes [B, N, 4] in an image of width w mirrored: (w - x2, y1, w - x1, y2)."""
+    w = image_sizes[:, 1].astype(boxes.dtype)[:, None]
+    return jnp.stack(
+        [w - boxes[..., 2], boxes[..., 1], w - boxes[..., 0], boxes[..., 3]], axis=-1
+    )
+
+
+def predict_flip_tta(
+    variables: dict,
+    images: jnp.ndarray,
+    image_sizes: jnp.ndarray,
+    anchors: jnp.ndarray,
+    *,
+    model: MaskRCNN,
+    model_cfg: ml_collections.ConfigDict,
+    level_counts: list[int],
+) -> Detections:
+    """`predict` with horizontal-flip test-time augmentation (`model.test.flip_tta`), as
+    detectron2's GeneralizedRCNNWithTTA does it for one scale: the detections of the image and
+    of its mirror image (mapped back) are merged by per-class NMS (`test.nms_iou`) into the best
+    `test.detections_per_image`; each merged box's mask is the mean of the mask head's
+    probabilities on both (the mirror's mask mirrored back). About twice predict's work."""
+    test = model_cfg.test
+    heads = dict(model=model, model_cfg=model_cfg)
+    views = []
+    for view in (images, flip_images(images, image_sizes)):
+        feats, props, _, props_valid = features_and_proposals(
+            variables, view, image_sizes, anchors, level_counts=level_counts, **heads
+        )
+        views.append((feats, box_detections(
+            variables, feats, props, props_valid, image_sizes, **heads
+        )))
+    (feats, (b0, s0, c0, v0)), (feats_flipped, (b1, s1, c1, v1)) = views
+    boxes = jnp.concatenate([b0, flip_boxes(b1, image_sizes)], axis=1)
+    scores = jnp.concatenate([s0, s1], axis=1)
+    classes = jnp.concatenate([c0, c1], axis=1)
+    valid = jnp.concatenate([v0, v1], axis=1)
+
+    def merge(boxes, scores, classes, valid):
+        idx, keep = batched_nms(
+            boxes, jnp.where(valid, scores, -jnp.inf), classes, test.nms_iou,
+            test.detections_per_image,
+        )
+        return (
+            jnp.where(keep[:, None], boxes[idx], 0.0),
+            jnp.where(keep, scores[idx], 0.0),
+            jnp.where(keep, classes[idx], 0),
+            keep,
+        )
+
+    boxes, scores, classes, valid = jax.vmap(merge)(boxes, scores, classes, valid)
+    masks = mask_probabilities(variables, feats, boxes, classes, valid, image_sizes, **heads)
+    mirrored = mask_probabilities(
+        variables, feats_flipped, flip_boxes(boxes, image_sizes), classes, valid, image_sizes,
+        **heads,
+    )
+    masks = 0.5 * (masks + mirrored[..., ::-1])
     return Detections(boxes=boxes, scores=scores, classes=classes, valid=valid, masks=masks)
 
 

@@ -237,6 +237,11 @@ def _value_errors(config) -> list[str]:
         )
     if config.eval.batch_size <= 0:
         errors.append(f"eval.batch_size: expected > 0, got {config.eval.batch_size}")
+    if t.eval_every < -1:
+        errors.append(
+            f"train.eval_every: expected >= 0, or -1 (never: --mode=continuous_eval), got"
+            f" {t.eval_every}"
+        )
     if config.eval.get("continuous_poll_s", 1.0) <= 0:
         errors.append(f"eval.continuous_poll_s: expected > 0, got {config.eval.continuous_poll_s}")
     if config.eval.get("continuous_timeout_s", 1.0) < 0:

@@ -954,7 +954,7 @@ def _resume_mismatch(workdir: str, config, error: Exception) -> str:
     changed = [
         f"{k}: {saved.get(k)!r} -> {now.get(k)!r}"
         for k in sorted(set(saved) | set(now))
-        if k.startswith(("model.", "data.num_classes", "train.ema_decay"))
+        if k.startswith(("model.", "data.num_classes", "train.ema_decay", "train.optimizer"))
         and saved.get(k) != now.get(k)
     ]
     if changed:
@@ -1092,7 +1092,8 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
 
     best = None  # train.best_metric's BestCheckpoint, made in the try below
     resumed_at = int(state.step) if resuming else None
-    if resumed_at is not None and jax.process_index() == 0:
+    evaluates = tc.eval_every >= 0  # else a --mode=continuous_eval job owns the evaluation files
+    if resumed_at is not None and evaluates and jax.process_index() == 0:
         drop_logged_after(os.path.join(workdir, "eval_metrics.jsonl"), resumed_at)
     writer = MetricWriter(
         workdir,
@@ -1102,7 +1103,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
         resumed_at=resumed_at,
     )
     try:
-        if tc.get("best_metric"):
+        if tc.get("best_metric") and evaluates:
             best = ckpt_lib.BestCheckpoint(
                 workdir, tc.best_metric, run=checkpoints.run, resumed_at=resumed_at
             )
@@ -1116,7 +1117,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
             checkpoints=checkpoints,
             checkpoint_every=tc.checkpoint_every,
             # eval_every < 0: a --mode=continuous_eval job evaluates the checkpoints instead
-            evaluate=evaluate if tc.eval_every >= 0 else None,
+            evaluate=evaluate if evaluates else None,
             eval_every=max(tc.eval_every, 0),
             keep_state=False,  # the state made here has no other use: no second copy
         )
@@ -1151,7 +1152,26 @@ def _agreed(value: int) -> int:
     return int(multihost_utils.broadcast_one_to_all(np.int64(value)))
 
 
+def _everyone(ok: bool) -> bool:
+    """Whether `ok` holds on every process."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
 _WAIT, _STOP = -1, -2  # evaluate_continuously's choices besides a step
+_FAILURES_IN_A_ROW = 3  # checkpoints the evaluator cannot read before it stops
+
+
+def _training_evaluates(workdir: str) -> bool:
+    """Whether the training run's WORKDIR/config.json has it evaluate itself (eval_every >= 0)."""
+    try:
+        with open(os.path.join(workdir, ckpt_lib.CONFIG_FILE)) as f:
+            return int(json.load(f)["train"]["eval_every"]) >= 0
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def evaluate_continuously(
@@ -1162,43 +1182,55 @@ def evaluate_continuously(
     (TF Model Garden's continuous_eval), in a job of its own beside training (run with
     `train.eval_every=-1`, so that the training job does not evaluate). -> the steps evaluated.
 
-    Each round takes the newest checkpoint not yet in WORKDIR/eval_metrics.jsonl (an evaluator
-    slower than the checkpoints skips the older ones, and says so), scores it as `--mode=eval`
-    does, and, with `train.best_metric`, keeps the best in WORKDIR/best (its weights). It stops
-    once the run's last step (`train.num_steps`) is evaluated, or when no new checkpoint has come
-    for `eval.continuous_timeout_s`; between rounds it looks every `eval.continuous_poll_s`. A
-    restarted evaluator goes on where the records end. A checkpoint deleted by the training
-    run's rotation before it is read is skipped with a warning. On several hosts every process
-    runs it and process 0's choice of step is everyone's."""
+    Each round takes the newest checkpoint after the last step in WORKDIR/eval_metrics.jsonl;
+    older ones not evaluated by then are skipped, with a warning (an evaluator slower than the
+    checkpoints keeps up with the run). It scores it as `--mode=eval` does (eval_metrics.jsonl,
+    eval_step_N.json, results, overlays; TensorBoard under WORKDIR/tensorboard/eval) and, with
+    `train.best_metric`, keeps the best in WORKDIR/best (its weights). It stops once the run's
+    last step (`train.num_steps`) is evaluated, or when no new checkpoint has come for
+    `eval.continuous_timeout_s` after the last evaluation; it looks every `eval.continuous_poll_s`.
+    A restarted evaluator goes on after the steps already recorded. A checkpoint that cannot be
+    read (deleted by the run's rotation first, damaged) is skipped with a warning; three in a row
+    stop it. On several hosts every process runs it, and process 0's choice of step is
+    everyone's."""
     from mrcnn_jax import evaluate as evaluate_lib
-    from mrcnn_jax import mask_rcnn
+    from mrcnn_jax import mask_rcnn, predict
 
     directory = os.path.join(workdir, ckpt_lib.CHECKPOINT_DIR)
     num_steps = scale_schedule(config.train).num_steps
     poll, timeout = config.eval.continuous_poll_s, config.eval.continuous_timeout_s
+    predict.refuse_backbone_only(workdir)
+    ckpt_lib.check_input_convention(config, workdir)
+    if _training_evaluates(workdir):
+        logging.warning(
+            "the training run of %s evaluates too (its config.json has train.eval_every >= 0):"
+            " both write the evaluation files and WORKDIR/best; train with"
+            " --config.train.eval_every=-1 beside a continuous evaluation", workdir,
+        )
     model = mask_rcnn.build_model(config.model)
     shapes = jax.eval_shape(lambda: mask_rcnn.init_variables(
         model, jax.random.PRNGKey(config.seed), tuple(config.data.image_size)
     ))
     fresh = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), shapes)
     done = _evaluated_steps(workdir)
-    best = None
-    writer = MetricWriter(workdir, log_every=1, num_steps=num_steps, images_per_step=0)
-    evaluated, last_new = [], clock()
+    best, summaries = None, None
+    if jax.process_index() == 0:
+        from tensorboardX import SummaryWriter
+
+        summaries = SummaryWriter(os.path.join(workdir, "tensorboard", "eval"))
+    evaluated, last_new, failures = [], clock(), 0
     logging.info("evaluating the checkpoints of %s as they come, up to step %d", directory,
                  num_steps)
     try:
         if config.train.get("best_metric"):
             best = ckpt_lib.BestCheckpoint(workdir, config.train.best_metric)
         while True:
+            steps = ckpt_lib.all_steps(directory)  # every process: orbax's manager syncs them
             choice = _WAIT
             if jax.process_index() == 0:
-                pending = [s for s in ckpt_lib.all_steps(directory) if s not in done]
+                pending = [s for s in steps if s > max(done, default=-1)]
                 if pending:
                     choice = pending[-1]
-                    if len(pending) > 1:
-                        logging.warning("evaluating step %d, the newest: steps %s are skipped",
-                                        choice, pending[:-1])
                 elif max(done, default=-1) >= num_steps or clock() - last_new > timeout:
                     choice = _STOP
             choice = _agreed(choice)
@@ -1211,28 +1243,44 @@ def evaluate_continuously(
                 sleep(poll)
                 continue
             step, source = choice, os.path.join(directory, str(choice))
-            last_new = clock()
+            skipped = [s for s in steps if max(done, default=-1) < s < step]
+            if skipped:
+                logging.warning("evaluating step %d, the newest: steps %s are skipped", step,
+                                skipped)
+            done.update(skipped)
+            done.add(step)
             try:
-                weights = ckpt_lib.load_weights(source)
-            except Exception:
-                if step in ckpt_lib.all_steps(directory):
-                    raise
-                logging.warning("checkpoint %s was deleted (the run keeps train.keep_checkpoints)"
-                                " before it could be read: skipped", source)
-                done.add(step)
+                weights, error = ckpt_lib.load_weights(source), None
+            except Exception as e:  # noqa: BLE001 - one unreadable checkpoint must not stop it
+                weights, error = None, e
+            if not _everyone(error is None):
+                failures += 1
+                logging.warning("checkpoint %s could not be read, skipped (%s; rotated away by the"
+                                " run's train.keep_checkpoints?)", source,
+                                "another host failed" if error is None else repr(error))
+                if failures >= _FAILURES_IN_A_ROW:
+                    raise RuntimeError(
+                        f"{failures} checkpoints of {directory} in a row could not be read"
+                    ) from error
+                last_new = clock()
                 continue
+            failures = 0
             variables = ckpt_lib.merge_weights(fresh, weights, source=source)
             logging.info("evaluating the weights of %s (step %d)", source, step)
-            metrics = evaluate_lib.evaluate_model(config, model, variables, workdir, step)
-            writer.eval(step, metrics)
+            metrics = evaluate_lib.evaluate_model(
+                config, model, variables, workdir, step, summary_writer=summaries
+            )
+            summary = {k: v for k, v in metrics.items() if "/AP-" not in k}
+            logging.info("eval at step %d: %s", step, json.dumps(summary, sort_keys=True))
             if best is not None:
                 weights_only = {"params": variables["params"],
                                 "model_state": {k: v for k, v in variables.items() if k != "params"}}
                 best.consider(step, weights_only, metrics)
-            done.add(step)
             evaluated.append(step)
+            last_new = clock()  # the wait for the next checkpoint starts after the evaluation
     finally:
-        writer.close()
+        if summaries is not None:
+            summaries.close()
         if best is not None:
             best.close()
 

@@ -965,38 +965,39 @@ def test_freeze_keeps_frozen_parameters_where_optax_masked_would_move_them():
 
 
 def test_continuous_evaluation_follows_the_checkpoints_as_they_come(tmp_path, monkeypatch):
-    """A job of its own: each round the newest checkpoint not yet evaluated; the best kept; one
-    deleted by the run's rotation before it is read skipped; the end at the run's last step, or
+    """A job of its own: each round the newest checkpoint not yet evaluated, the older ones
+    skipped; one deleted by the run's rotation before it is read skipped; the timeout counted
+    from the end of the last evaluation; the best kept; the end at the run's last step, or
     after the timeout; a restart goes on after the steps already recorded."""
     from configs import tiny
     from mrcnn_jax import evaluate
     from tests.test_predict import _save_weights, _zero_variables
 
-    config = tiny.get_config()  # num_steps 4
-    config.train.num_steps = 8
+    config = tiny.get_config()
+    config.train.num_steps = 10
     config.train.best_metric = "segm/AP"
     config.eval.continuous_poll_s = 30.0
     config.eval.continuous_timeout_s = 100.0
     directory = str(tmp_path / "checkpoints")
     zeros = _zero_variables(config)
-    scores = {2: 0.2, 4: 0.5, 6: 0.4, 8: 0.3}
+    scores = {2: 0.2, 4: 0.5, 6: 0.4, 8: 0.3, 10: 0.1}
+    now = [0.0]
 
-    def save(step):
+    def save(step):  # each checkpoint's values are its step
         _save_weights(directory, jax.tree.map(lambda x: x + step, zeros), step)
 
     scored = []
 
-    def fake_evaluate(config, model, variables, workdir, step):
-        # the weights of that step (each checkpoint's values are its step)
+    def fake_evaluate(config, model, variables, workdir, step, summary_writer=None):
         assert all(np.all(x == step) for x in jax.tree.leaves(variables["params"]))
         scored.append(step)
+        now[0] += 90.0  # an evaluation takes 90 s, close to the 100 s timeout
         metrics = {"segm/AP": scores[step], "bbox/AP": 0.0}
-        evaluate.write_metrics(workdir, step, metrics)  # as evaluate_model writes them
+        evaluate.write_metrics(workdir, step, metrics, summary_writer)  # as evaluate_model does
         return metrics
 
     monkeypatch.setattr(evaluate, "evaluate_model", fake_evaluate)
-    now = [0.0]
-    arrivals = {1: [4, 6], 2: [8]}  # what the training run writes while the evaluator sleeps
+    arrivals = {1: [4], 2: [6, 8], 3: [10]}  # what the training run writes during each nap
     naps = []
 
     def sleep(seconds):
@@ -1007,8 +1008,8 @@ def test_continuous_evaluation_follows_the_checkpoints_as_they_come(tmp_path, mo
 
     real_load = ckpt_lib.load_weights
 
-    def rotated_away(path, *args, **kwargs):  # step 6 deleted by rotation as it is read
-        if path.endswith("/6"):
+    def rotated_away(path, *args, **kwargs):  # step 8 deleted by rotation as it is read
+        if path.endswith("/8"):
             import shutil
 
             shutil.rmtree(path)
@@ -1017,18 +1018,19 @@ def test_continuous_evaluation_follows_the_checkpoints_as_they_come(tmp_path, mo
     monkeypatch.setattr(ckpt_lib, "load_weights", rotated_away)
     save(2)
     got = train.evaluate_continuously(config, str(tmp_path), sleep=sleep, clock=lambda: now[0])
-    # 2; then 4 and 6 came together: 6, the newest, went away, so 4; then 8, the last step.
-    assert got == [2, 4, 8] == scored and naps == [30.0, 30.0]
+    # 2, 4; then 6 and 8 came together: 6 skipped, 8 went away; then 10, the last step.
+    assert got == [2, 4, 10] == scored and naps == [30.0, 30.0, 30.0]
     records = [json.loads(x) for x in open(tmp_path / "eval_metrics.jsonl")]
-    assert [r["step"] for r in records] == [2, 4, 8]
+    assert [r["step"] for r in records] == [2, 4, 10]
+    assert os.listdir(tmp_path / "tensorboard" / "eval")
     assert ckpt_lib.all_steps(str(tmp_path / "best")) == [4]  # segm/AP 0.5
     best = ckpt_lib.load_weights(str(tmp_path / "best"))
     assert all(np.all(x == 4) for x in jax.tree.leaves(best["params"]))
 
     # Restarted: nothing new to evaluate; it waits, and stops after the timeout.
-    config.train.num_steps = 10
+    config.train.num_steps = 12
     naps.clear()
     assert train.evaluate_continuously(
         config, str(tmp_path), sleep=sleep, clock=lambda: now[0]
     ) == []
-    assert naps == [30.0] * 4 and scored == [2, 4, 8]
+    assert naps == [30.0] * 4 and scored == [2, 4, 10]
