@@ -105,7 +105,8 @@ def test_loss_and_gradients_of_the_model_do_not_depend_on_the_chunking():
 
     total0, metrics0, grads0 = run(0, False)
     assert config.model.roi.mask_head_chunk < config.model.roi.max_mask_rois
-    for remat in (False, True):
+    # The training default, blocks under remat (blocks without it: the unit test above).
+    for remat in (True,):
         total, metrics, grads = run(config.model.roi.mask_head_chunk, remat)
         np.testing.assert_allclose(metrics["loss_mask"], metrics0["loss_mask"], rtol=1e-5)
         np.testing.assert_allclose(total, total0, rtol=1e-5)
@@ -120,7 +121,7 @@ def test_predicted_masks_do_not_depend_on_the_chunking():
     variables = mask_rcnn.init_variables(model, jax.random.key(0), config.data.image_size)
     batch = make_batch(config, 2)
     results = {}
-    for chunk in (0, 3, 5):
+    for chunk in (0, 3):  # 3 does not divide the 10 detections (the config's 5 does)
         cfg = tiny.get_config()
         cfg.model.test.score_threshold = 0.0
         cfg.model.test.mask_head_chunk = chunk
@@ -131,7 +132,7 @@ def test_predicted_masks_do_not_depend_on_the_chunking():
     ref = results[0]
     v = np.asarray(ref.valid)
     assert v.any()
-    for chunk in (3, 5):
+    for chunk in (3,):
         out = results[chunk]
         np.testing.assert_array_equal(out.valid, ref.valid)
         np.testing.assert_allclose(out.masks[v], ref.masks[v], rtol=1e-5, atol=1e-6)
