@@ -1,6 +1,6 @@
 """The real Mask R-CNN train step: it learns on the tiny shapes set, and one step on 2 devices
-(jit over a mesh, and pmap with gradient accumulation) equals one step on 1 device with the same
-global batch.
+(pmap, jit over a mesh, and pmap with gradient accumulation) equals one step on 1 device with the
+same global batch.
 
 The multi-device check needs emulated CPU devices, fixed when JAX initialises, so it runs in a
 subprocess (`python -m tests.test_train_mask_rcnn`). Two devices, two examples each: with 8
@@ -93,7 +93,7 @@ def _main():
     # over that micro-batch's positives on all devices. (The mesh's accumulation is checked on
     # a small net in tests/test_parallel.py.)
     refs = {accum: _one_step("single", batch, accum) for accum in (1, 2)}
-    for kind, accum in (("mesh", 1), ("pmap", 2)):
+    for kind, accum in (("pmap", 1), ("mesh", 1), ("pmap", 2)):
         params, metrics = _one_step(kind, batch, accum)
         ref_params, ref_metrics = refs[accum]
         for name in ("loss", "loss_cls", "loss_mask", "loss_rpn_cls", "grad_norm"):
