@@ -197,6 +197,9 @@ def export_info(config, exported, class_names, label_to_category_id, source) -> 
             "resize_antialias": bool(d.get("resize_antialias", False)),
         },
         "outputs": OUTPUTS,
+        # model.test.flip_tta: the program already merges the image's and its mirror's
+        # detections (inference.predict_flip_tta); nothing more to do for the server.
+        "flip_tta": bool(test.get("flip_tta", False)),
         "postprocessing": {
             "boxes": "of the valid detections: x divided by rw / w and y by rh / h, clipped to"
             " [0, w] x [0, h] of the original image; a box the clip leaves empty (x2 <= x1 or y2"

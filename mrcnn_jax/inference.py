@@ -279,6 +279,21 @@ def flip_boxes(boxes: jnp.ndarray, image_sizes: jnp.ndarray) -> jnp.ndarray:
     )
 
 
+def merge_detections(boxes, scores, classes, valid, *, nms_iou: float, max_detections: int):
+    """One image's detections of several views, [N, 4] / [N] each (`valid` False: padding),
+    merged as detectron2's TTA merges them: per-class NMS at `nms_iou` over all of them, the
+    best `max_detections` kept. -> (boxes, scores, classes, valid), padded to max_detections."""
+    idx, keep = batched_nms(
+        boxes, jnp.where(valid, scores, -jnp.inf), classes, nms_iou, max_detections
+    )
+    return (
+        jnp.where(keep[:, None], boxes[idx], 0.0),
+        jnp.where(keep, scores[idx], 0.0),
+        jnp.where(keep, classes[idx], 0),
+        keep,
+    )
+
+
 def predict_flip_tta(
     variables: dict,
     images: jnp.ndarray,
@@ -293,7 +308,13 @@ def predict_flip_tta(
     detectron2's GeneralizedRCNNWithTTA does it for one scale: the detections of the image and
     of its mirror image (mapped back) are merged by per-class NMS (`test.nms_iou`) into the best
     `test.detections_per_image`; each merged box's mask is the mean of the mask head's
-    probabilities on both (the mirror's mask mirrored back). About twice predict's work."""
+    probabilities on both (the mirror's mask mirrored back). About twice predict's work.
+
+    A box (x1, y1, x2, y2) of an image of width w is (w - x2, y1, w - x1, y2) in the mirror,
+    which RoIAlign with `roi.aligned` (half-pixel centres) samples at the mirrored points exactly
+    when w is a multiple of the pooled levels' strides; with `aligned=False` (torchvision's)
+    the mirror's samples sit one feature cell off, and the two views' masks are averaged
+    slightly out of register."""
     test = model_cfg.test
     heads = dict(model=model, model_cfg=model_cfg)
     views = []
@@ -310,18 +331,9 @@ def predict_flip_tta(
     classes = jnp.concatenate([c0, c1], axis=1)
     valid = jnp.concatenate([v0, v1], axis=1)
 
-    def merge(boxes, scores, classes, valid):
-        idx, keep = batched_nms(
-            boxes, jnp.where(valid, scores, -jnp.inf), classes, test.nms_iou,
-            test.detections_per_image,
-        )
-        return (
-            jnp.where(keep[:, None], boxes[idx], 0.0),
-            jnp.where(keep, scores[idx], 0.0),
-            jnp.where(keep, classes[idx], 0),
-            keep,
-        )
-
+    merge = functools.partial(
+        merge_detections, nms_iou=test.nms_iou, max_detections=test.detections_per_image
+    )
     boxes, scores, classes, valid = jax.vmap(merge)(boxes, scores, classes, valid)
     masks = mask_probabilities(variables, feats, boxes, classes, valid, image_sizes, **heads)
     mirrored = mask_probabilities(

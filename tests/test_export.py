@@ -254,14 +254,17 @@ def test_what_cannot_be_exported_or_loaded_is_one_line_naming_it(tmp_path, parse
         export.load(str(tmp_path / "half"))
 
 
-@pytest.mark.parametrize("recipe", ["torchvision", "detectron2"])
+@pytest.mark.parametrize("recipe", ["torchvision", "detectron2", "flip_tta"])
 def test_the_imported_weights_inference_variants_export_for_any_batch(recipe):
     """The published-weights configs' inference paths (torchvision's anchor grid, per-image
-    feature padding and level mapper; detectron2's adaptive RoIAlign sampling) trace and lower
-    with a symbolic batch size (on the tiny model's sizes; lowering only, nothing compiled)."""
+    feature padding and level mapper; detectron2's adaptive RoIAlign sampling), and flip TTA,
+    trace and lower with a symbolic batch size (on the tiny model's sizes; lowering only,
+    nothing compiled)."""
     config = tiny.get_config()
     m = config.model
-    if recipe == "torchvision":
+    if recipe == "flip_tta":
+        m.test.flip_tta = True
+    elif recipe == "torchvision":
         m.anchor_grid, m.rpn.size_divisibility, m.feature_padding = "torchvision", 32, "image"
         m.rpn.sigmoid_scores, m.roi.level_mapper, m.roi.aligned = True, "torchvision", False
         m.test.mask_paste = "torchvision"
