@@ -388,13 +388,8 @@ def all_steps(directory: str) -> list[int]:
 
 def latest_step(directory: str) -> int | None:
     """The latest complete step in a checkpoints directory, None when there is none."""
-    if not _isdir(directory):
-        return None
-    manager = _manager(directory, create=False)
-    try:
-        return manager.latest_step()
-    finally:
-        manager.close()
+    steps = all_steps(directory)
+    return steps[-1] if steps else None
 
 
 def load_weights(path: str, ema: bool = True) -> dict[str, Any]:

@@ -44,9 +44,9 @@ _INPUT = flags.DEFINE_string(
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None,
     "eval / predict / export: the weights, a step of WORKDIR's checkpoints (e.g. 60000), 'best'"
-    " (WORKDIR/best, kept by train.best_metric) or a path (a workdir, its checkpoints folder, one"
-    " step folder, a mrcnn_jax.convert output); default: WORKDIR's latest checkpoint, else"
-    " config.train.init_checkpoint.",
+    " (WORKDIR/best, kept by train.best_metric) or a path (WORKDIR, its checkpoints folder, one"
+    " step folder; for predict and export also another workdir or a mrcnn_jax.convert output);"
+    " default: WORKDIR's latest checkpoint, else config.train.init_checkpoint.",
 )
 _EXPORT_DIR = flags.DEFINE_string("export_dir", None, "export: the folder (default WORKDIR/export).")
 _EXPORT_PLATFORMS = flags.DEFINE_list(

@@ -26,6 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from mrcnn_jax.modeling.fpn import FPN
 from mrcnn_jax.modeling.heads import BoxHead, MaskHead
@@ -175,6 +176,13 @@ def init_variables(model: MaskRCNN, key: jax.Array, image_size: tuple[int, int])
     """Fresh variables {"params": ..., "batch_stats": ...} for images of `image_size` (H, W)."""
     images = jnp.zeros((1, *image_size, 3), jnp.float32)
     return jax.jit(lambda k: model.init(k, images, train=False))(key)
+
+
+def zero_variables(model: MaskRCNN, image_size: tuple[int, int]) -> dict:
+    """`init_variables`' tree as numpy zeros, without running the initialisers (nothing is
+    compiled): the target that `checkpoint.merge_weights` fills with loaded weights."""
+    shapes = jax.eval_shape(lambda: init_variables(model, jax.random.key(0), tuple(image_size)))
+    return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
 
 
 def trainable_mask(params, model_cfg: ml_collections.ConfigDict):

@@ -134,7 +134,6 @@ class Predictor:
         (that step), as `checkpoint.load_weights` takes them; config.json is the workdir's.
         Raises FileNotFoundError when there is no config.json (pass `config=`), and ValueError
         for the ImageNet backbone weights of a `mrcnn_jax.convert` (no detector heads yet)."""
-        import jax
 
         from mrcnn_jax import checkpoint
 
@@ -156,12 +155,7 @@ class Predictor:
         if class_names is None:
             class_names = labels(workdir, config, source)[0]
         model = mask_rcnn.build_model(config.model)
-        fresh = jax.eval_shape(
-            lambda: mask_rcnn.init_variables(
-                model, jax.random.key(0), tuple(config.data.image_size)
-            )
-        )
-        fresh = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), fresh)
+        fresh = mask_rcnn.zero_variables(model, config.data.image_size)
         variables = checkpoint.merge_weights(
             fresh, checkpoint.load_weights(source), source=source
         )

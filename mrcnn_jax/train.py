@@ -1208,11 +1208,8 @@ def evaluate_continuously(
             " --config.train.eval_every=-1 beside a continuous evaluation", workdir,
         )
     model = mask_rcnn.build_model(config.model)
-    shapes = jax.eval_shape(lambda: mask_rcnn.init_variables(
-        model, jax.random.PRNGKey(config.seed), tuple(config.data.image_size)
-    ))
-    fresh = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), shapes)
-    done = _evaluated_steps(workdir)
+    fresh = mask_rcnn.zero_variables(model, config.data.image_size)
+    last = max(_evaluated_steps(workdir), default=-1)  # the last step evaluated
     best, summaries = None, None
     if jax.process_index() == 0:
         from tensorboardX import SummaryWriter
@@ -1228,14 +1225,13 @@ def evaluate_continuously(
             steps = ckpt_lib.all_steps(directory)  # every process: orbax's manager syncs them
             choice = _WAIT
             if jax.process_index() == 0:
-                pending = [s for s in steps if s > max(done, default=-1)]
-                if pending:
-                    choice = pending[-1]
-                elif max(done, default=-1) >= num_steps or clock() - last_new > timeout:
+                if steps and steps[-1] > last:
+                    choice = steps[-1]
+                elif last >= num_steps or clock() - last_new > timeout:
                     choice = _STOP
             choice = _agreed(choice)
             if choice == _STOP:
-                why = ("the run's last step is evaluated" if max(done, default=-1) >= num_steps
+                why = ("the run's last step is evaluated" if last >= num_steps
                        else f"no new checkpoint for {timeout:g} s (eval.continuous_timeout_s)")
                 logging.info("continuous evaluation done: %s", why)
                 return evaluated
@@ -1243,12 +1239,11 @@ def evaluate_continuously(
                 sleep(poll)
                 continue
             step, source = choice, os.path.join(directory, str(choice))
-            skipped = [s for s in steps if max(done, default=-1) < s < step]
+            skipped = [s for s in steps if last < s < step]
             if skipped:
                 logging.warning("evaluating step %d, the newest: steps %s are skipped", step,
                                 skipped)
-            done.update(skipped)
-            done.add(step)
+            last = step
             try:
                 weights, error = ckpt_lib.load_weights(source), None
             except Exception as e:  # noqa: BLE001 - one unreadable checkpoint must not stop it

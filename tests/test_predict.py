@@ -17,11 +17,7 @@ CLASS_NAMES = ("background", "square", "circle", "triangle")
 def _zero_variables(config):
     """The tiny model's variable tree, all zeros: no compile (`mask_rcnn.init_variables` takes
     seconds), and prediction only needs the right shapes here."""
-    model = mask_rcnn.build_model(config.model)
-    shapes = jax.eval_shape(
-        lambda: mask_rcnn.init_variables(model, jax.random.key(0), tuple(config.data.image_size))
-    )
-    return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+    return mask_rcnn.zero_variables(mask_rcnn.build_model(config.model), config.data.image_size)
 
 
 def _save_weights(directory, variables, step):
